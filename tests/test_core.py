@@ -1,0 +1,116 @@
+"""Identity, oracle, restore and generate correctness of accelerate() on every family (tiny random models)."""
+
+import oracle
+import pytest
+import tiny
+import torch
+
+import vlm_accel
+
+SELECTION = ["random", "divprune"]  # pure-selection methods: kept embeddings are the original ones
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_full_budget_is_bit_identical(models, family, attn):
+    model = models(family, attn)
+    inputs = tiny.make_inputs(model, family, batch=2)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with vlm_accel.accelerate(model, budget=1.0) as sess:
+            out = model(**inputs).logits
+            gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        ref_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(ref, out)
+    assert torch.equal(gen, ref_gen)
+    assert sess.stats.visual_tokens_kept == sess.stats.visual_tokens_in > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", SELECTION + ["tome", "pool"])
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_oracle_prefill(models, family, method, dtype):
+    """Patched forward == unpatched language model on the kept embeddings at their original positions."""
+    if dtype == torch.bfloat16 and method not in SELECTION:
+        pytest.skip("bf16 covered by selection methods")
+    model = models(family, "sdpa", dtype)
+    inputs = tiny.make_inputs(model, family, batch=2, dtype=dtype)
+    full = oracle.lm_inputs(model, inputs)
+    with vlm_accel.accelerate(model, budget=0.3, method=method) as sess, torch.no_grad():
+        logits = model(**inputs).logits
+    tr = sess.trace
+    bsz, seq = inputs["input_ids"].shape
+    pos = full.get("position_ids")
+    if pos is None:
+        pos = torch.arange(seq).expand(bsz, seq)
+    pos = oracle.take(pos, tr.index)
+    attn = oracle.take(inputs["attention_mask"], tr.index) * tr.valid
+    if method in SELECTION:
+        assert torch.equal(tr.inputs_embeds, oracle.take(full["inputs_embeds"], tr.index))
+        assert torch.equal(tr.position_ids, pos)
+    assert torch.equal(tr.attention_mask, attn)
+    given = None if method in SELECTION else tr.extra  # merged deepstack features are the method's own
+    ref = oracle.run_lm(model, tr.inputs_embeds, pos, attn, full, tr.index, tr.valid, given)
+    v = tr.valid
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(logits[v], ref[v], **tol)
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_oracle_generate(models, family):
+    """Every greedy decode step equals the unpatched LM run without cache on kept prompt + generated tokens."""
+    model = models(family)
+    inputs = tiny.make_inputs(model, family, batch=2)
+    full = oracle.lm_inputs(model, inputs)
+    steps = 4
+    with vlm_accel.accelerate(model, budget=0.25, method="divprune") as sess, torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=steps, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+    tr = sess.trace
+    seq = inputs["input_ids"].shape[1]
+    ids = out.sequences
+    attn_full = torch.cat([inputs["attention_mask"], torch.ones(2, steps, dtype=torch.long)], 1)
+    pos_full = oracle.full_positions(model, family, ids, attn_full, inputs)
+    emb_gen = model.get_input_embeddings()(ids[:, seq:])
+    for t in range(len(out.scores)):
+        embeds = torch.cat([tr.inputs_embeds, emb_gen[:, :t]], 1)
+        pos = torch.cat([oracle.take(pos_full[..., :seq], tr.index), pos_full[..., seq : seq + t]], -1)
+        attn = torch.cat([tr.attention_mask, torch.ones(2, t, dtype=torch.long)], 1)
+        ref = oracle.run_lm(model, embeds, pos, attn, full, tr.index, tr.valid)[:, -1]
+        torch.testing.assert_close(out.scores[t], ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_restore_is_exact_and_hook_free(models, family):
+    model = models(family)
+    inputs = tiny.make_inputs(model, family, batch=1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {id(m): (dict(vars(m)).keys(), len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()}
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        sess = vlm_accel.accelerate(model, budget=0.2, method="visionzip")
+        model(**inputs)
+        again = vlm_accel.accelerate(model, budget=0.5, method="pool")  # re-configuration, not double patching
+        assert not sess.active and again.active
+        model(**inputs)
+        assert again.stats.visual_tokens_kept < again.stats.visual_tokens_in
+        again.restore()
+        out = model(**inputs).logits
+    assert torch.equal(ref, out)
+    after = {id(m): (dict(vars(m)).keys(), len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()}
+    assert before == after
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_text_only_passes_through(models):
+    model = models("llava")
+    ids = torch.randint(1, 90, (2, 12))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with vlm_accel.accelerate(model, budget=0.1) as sess:
+            out = model(input_ids=ids).logits
+            gen = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+        assert torch.equal(gen, model.generate(input_ids=ids, max_new_tokens=3, do_sample=False))
+    assert torch.equal(ref, out)
+    assert sess.stats.visual_tokens_in == 0

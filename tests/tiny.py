@@ -1,0 +1,173 @@
+"""Tiny random models of every supported family, built from configs (offline), and matching inputs."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+IMAGE_ID, VIDEO_ID, VSTART_ID, VEND_ID, PAD_ID = 100, 101, 102, 103, 0
+VOCAB = 128
+FAMILIES = ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+
+_LLAMA = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=PAD_ID,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+_QWEN_TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=PAD_ID,
+    bos_token_id=1,
+    eos_token_id=2,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+)
+_VIT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=56, patch_size=7
+)
+_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
+
+
+def build(family: str, attn: str = "sdpa", dtype=torch.float32, seed: int = 0):
+    """A tiny random ``...ForConditionalGeneration`` of ``family`` in eval mode."""
+    torch.manual_seed(seed)
+    common = dict(image_token_id=IMAGE_ID)
+    if family == "llava":
+        cfg = tf.LlavaConfig(
+            vision_config=dict(model_type="clip_vision_model", **_VIT),
+            text_config=dict(model_type="llama", **_LLAMA),
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            **common,
+        )
+        cls = tf.LlavaForConditionalGeneration
+    elif family == "llava_next":
+        cfg = tf.LlavaNextConfig(
+            vision_config=dict(model_type="clip_vision_model", **_VIT),
+            text_config=dict(model_type="llama", **_LLAMA),
+            image_grid_pinpoints=_PINPOINTS,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            **common,
+        )
+        cls = tf.LlavaNextForConditionalGeneration
+    elif family == "llava_onevision":
+        cfg = tf.LlavaOnevisionConfig(
+            vision_config=dict(model_type="siglip_vision_model", **_VIT),
+            text_config=dict(model_type="qwen2", **_LLAMA),
+            image_grid_pinpoints=_PINPOINTS,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            video_token_id=VIDEO_ID,
+            **common,
+        )
+        cls = tf.LlavaOnevisionForConditionalGeneration
+    elif family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        vis = dict(depth=2, num_heads=4, patch_size=2, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        if family == "qwen2_vl":
+            vis.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
+            cfg_cls, cls, text = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration, dict(_QWEN_TEXT)
+        elif family == "qwen2_5_vl":
+            vis.update(
+                hidden_size=32, out_hidden_size=64, intermediate_size=64, window_size=8, fullatt_block_indexes=[1]
+            )
+            cfg_cls, cls, text = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration, dict(_QWEN_TEXT)
+        else:
+            vis.update(
+                hidden_size=32,
+                out_hidden_size=64,
+                intermediate_size=64,
+                deepstack_visual_indexes=[0, 1],
+                num_position_embeddings=64,
+            )
+            text = dict(_QWEN_TEXT, head_dim=16)
+            text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True)
+            cfg_cls, cls = tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration
+        cfg = cfg_cls(
+            vision_config=vis,
+            text_config=text,
+            video_token_id=VIDEO_ID,
+            vision_start_token_id=VSTART_ID,
+            vision_end_token_id=VEND_ID,
+            **common,
+        )
+    else:
+        raise ValueError(family)
+    cfg._attn_implementation = attn
+    cfg.text_config._attn_implementation = attn
+    cfg.vision_config._attn_implementation = attn
+    model = cls(cfg).to(dtype).eval()
+    return model
+
+
+def _image_block(model, family, gen, size):
+    """Pixel inputs for one image and the number of placeholder tokens it needs."""
+    if family == "llava":
+        pv = torch.randn(1, 3, 56, 56, generator=gen)
+        return {"pixel_values": pv}, 64
+    if family in ("llava_next", "llava_onevision"):
+        h, w = size
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        views = image_size_to_num_patches((h, w), model.config.image_grid_pinpoints, 56)
+        pv = torch.randn(1, 5, 3, 56, 56, generator=gen)
+        sizes = torch.tensor([[h, w]])
+        with torch.no_grad():
+            feats = model.model.get_image_features(pixel_values=pv, image_sizes=sizes).pooler_output
+        return {"pixel_values": pv, "image_sizes": sizes, "_views": views}, feats[0].shape[0]
+    gh, gw = size
+    patch = 3 * 2 * 2 * 2
+    pv = torch.randn(gh * gw, patch, generator=gen)
+    return {"pixel_values": pv, "image_grid_thw": torch.tensor([[1, gh, gw]])}, gh * gw // 4
+
+
+def make_inputs(model, family: str, batch: int = 1, seed: int = 0, dtype=torch.float32) -> dict:
+    """Left-padded inputs: row ``i`` has its own image (own size for anyres/Qwen) and its own prompt length."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = {
+        "llava_next": [(56, 112), (112, 112)],
+        "llava_onevision": [(112, 56), (56, 56)],
+        "qwen2_vl": [(12, 16), (16, 12)],
+        "qwen2_5_vl": [(16, 16), (12, 16)],
+        "qwen3_vl": [(12, 16), (16, 16)],
+    }
+    rows, blocks = [], []
+    for i in range(batch):
+        blk, n_img = _image_block(model, family, gen, sizes.get(family, [None, None])[i])
+        pre = torch.randint(1, 90, (3 + i,), generator=gen).tolist()
+        post = torch.randint(1, 90, (6 - 2 * i,), generator=gen).tolist()
+        if family.startswith("qwen"):
+            ids = pre + [VSTART_ID] + [IMAGE_ID] * n_img + [VEND_ID] + post
+        else:
+            ids = pre + [IMAGE_ID] * n_img + post
+        rows.append(ids)
+        blocks.append(blk)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((batch, width), PAD_ID)
+    attention_mask = torch.zeros(batch, width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r) :] = torch.tensor(r)
+        attention_mask[i, width - len(r) :] = 1
+    out = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if family in ("llava_next", "llava_onevision"):
+        out["pixel_values"] = torch.cat([b["pixel_values"] for b in blocks]).to(dtype)
+        out["image_sizes"] = torch.cat([b["image_sizes"] for b in blocks])
+    elif family == "llava":
+        out["pixel_values"] = torch.cat([b["pixel_values"] for b in blocks]).to(dtype)
+    else:
+        out["pixel_values"] = torch.cat([b["pixel_values"] for b in blocks]).to(dtype)
+        out["image_grid_thw"] = torch.cat([b["image_grid_thw"] for b in blocks])
+        out["mm_token_type_ids"] = (input_ids == IMAGE_ID).long()
+    return out

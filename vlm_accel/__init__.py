@@ -1,0 +1,35 @@
+"""vlm-accel: make vision and video LLMs fast with one line.
+
+>>> sess = vlm_accel.accelerate(model, budget=0.25)   # patches `model` in place
+>>> sess.restore()                                     # bit-exact original model
+"""
+
+from __future__ import annotations
+
+from . import methods as _methods
+from .api import Session, Stats, accelerate
+from .budget import Budget
+
+__version__ = "0.1.0"
+
+
+def methods() -> list[str]:
+    """Names of the registered token-reduction methods (``accelerate(..., method=name)``)."""
+    return _methods.names()
+
+
+def load_default(*args, **kwargs):
+    """The embedded default VLM: ``(model, processor)``. See :mod:`vlm_accel.zoo`."""
+    from .zoo import load_default as _load
+
+    return _load(*args, **kwargs)
+
+
+def ask(*args, **kwargs):
+    """Answer a question about an image with a loaded model. See :func:`vlm_accel.zoo.ask`."""
+    from .zoo import ask as _ask
+
+    return _ask(*args, **kwargs)
+
+
+__all__ = ["Budget", "Session", "Stats", "accelerate", "ask", "load_default", "methods"]

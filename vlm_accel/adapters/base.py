@@ -1,0 +1,129 @@
+"""What every family adapter provides, and the helpers shared by adapters.
+
+An adapter knows one model family: where the vision tower and the language model are, how the image features of
+one image are laid out (segments, grids, structural tokens such as newlines), and how to read the placeholder mask.
+The patching machinery itself (:mod:`vlm_accel.patch`) is family-agnostic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Segment:
+    """A group of visual tokens that shares one quota: an image, a crop grid or a frame.
+
+    Attributes:
+        idx: ``[n]`` indices of the segment's tokens within its image's token sequence (raster order).
+        grid: ``(h, w)`` layout of those tokens, or ``None``.
+        units: how many images/crops/frames the segment counts as for integer budgets.
+    """
+
+    idx: torch.Tensor
+    grid: tuple[int, int] | None = None
+    units: int = 1
+
+
+@dataclass
+class ImageInfo:
+    """Layout of one image's tokens in the LLM sequence.
+
+    Tokens of the image that belong to no segment (e.g. LLaVA-NeXT newline tokens) are structural: kept when the
+    image is not reduced, dropped when it is.
+
+    Attributes:
+        n_tokens: number of placeholder tokens of the image.
+        segments: the budgeted groups.
+        importance: ``[n_tokens]`` vision-tower importance per token (``nan`` for structural tokens), or ``None``.
+    """
+
+    n_tokens: int
+    segments: list[Segment] = field(default_factory=list)
+    importance: torch.Tensor | None = None
+
+
+class Adapter:
+    """Base class. Subclasses set ``family`` and ``model_classes`` and implement :meth:`describe`."""
+
+    family: str = ""
+    model_classes: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.inner = model.model
+
+    # --- where things are -------------------------------------------------------------------------------------
+    @property
+    def language_model(self) -> nn.Module:
+        return self.inner.language_model
+
+    def image_mask(self, returned, kwargs: dict) -> torch.Tensor | None:
+        """The ``[B, L]`` image placeholder mask from what ``get_placeholder_mask`` returned, or ``None`` when that
+        call was about another modality. Families with videos return ``(image_mask, video_mask)``."""
+        if isinstance(returned, tuple):
+            return returned[0][..., 0] if kwargs.get("image_features") is not None else None
+        return returned[..., 0]
+
+    # --- importance evidence ----------------------------------------------------------------------------------
+    def importance_layer(self, call: dict) -> nn.Module | None:
+        """The vision-encoder layer whose CLS attention scores the tokens (its input is captured during the vision
+        forward), or ``None`` when the tower has no CLS token."""
+        return None
+
+    # --- layout -----------------------------------------------------------------------------------------------
+    def describe(self, features: list[torch.Tensor], call: dict, cls_attn: torch.Tensor | None) -> list[ImageInfo]:
+        """One :class:`ImageInfo` per image.
+
+        Args:
+            features: per-image features ``[n_i, D]`` as ``get_image_features`` returned them.
+            call: the arguments ``get_image_features`` was called with.
+            cls_attn: ``[num_views, N_patches]`` CLS attention of every view the tower saw, or ``None``.
+        """
+        raise NotImplementedError
+
+
+def encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    """The list of transformer layers of a vision tower (CLIP, SigLIP, DINOv2 layouts)."""
+    for path in ("encoder.layers", "encoder.layer", "vision_model.encoder.layers", "blocks"):
+        mod = tower
+        for part in path.split("."):
+            mod = getattr(mod, part, None)
+            if mod is None:
+                break
+        if isinstance(mod, nn.ModuleList):
+            return mod
+    raise TypeError(f"cannot find the encoder layers of {type(tower).__name__}")
+
+
+def cls_attention(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Head-averaged attention of the CLS query over the patch keys, recomputed from the layer input.
+
+    Works with any attention implementation (only a q-row and the keys are computed, no eager attention needed).
+
+    Args:
+        layer: a CLIP or DINOv2 encoder layer.
+        hidden: ``[B, 1 + N, C]`` the layer's input hidden states (CLS first).
+    Returns:
+        ``[B, N]`` attention from CLS to each patch token (CLS column dropped).
+    """
+    norm = getattr(layer, "layer_norm1", None) or layer.norm1
+    attn = getattr(layer, "self_attn", None) or layer.attention
+    x = norm(hidden)
+    q = attn.q_proj(x[:, :1])
+    k = attn.k_proj(x)
+    hd = attn.head_dim
+    b, t, c = k.shape
+    q = q.view(b, 1, c // hd, hd).transpose(1, 2).float()  # [B, H, 1, hd]
+    k = k.view(b, t, c // hd, hd).transpose(1, 2).float()  # [B, H, T, hd]
+    att = torch.softmax(q @ k.transpose(-1, -2) * hd**-0.5, dim=-1)  # [B, H, 1, T]
+    return att.mean(1)[:, 0, 1:]
+
+
+def feature_layer_index(n_layers: int, vision_feature_layer) -> int:
+    """Encoder layer whose output is ``hidden_states[vision_feature_layer]`` (the last one for a list)."""
+    f = vision_feature_layer[-1] if isinstance(vision_feature_layer, (list, tuple)) else vision_feature_layer
+    return f % (n_layers + 1) - 1

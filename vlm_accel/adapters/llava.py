@@ -1,0 +1,110 @@
+"""LLaVA-1.5, LLaVA-NeXT (anyres) and LLaVA-OneVision: tokens scattered at ``<image>`` placeholders, 1-D RoPE."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import Adapter, ImageInfo, Segment, encoder_layers, feature_layer_index
+
+CLS_TOWERS = ("clip_vision_model", "dinov2")
+
+
+class LlavaAdapter(Adapter):
+    family = "llava"
+    model_classes = ("LlavaForConditionalGeneration",)
+
+    @property
+    def tower(self) -> nn.Module:
+        return self.inner.vision_tower
+
+    def _option(self, call: dict, name: str):
+        value = call.get(name)
+        return getattr(self.model.config, name) if value is None else value
+
+    def importance_layer(self, call: dict) -> nn.Module | None:
+        vcfg = self.model.config.vision_config
+        if vcfg.model_type not in CLS_TOWERS or self._option(call, "vision_feature_select_strategy") != "default":
+            return None
+        layers = encoder_layers(self.tower)
+        return layers[feature_layer_index(len(layers), self._option(call, "vision_feature_layer"))]
+
+    @property
+    def side(self) -> int:
+        vcfg = self.model.config.vision_config
+        return vcfg.image_size // vcfg.patch_size
+
+    def describe(self, features, call, cls_attn):
+        infos = []
+        for i, f in enumerate(features):
+            n = f.shape[0]
+            s = math.isqrt(n)
+            grid = (s, s) if s * s == n else None
+            imp = cls_attn[i] if cls_attn is not None and cls_attn.shape[-1] == n else None
+            infos.append(ImageInfo(n, [Segment(torch.arange(n, device=f.device), grid)], imp))
+        return infos
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """Anyres: a base view (one quota) plus the unpadded high-resolution crops (one quota per crop), with an
+    ``image_newline`` token ending every row; newlines are structural."""
+
+    family = "llava_next"
+    model_classes = ("LlavaNextForConditionalGeneration",)
+
+    def _views_per_image(self, call: dict) -> list[int]:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.model.config
+        return [
+            image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            for s in call["image_sizes"]
+        ]
+
+    def _pack(self, per_image: list[torch.Tensor], call: dict) -> list[torch.Tensor]:
+        return self.inner.pack_image_features(
+            per_image,
+            call["image_sizes"],
+            vision_feature_select_strategy=self._option(call, "vision_feature_select_strategy"),
+            image_newline=None,
+        )[0]
+
+    def describe(self, features, call, cls_attn):
+        hw = self.side**2
+        newline = self.inner.image_newline
+        packed_imp = None
+        if cls_attn is not None:
+            per_image = torch.split(cls_attn.float(), self._views_per_image(call))
+            packed_imp = self._pack([a[..., None] for a in per_image], call)
+        infos = []
+        for i, f in enumerate(features):
+            n = f.shape[0]
+            is_nl = (f == newline.to(f.dtype)).all(-1)
+            idx = torch.arange(n, device=f.device)
+            segments = [Segment(idx[:hw], (self.side, self.side))]
+            rest = idx[hw:][~is_nl[hw:]]
+            rows = int(is_nl[hw:].sum())
+            if rest.numel():
+                grid = (rows, rest.numel() // rows) if rows and rest.numel() % rows == 0 else None
+                segments.append(Segment(rest, grid, units=max(1, round(rest.numel() / hw))))
+            imp = None
+            if packed_imp is not None:
+                imp = torch.full((n,), float("nan"), device=f.device)
+                imp[~is_nl] = packed_imp[i].reshape(-1).to(f.device)
+            infos.append(ImageInfo(n, segments, imp))
+        return infos
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    family = "llava_onevision"
+    model_classes = ("LlavaOnevisionForConditionalGeneration",)
+
+    def _pack(self, per_image, call):
+        return self.inner.pack_image_features(
+            per_image,
+            call["image_sizes"],
+            image_newline=None,
+            vision_aspect_ratio=self._option(call, "vision_aspect_ratio"),
+        )[0]

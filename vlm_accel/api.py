@@ -1,0 +1,380 @@
+"""``accelerate()``: patch a VLM instance so its LLM runs on the visual tokens that matter; ``Session.restore()``
+undoes it."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from . import methods as _methods
+from .adapters import Adapter, ImageInfo, adapter_for
+from .budget import Budget
+from .methods import Context
+
+logger = logging.getLogger(__name__)
+
+_SESSION_ATTR = "_vlm_accel_session"
+
+
+@dataclass
+class Stats:
+    """What the last prefill did (summed over the batch)."""
+
+    visual_tokens_in: int = 0
+    visual_tokens_kept: int = 0
+    seq_len_in: int = 0
+    seq_len_kept: int = 0
+    kv_bytes: int = 0
+    selection_ms: float = 0.0
+
+
+@dataclass
+class Trace:
+    """The last reduced prefill, for tests and debugging.
+
+    Attributes:
+        index: ``[B, L']`` original sequence position of each slot of the reduced sequence.
+        valid: ``[B, L']`` False where the slot is padding added by the reduction.
+        inputs_embeds: ``[B, L', D]`` embeddings the language model received.
+        position_ids: position ids the language model received (``[B, L']`` or ``[3|4, B, L']``).
+        attention_mask: ``[B, L']`` 2-D mask the language model received.
+        extra: other reduced per-position inputs (Qwen3-VL ``visual_pos_masks``, ``deepstack_visual_embeds``).
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    inputs_embeds: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Decode:
+    """Translation from the full-length sequence the caller sees to the reduced KV cache."""
+
+    full_len: int
+    prefix_mask: torch.Tensor  # [B, L'] reduced attention mask of the prefill
+    cache: weakref.ref | None = None
+
+    @property
+    def delta(self) -> int:
+        return self.full_len - self.prefix_mask.shape[1]
+
+
+@dataclass
+class _Pending:
+    images: list[ImageInfo] = field(default_factory=list)
+    mask: torch.Tensor | None = None
+
+
+class Session:
+    """An accelerated model. Use :meth:`restore` (or ``with``) to return the model to exactly what it was."""
+
+    def __init__(self, model, budget: Budget, method: str, adapter: Adapter, seed: int = 0):
+        self.model = model
+        self.budget = budget
+        self.adapter = adapter
+        self.method_name = method
+        self.method = _methods.get(method)
+        self.stats = Stats()
+        self.trace: Trace | None = None
+        self._generator = torch.Generator().manual_seed(seed)
+        self._patched: list[tuple[object, str]] = []
+        self._pending = _Pending()
+        self._decode: _Decode | None = None
+        self._install()
+
+    def __repr__(self) -> str:
+        return f"Session({self.adapter.family}, method={self.method_name!r}, budget={self.budget})"
+
+    # --- patching ---------------------------------------------------------------------------------------------
+    def _patch(self, obj, name: str, wrapper) -> None:
+        if name in vars(obj):
+            raise RuntimeError(f"{type(obj).__name__}.{name} is already overridden on the instance; not patching")
+        setattr(obj, name, wrapper)
+        self._patched.append((obj, name))
+
+    def _install(self) -> None:
+        inner = self.adapter.inner
+        lm = self.adapter.language_model
+        self._patch(inner, "get_image_features", self._wrap_image_features(inner.get_image_features))
+        self._patch(inner, "get_placeholder_mask", self._wrap_placeholder_mask(inner.get_placeholder_mask))
+        self._patch(lm, "forward", self._wrap_lm_forward(lm.forward))
+        setattr(self.model, _SESSION_ATTR, self)
+
+    def restore(self) -> None:
+        """Remove every patch; the model is bit-exact what it was before :func:`accelerate`."""
+        for obj, name in reversed(self._patched):
+            if name in vars(obj):
+                delattr(obj, name)
+        self._patched.clear()
+        if getattr(self.model, _SESSION_ATTR, None) is self:
+            delattr(self.model, _SESSION_ATTR)
+        self._pending = _Pending()
+        self._decode = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self._patched)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    # --- wrappers ---------------------------------------------------------------------------------------------
+    def _wrap_image_features(self, orig):
+        sig = inspect.signature(orig)
+
+        @functools.wraps(orig)
+        def get_image_features(*args, **kwargs):
+            call = sig.bind_partial(*args, **kwargs).arguments
+            call.update(call.pop("kwargs", {}))
+            layer = self.adapter.importance_layer(call) if "importance" in self.method.needs else None
+            captured = {}
+            handle = None
+            if layer is not None:
+
+                def grab(mod, a, kw):
+                    captured["hidden"] = a[0] if a else kw["hidden_states"]
+
+                handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+            try:
+                out = orig(*args, **kwargs)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            cls_attn = None
+            if "hidden" in captured:
+                from .adapters.base import cls_attention
+
+                with torch.no_grad():
+                    cls_attn = cls_attention(layer, captured["hidden"])
+            feats = out.pooler_output if hasattr(out, "pooler_output") else out[-1]
+            self._pending.images.extend(self.adapter.describe(list(feats), call, cls_attn))
+            return out
+
+        return get_image_features
+
+    def _wrap_placeholder_mask(self, orig):
+        @functools.wraps(orig)
+        def get_placeholder_mask(*args, **kwargs):
+            returned = orig(*args, **kwargs)
+            mask = self.adapter.image_mask(returned, kwargs)
+            if mask is not None:
+                self._pending.mask = mask
+            return returned
+
+        return get_placeholder_mask
+
+    def _wrap_lm_forward(self, orig):
+        @functools.wraps(orig)
+        def forward(*args, **kwargs):
+            if args:  # the families call the language model with keywords only
+                return orig(*args, **kwargs)
+            pending, self._pending = self._pending, _Pending()
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            past = cache.get_seq_length() if cache is not None else 0
+            if pending.mask is not None and pending.images:
+                if past:
+                    logger.warning("vlm_accel: images after a non-empty cache are not reduced")
+                    self._decode = None
+                else:
+                    return self._prefill(orig, kwargs, pending)
+            elif past and self._decode is not None and self._decode.cache is not None:
+                if self._decode.cache() is cache:
+                    return orig(**self._translate_decode(kwargs, past))
+            if not past:
+                self._decode = None
+            return orig(**kwargs)
+
+        return forward
+
+    # --- prefill ----------------------------------------------------------------------------------------------
+    def _prefill(self, orig, kwargs: dict, pending: _Pending):
+        embeds = kwargs["inputs_embeds"]
+        mask = pending.mask.to(embeds.device)
+        bsz, seq = mask.shape
+        n_vis = int(mask.sum())
+        if sum(i.n_tokens for i in pending.images) != n_vis:
+            logger.warning("vlm_accel: image features and placeholders disagree; running unreduced")
+            return orig(**kwargs)
+        t0 = time.perf_counter()
+        keep, merges = self._select(embeds, mask, pending.images, kwargs.get("attention_mask"))
+        self.stats = Stats(visual_tokens_in=n_vis, seq_len_in=bsz * seq)
+        if bool(keep.all()):  # nothing dropped: the model runs exactly as unpatched
+            self.stats.visual_tokens_kept = n_vis
+            self.stats.seq_len_kept = bsz * seq
+            self.stats.selection_ms = (time.perf_counter() - t0) * 1e3
+            out = orig(**kwargs)
+            self._decode = None
+            self._record_cache(out)
+            return out
+
+        # reduced layout: per row, kept tokens in order, left-padded to the longest row
+        new_len = int(keep.sum(1).max())
+        index = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, seq - new_len :]
+        valid = keep.gather(1, index)
+
+        def take(x: torch.Tensor) -> torch.Tensor:  # [..., B, L(, D)] -> [..., B, L'(, D)]
+            if x.dim() == 3 and x.shape[:2] == (bsz, seq):
+                return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+            return x.gather(-1, index.expand(*x.shape[:-2], bsz, new_len))
+
+        kw = dict(kwargs)
+        kw["inputs_embeds"] = take(_apply_merges(embeds, merges))
+        attn = kwargs.get("attention_mask")
+        attn = torch.ones(bsz, seq, dtype=torch.long, device=embeds.device) if attn is None else attn
+        if attn.dim() != 2:
+            raise ValueError("vlm_accel needs a 2-D attention_mask (or none); got a prepared 4-D mask")
+        kw["attention_mask"] = take(attn) * valid.to(attn.dtype)
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = torch.arange(seq, device=embeds.device).expand(bsz, seq)
+        kw["position_ids"] = take(pos.expand(*pos.shape[:-2], bsz, seq))
+        if kwargs.get("visual_pos_masks") is not None:  # Qwen3-VL deepstack, pruned in step
+            vpm = kwargs["visual_pos_masks"].to(embeds.device)
+            new_vpm = take(vpm) & valid
+            deep = []
+            for e in kwargs.get("deepstack_visual_embeds") or []:
+                full = e.new_zeros(bsz, seq, e.shape[-1])
+                full[vpm] = e
+                deep.append(take(_apply_merges(full, merges))[new_vpm])
+            kw["visual_pos_masks"], kw["deepstack_visual_embeds"] = new_vpm, deep
+        kept_vis = int((mask & keep).sum())
+        self.stats.visual_tokens_kept = kept_vis
+        self.stats.seq_len_kept = int(valid.sum())
+        self.stats.selection_ms = (time.perf_counter() - t0) * 1e3
+        extra = {k: kw[k] for k in ("visual_pos_masks", "deepstack_visual_embeds") if k in kw}
+        self.trace = Trace(index, valid, kw["inputs_embeds"], kw["position_ids"], kw["attention_mask"], extra)
+        out = orig(**kw)
+        self._decode = _Decode(seq, kw["attention_mask"])
+        self._record_cache(out)
+        return out
+
+    def _record_cache(self, out) -> None:
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        self.stats.kv_bytes = _cache_bytes(cache)
+        if self._decode is not None and cache is not None:
+            self._decode.cache = weakref.ref(cache)
+
+    def _select(self, embeds, mask, images: list[ImageInfo], attn):
+        """Run the method per segment. Returns the ``[B, L]`` keep mask and merge ops
+        ``(rows, cols, src_rows, src_cols, weights [K, n])`` to apply to any per-position tensor."""
+        keep = ~mask
+        rows, cols = mask.nonzero(as_tuple=True)
+        feats = embeds[mask]  # [N_vis, D] in placeholder order
+        merges = []
+        off = 0
+        for info in images:
+            sl = slice(off, off + info.n_tokens)
+            r, c, x = rows[sl], cols[sl], feats[sl]
+            off += info.n_tokens
+            quotas = [self.budget.visual_quota(s.idx.numel(), s.units) for s in info.segments]
+            if all(q >= s.idx.numel() for q, s in zip(quotas, info.segments, strict=True)):
+                keep[r, c] = True  # nothing to reduce: structural tokens stay too
+                continue
+            for seg, k in zip(info.segments, quotas, strict=True):
+                idx = seg.idx.to(x.device)
+                ctx = Context(
+                    grid=seg.grid,
+                    importance=None if info.importance is None else info.importance.to(x.device)[idx],
+                    query=self._query(embeds, mask, attn, int(r[0])) if "query" in self.method.needs else None,
+                    generator=self._generator,
+                )
+                red = self.method(x[idx], k, ctx)
+                kept = idx[red.keep]
+                keep[r[kept], c[kept]] = True
+                if red.weights is not None:
+                    merges.append((r[kept], c[kept], r[idx], c[idx], red.weights))
+        return keep, merges
+
+    @staticmethod
+    def _query(embeds, mask, attn, row: int) -> torch.Tensor:
+        text = ~mask[row]
+        if attn is not None:
+            text &= attn[row].bool()
+        return embeds[row][text]
+
+    # --- decode -----------------------------------------------------------------------------------------------
+    def _translate_decode(self, kwargs: dict, past: int) -> dict:
+        st = self._decode
+        kw = dict(kwargs)
+        attn = kwargs.get("attention_mask")
+        if attn is not None and attn.dim() == 2 and attn.shape[1] >= st.full_len:
+            kw["attention_mask"] = torch.cat([st.prefix_mask.to(attn.dtype), attn[:, st.full_len :]], dim=1)
+        if kwargs.get("position_ids") is None:
+            q = (
+                kwargs["inputs_embeds"].shape[1]
+                if kwargs.get("inputs_embeds") is not None
+                else kwargs["input_ids"].shape[1]
+            )
+            dev = st.prefix_mask.device
+            kw["position_ids"] = (torch.arange(q, device=dev) + past + st.delta)[None].expand(
+                st.prefix_mask.shape[0], q
+            )
+        return kw
+
+
+def _apply_merges(x: torch.Tensor, merges) -> torch.Tensor:
+    """Write merged values into ``x`` ``[B, L, D]`` at the kept positions (returns a copy if anything merges)."""
+    if not merges:
+        return x
+    x = x.clone()
+    for r, c, sr, sc, w in merges:
+        x[r, c] = (w.float() @ x[sr, sc].float()).to(x.dtype)
+    return x
+
+
+def _cache_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []) or []:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _auto_method(adapter: Adapter) -> str:
+    """Default per family: CLS-attention importance where the tower has a CLS token, diversity otherwise."""
+    cfg = adapter.model.config.vision_config
+    if adapter.family.startswith("llava") and cfg.model_type == "clip_vision_model":
+        return "visionzip"
+    return "divprune"
+
+
+def accelerate(model, budget=0.25, method: str = "auto", *, seed: int = 0) -> Session:
+    """Patch ``model`` in place so its language model runs only on the visual tokens that matter.
+
+    Args:
+        model: a ``transformers`` VLM (``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
+            ``LlavaOnevisionForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
+            ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``).
+        budget: float in (0, 1] (fraction of visual tokens kept per image / crop), int >= 1 (tokens kept per image
+            / crop) or a :class:`Budget`. ``1.0`` leaves the outputs bit-identical.
+        method: a name from :func:`vlm_accel.methods`, or ``"auto"`` for the family's default.
+        seed: seed of stochastic methods (``random``).
+
+    Returns:
+        A :class:`Session`; ``session.restore()`` (or leaving a ``with`` block) undoes every patch. Accelerating an
+        already accelerated model re-configures it: the previous session is restored first.
+    """
+    budget = Budget.of(budget)
+    if budget.kv != 1.0:
+        raise NotImplementedError("KV-cache compression (Budget.kv < 1) is not available yet; use kv=1.0")
+    adapter = adapter_for(model)
+    name = _auto_method(adapter) if method == "auto" else method
+    _methods.get(name)  # validates
+    previous = getattr(model, _SESSION_ATTR, None)
+    if previous is not None:
+        logger.info("vlm_accel: model already accelerated (%r); restoring it before re-configuring", previous)
+        previous.restore()
+    return Session(model, budget, name, adapter, seed=seed)

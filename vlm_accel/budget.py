@@ -1,0 +1,60 @@
+"""One budget for everything; the controller turns it into per-segment token quotas."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def _check_fraction_or_count(name: str, value) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} budget must be a float in (0, 1] or an int >= 1; got {value!r}")
+    if isinstance(value, float):
+        if math.isnan(value) or not 0.0 < value <= 1.0:
+            raise ValueError(
+                f"{name} budget {value!r} is not a fraction in (0, 1]; pass e.g. 0.25 to keep a quarter of the "
+                "tokens, or an int >= 1 for a token count"
+            )
+    elif value < 1:
+        raise ValueError(f"{name} budget {value!r} must be >= 1 when given as a token count (int)")
+    return value
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What to spend.
+
+    Args:
+        visual: float in (0, 1] = fraction of visual tokens kept per image / crop / frame; int >= 1 = tokens kept
+            per image (per crop for anyres images, per frame for video). A count above the available tokens keeps
+            them all.
+        kv: fraction of the KV cache kept (1.0 = no KV compression).
+    """
+
+    visual: float | int = 1.0
+    kv: float | int = 1.0
+
+    def __post_init__(self):
+        _check_fraction_or_count("visual", self.visual)
+        _check_fraction_or_count("kv", self.kv)
+
+    @classmethod
+    def of(cls, budget) -> Budget:
+        """Coerce ``float | int | Budget`` into a ``Budget``."""
+        if isinstance(budget, Budget):
+            return budget
+        if budget is None:
+            raise TypeError("budget is required: a float in (0, 1], an int >= 1, or vlm_accel.Budget(...)")
+        return cls(visual=budget)
+
+    @property
+    def is_full(self) -> bool:
+        return self.visual == 1.0 and not isinstance(self.visual, int) and self.kv == 1.0
+
+    def visual_quota(self, n_tokens: int, units: int = 1) -> int:
+        """Tokens to keep of a segment of ``n_tokens`` that counts as ``units`` images/crops/frames."""
+        if n_tokens <= 0:
+            return 0
+        if isinstance(self.visual, float):
+            return min(n_tokens, max(1, round(self.visual * n_tokens)))
+        return min(n_tokens, self.visual * units)

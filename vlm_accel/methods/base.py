@@ -1,0 +1,116 @@
+"""The reducer interface: a method is a pure function of tensors.
+
+A method receives the visual tokens of one *segment* (an image, a crop or a frame) and a token quota ``k``, and
+returns a :class:`Reduction`: the indices of the tokens that stay (each keeps its original position) and, for
+merging methods, the weights that combine the segment's tokens into the kept ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Context:
+    """Evidence a method may use for one segment.
+
+    Attributes:
+        grid: ``(h, w)`` spatial layout of the segment's tokens in raster order, or ``None`` when unknown.
+        importance: ``[N]`` importance per token from the vision tower (e.g. CLS attention), or ``None``.
+        query: ``[T, D]`` text-token embeddings of the prompt row the segment belongs to, or ``None``.
+        generator: random generator for stochastic methods (seeded by the session, so runs are reproducible).
+    """
+
+    grid: tuple[int, int] | None = None
+    importance: torch.Tensor | None = None
+    query: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class Reduction:
+    """Result of a method on one segment of ``N`` tokens.
+
+    Attributes:
+        keep: ``[K]`` ascending indices of the kept tokens (each keeps its original position).
+        weights: ``[K, N]`` rows that mix the segment's tokens into each kept token (rows sum to 1), or ``None``
+            for pure selection. ``new_features = weights @ features``.
+    """
+
+    keep: torch.Tensor
+    weights: torch.Tensor | None = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[N, D]`` -> ``[K, D]`` (kept or merged features)."""
+        if self.weights is None:
+            return x[self.keep]
+        return (self.weights.float() @ x.float()).to(x.dtype)
+
+
+MethodFn = Callable[[torch.Tensor, int, Context], Reduction]
+
+
+@dataclass
+class Method:
+    """A registered reducer: ``fn(x [N, D], k, ctx) -> Reduction``.
+
+    ``needs`` names the evidence the adapter must collect (``"importance"``); ``description`` is one line for
+    listings.
+    """
+
+    name: str
+    fn: MethodFn
+    needs: frozenset[str] = field(default_factory=frozenset)
+    description: str = ""
+
+    def __call__(self, x: torch.Tensor, k: int, ctx: Context) -> Reduction:
+        n = x.shape[0]
+        if k >= n:
+            return Reduction(torch.arange(n, device=x.device))
+        red = self.fn(x, k, ctx)
+        if red.keep.numel() != k:
+            raise RuntimeError(f"method {self.name!r} returned {red.keep.numel()} tokens for a quota of {k}")
+        return red
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str, *, needs: tuple[str, ...] = (), description: str = ""):
+    """Decorator: register ``fn(x [N, D], k, ctx) -> Reduction`` under ``name``."""
+
+    def deco(fn: MethodFn) -> MethodFn:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is already registered")
+        _REGISTRY[name] = Method(name, fn, frozenset(needs), description or (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return deco
+
+
+def get(name: str) -> Method:
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a string, one of {sorted(_REGISTRY)}; got {type(name).__name__}")
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; registered methods: {sorted(_REGISTRY)} (or 'auto')")
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def cosine_sim(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[N, D]`` -> ``[N, N]`` cosine similarity in fp32."""
+    xn = torch.nn.functional.normalize(x.float(), dim=-1)
+    return xn @ xn.T
+
+
+def one_hot_rows(keep: torch.Tensor, n: int) -> torch.Tensor:
+    """``keep`` ``[K]`` -> ``[K, n]`` selection weights."""
+    w = torch.zeros(keep.numel(), n, device=keep.device)
+    w[torch.arange(keep.numel(), device=keep.device), keep] = 1.0
+    return w

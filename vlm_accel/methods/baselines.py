@@ -1,0 +1,62 @@
+"""Baselines that every method must beat: uniform random selection and spatial average pooling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Context, Reduction, register
+
+
+@register("random", description="uniformly random subset (seeded)")
+def random_select(x: torch.Tensor, k: int, ctx: Context) -> Reduction:
+    """``x`` ``[N, D]`` -> ``k`` tokens chosen uniformly at random."""
+    perm = torch.randperm(x.shape[0], generator=ctx.generator)
+    return Reduction(perm[:k].sort().values.to(x.device))
+
+
+def pool_cells(h: int, w: int, k: int) -> list[tuple[int, int, int, int]]:
+    """Partition an ``h x w`` grid into exactly ``k`` near-square rectangular cells ``(r0, r1, c0, c1)``.
+
+    Rows of cells are chosen to match the aspect ratio; the ``k`` cells are spread over those rows so every cell is
+    non-empty (requires ``k <= h * w``).
+    """
+    rows = max(1, min(h, k, round(math.sqrt(k * h / w))))
+    while math.ceil(k / rows) > w:  # too few cell rows to fit k cells of width >= 1
+        rows += 1
+    per_row = [k // rows + (1 if i < k % rows else 0) for i in range(rows)]
+    r_edges = [round(i * h / rows) for i in range(rows + 1)]
+    cells = []
+    for i, m in enumerate(per_row):
+        c_edges = [round(j * w / m) for j in range(m + 1)]
+        cells += [(r_edges[i], r_edges[i + 1], c_edges[j], c_edges[j + 1]) for j in range(m)]
+    return cells
+
+
+@register("pool", description="spatial average pooling to the quota")
+def pool(x: torch.Tensor, k: int, ctx: Context) -> Reduction:
+    """Average-pool the token grid into ``k`` cells; each cell is represented at its centre token's position.
+
+    ``x`` ``[N, D]`` in raster order of ``ctx.grid`` (a square grid is assumed when no grid is given; without a
+    square, tokens are pooled in 1-D runs).
+    """
+    n = x.shape[0]
+    h, w = ctx.grid if ctx.grid is not None else _square_or_line(n)
+    if h * w != n:
+        raise ValueError(f"pool: grid {h}x{w} does not match {n} tokens")
+    cells = pool_cells(h, w, k)
+    weights = torch.zeros(k, n, device=x.device)
+    keep = torch.empty(k, dtype=torch.long)
+    idx = torch.arange(n).view(h, w)
+    for j, (r0, r1, c0, c1) in enumerate(cells):
+        members = idx[r0:r1, c0:c1].reshape(-1)
+        weights[j, members.to(x.device)] = 1.0 / members.numel()
+        keep[j] = idx[(r0 + r1 - 1) // 2, (c0 + c1 - 1) // 2]
+    keep, order = keep.sort()
+    return Reduction(keep.to(x.device), weights[order.to(x.device)])
+
+
+def _square_or_line(n: int) -> tuple[int, int]:
+    s = math.isqrt(n)
+    return (s, s) if s * s == n else (1, n)
