@@ -25,7 +25,6 @@ import os
 import random
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,15 +58,17 @@ def cache_features(n: int, split: str = "train", out: str | None = None, init: s
         seeds = list(range(k * SHARD, min(n, (k + 1) * SHARD)))
         feats, labels, objects = [], [], []
         for i in range(0, len(seeds), 16):
-            scenes = [render_scene(s, split) for s in seeds[i:i + 16]]
+            scenes = [render_scene(s, split) for s in seeds[i : i + 16]]
             pv = proc.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
             with torch.no_grad():
                 hs = tower(pv, output_hidden_states=True).hidden_states[-1][:, 1:]
             feats.append(hs.to(torch.float16))
             labels += [torch.from_numpy(s.patch_labels.reshape(-1).copy()) for s in scenes]
             objects += [[(o.shape, o.color, o.cx, o.cy, o.size) for o in s.objects] for s in scenes]
-        torch.save({"feats": torch.cat(feats), "labels": torch.stack(labels), "objects": objects, "seeds": seeds},
-                   path + ".tmp")
+        torch.save(
+            {"feats": torch.cat(feats), "labels": torch.stack(labels), "objects": objects, "seeds": seeds},
+            path + ".tmp",
+        )
         os.replace(path + ".tmp", path)
         log.info("wrote %s (%d scenes, %.1f s)", path, len(seeds), time.time() - t0)
 
@@ -80,8 +81,11 @@ def load_shards(split: str = "train", root: str | None = None, limit: int | None
     if not paths:
         raise FileNotFoundError(f"no feature shards for split {split!r} under {root}; run the 'cache' step")
     parts = [torch.load(p) for p in paths]
-    return (torch.cat([p["feats"] for p in parts]), torch.cat([p["labels"] for p in parts]),
-            [o for p in parts for o in p["objects"]])
+    return (
+        torch.cat([p["feats"] for p in parts]),
+        torch.cat([p["labels"] for p in parts]),
+        [o for p in parts for o in p["objects"]],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- sequences
@@ -115,8 +119,12 @@ class Packer:
         ids = [self.bos]
         labels = [-100]
         for j, (q, a) in enumerate(turns):
-            user = self.ids("user :") + ([self.image_id] * self.n_img if j == 0 else []) + self.ids(q) + self.ids(
-                "assistant :")
+            user = (
+                self.ids("user :")
+                + ([self.image_id] * self.n_img if j == 0 else [])
+                + self.ids(q)
+                + self.ids("assistant :")
+            )
             ans = self.ids(a) + [self.eos]
             ids += user + ans
             labels += [-100] * len(user) + ans
@@ -175,8 +183,11 @@ def train(args) -> None:
     side_ids = torch.tensor(tok.convert_tokens_to_ids(["left", "right"]))
     params_proj = list(proj.parameters())
     params_lm = list(lm.parameters())
-    opt = torch.optim.AdamW([{"params": params_proj, "lr": args.lr * args.proj_lr_mult},
-                             {"params": params_lm, "lr": args.lr}], weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [{"params": params_proj, "lr": args.lr * args.proj_lr_mult}, {"params": params_lm, "lr": args.lr}],
+        weight_decay=0.01,
+        betas=(0.9, 0.98),
+    )
     base_lrs = [g["lr"] for g in opt.param_groups]
     step = 0
     ck = os.path.join(ckpt_dir, "last.pt")
@@ -202,9 +213,9 @@ def train(args) -> None:
         tgt = torch.full((args.batch, L), -100)
         attn = torch.zeros((args.batch, L), dtype=torch.long)
         for b, (ids, lab) in enumerate(seqs):
-            input_ids[b, :len(ids)] = torch.tensor(ids)
-            tgt[b, :len(lab)] = torch.tensor(lab)
-            attn[b, :len(ids)] = 1
+            input_ids[b, : len(ids)] = torch.tensor(ids)
+            tgt[b, : len(lab)] = torch.tensor(lab)
+            attn[b, : len(ids)] = 1
         # warm-up, constant, linear decay over the last `decay` steps
         f = min(1.0, (step + 1) / args.warmup)
         if step > args.steps - args.decay:
@@ -212,38 +223,62 @@ def train(args) -> None:
         for gr, base in zip(opt.param_groups, base_lrs, strict=True):
             gr["lr"] = base * f
         x = (feats[idx].float() - mu) / sd  # (B, 256, 384)
-        v = proj(x)  # (B, 256, H)
-        emb_in = emb(input_ids)
-        img_mask = input_ids == model.config.image_token_index
-        emb_in = emb_in.masked_scatter(img_mask[..., None], v.to(emb_in.dtype))
-        out = lm(inputs_embeds=emb_in, attention_mask=attn)
-        logits = model.lm_head(out.last_hidden_state[:, :-1])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            v = proj(x)  # (B, 256, H)
+            emb_in = emb(input_ids)
+            img_mask = input_ids == model.config.image_token_index
+            emb_in = emb_in.masked_scatter(img_mask[..., None], v.to(emb_in.dtype))
+            out = lm(inputs_embeds=emb_in, attention_mask=attn)
+            logits = model.lm_head(out.last_hidden_state[:, :-1])
+        logits = logits.float()
+        v = v.float()
         loss_qa = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt[:, 1:].reshape(-1), ignore_index=-100)
         loss = loss_qa
         if args.aux > 0:
             col, shp, side = _aux_targets(labels[idx], [objects[i] for i in idx.tolist()], {})
             W = emb.weight
-            la = (F.cross_entropy((v @ W[col_ids].T).reshape(-1, len(col_ids)), col.reshape(-1))
-                  + F.cross_entropy((v @ W[shp_ids].T).reshape(-1, len(shp_ids)), shp.reshape(-1))
-                  + F.cross_entropy((v @ W[side_ids].T).reshape(-1, 2), side.reshape(-1), ignore_index=-100))
+            la = (
+                F.cross_entropy((v @ W[col_ids].T).reshape(-1, len(col_ids)), col.reshape(-1))
+                + F.cross_entropy((v @ W[shp_ids].T).reshape(-1, len(shp_ids)), shp.reshape(-1))
+                + F.cross_entropy((v @ W[side_ids].T).reshape(-1, 2), side.reshape(-1), ignore_index=-100)
+            )
             loss = loss + args.aux * la
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params_proj + params_lm, 1.0)
         opt.step()
         step += 1
+        if args.reload_every and step % args.reload_every == 0 and not args.shards:
+            n_avail = len(glob.glob(os.path.join(CACHE, "feats", "train_*.pt")))
+            if n_avail * SHARD > N:
+                feats, labels, objects = load_shards("train")
+                N = feats.shape[0]
+                log.info("reloaded shards: %d train scenes", N)
         if step % 10 == 0:
             el = time.time() - t_start
-            log.info("step %d loss %.4f qa %.4f lr %.2e  %.2f s/step", step, loss.item(), loss_qa.item(),
-                     opt.param_groups[1]["lr"], el / 10)
+            log.info(
+                "step %d loss %.4f qa %.4f lr %.2e  %.2f s/step",
+                step,
+                loss.item(),
+                loss_qa.item(),
+                opt.param_groups[1]["lr"],
+                el / 10,
+            )
             t_start = time.time()
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate_cached(model, packer, vfeats, vobjects, mu, sd, n=args.eval_n)
             log.info("eval step %d: %s", step, " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
             model.train()
         if time.time() - last_save > args.save_every or step == args.steps:
-            state = {"proj": proj.state_dict(), "lm": lm.state_dict(), "opt": opt.state_dict(), "step": step,
-                     "mu": mu, "sd": sd, "args": vars(args)}
+            state = {
+                "proj": proj.state_dict(),
+                "lm": lm.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "mu": mu,
+                "sd": sd,
+                "args": vars(args),
+            }
             torch.save(state, ck + ".tmp")
             os.replace(ck + ".tmp", ck)
             last_save = time.time()
@@ -265,21 +300,22 @@ def evaluate_cached(model, packer: Packer, feats, objects, mu, sd, n: int = 400)
             break
     hits: dict[str, list[int]] = {}
     for s in range(0, len(items), 50):
-        chunk = items[s:s + 50]
+        chunk = items[s : s + 50]
         seqs = [packer.pack([(q["question"], "")]) for _, q in chunk]
         seqs = [ids[:-1] for ids, _ in seqs]  # drop the eos: prompt ends with "assistant :"
         L = max(len(x) for x in seqs)
         ids = torch.full((len(chunk), L), packer.tok.pad_token_id)
         attn = torch.zeros((len(chunk), L), dtype=torch.long)
         for b, x in enumerate(seqs):  # left pad
-            ids[b, L - len(x):] = torch.tensor(x)
-            attn[b, L - len(x):] = 1
-        v = model.model.multi_modal_projector((feats[[i for i, _ in chunk]].float() - mu) / sd)
-        e = lm.embed_tokens(ids)
-        e = e.masked_scatter((ids == packer.image_id)[..., None], v)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        h = lm(inputs_embeds=e, attention_mask=attn, position_ids=pos).last_hidden_state[:, -1]
-        pred = model.lm_head(h).argmax(-1)
+            ids[b, L - len(x) :] = torch.tensor(x)
+            attn[b, L - len(x) :] = 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v = model.model.multi_modal_projector((feats[[i for i, _ in chunk]].float() - mu) / sd)
+            e = lm.embed_tokens(ids)
+            e = e.masked_scatter((ids == packer.image_id)[..., None], v.to(e.dtype))
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            h = lm(inputs_embeds=e, attention_mask=attn, position_ids=pos).last_hidden_state[:, -1]
+            pred = model.lm_head(h).float().argmax(-1)
         for (_, q), p in zip(chunk, pred.tolist(), strict=True):
             ok = packer.tok.convert_ids_to_tokens(p) == q["answer"]
             hits.setdefault(q["type"], []).append(int(ok))
@@ -329,6 +365,8 @@ def main() -> None:
     t.add_argument("--decay", type=int, default=400)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 instead of bf16 autocast")
+    t.add_argument("--reload-every", type=int, default=100, help="rescan feature shards every N steps")
     t.add_argument("--shards", type=int, default=None)
     t.add_argument("--eval-every", type=int, default=100)
     t.add_argument("--eval-n", type=int, default=500)
