@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import tiny
 import torch
+
+import tiny
 
 
 @torch.no_grad()

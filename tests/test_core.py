@@ -1,11 +1,12 @@
 """Identity, oracle, restore and generate correctness of accelerate() on every family (tiny random models)."""
 
-import oracle
 import pytest
-import tiny
 import torch
 
 import vlm_accel
+
+import oracle
+import tiny
 
 SELECTION = ["random", "divprune"]  # pure-selection methods: kept embeddings are the original ones
 

@@ -75,12 +75,13 @@ def test_standard_flow_offline(default_model):
     img = zoo.render_scene(0, "heldout").image
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many shapes are there?"}]}],
-        add_generation_prompt=True)
+        add_generation_prompt=True,
+    )
     inputs = processor(images=img, text=prompt, return_tensors="pt")
     assert inputs["pixel_values"].shape == (1, 3, 224, 224)
     assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == 256  # ≥ 196 visual tokens
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    ans = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    ans = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert zoo.normalize_answer(ans) == str(len(zoo.render_scene(0, "heldout").objects))
 
 
