@@ -1,0 +1,1 @@
+"""Benchmarks: speed (``speed``) and accuracy (``vqa``). Each writes JSON + CSV + a plot and prints a table."""

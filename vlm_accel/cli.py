@@ -1,0 +1,105 @@
+"""``vlm-accel`` command line: ``ask``, ``methods``, ``bench speed``, ``bench vqa``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+logger = logging.getLogger(__name__)
+
+
+def _budget(text: str):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be a number, got {text!r}") from None
+    return int(value) if ("." not in text and "e" not in text.lower()) else value
+
+
+def load_model(path: str | None):
+    """The embedded default (``path=None``) or any supported checkpoint directory, offline."""
+    from . import zoo
+
+    if path is None:
+        return zoo.load_default()
+    from pathlib import Path
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"--model {path}: not a model directory (no config.json)")
+    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True).eval()
+    return model, AutoProcessor.from_pretrained(path, local_files_only=True)
+
+
+def cmd_ask(a) -> int:
+    import vlm_accel
+
+    from . import zoo
+
+    image = zoo.load_image(a.image)  # clear ValueError before loading any model
+    model, processor = load_model(a.model)
+    if a.budget is not None and a.budget != 1.0:
+        with vlm_accel.accelerate(model, budget=a.budget, method=a.method) as sess:
+            answer = zoo.ask(model, processor, image, a.question, max_new_tokens=a.max_new_tokens)
+        logger.info("visual tokens kept: %d of %d", sess.stats.visual_tokens_kept, sess.stats.visual_tokens_in)
+    else:
+        answer = zoo.ask(model, processor, image, a.question, max_new_tokens=a.max_new_tokens)
+    print(answer)  # noqa: T201
+    return 0
+
+
+def cmd_methods(a) -> int:
+    from .methods import get, names
+
+    for n in names():
+        print(f"{n:12s} {get(n).description}")  # noqa: T201
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="vlm-accel", description="Make vision-language models fast with one line.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("ask", help="answer a question about an image (the answer is the last line of stdout)")
+    q.add_argument("image")
+    q.add_argument("question")
+    q.add_argument("--budget", type=_budget, default=None, help="fraction (0, 1] or tokens per image")
+    q.add_argument("--method", default="auto")
+    q.add_argument("--model", default=None, help="local model directory (default: the embedded model)")
+    q.add_argument("--max-new-tokens", type=int, default=8)
+    q.set_defaults(fn=cmd_ask)
+
+    m = sub.add_parser("methods", help="list the registered token-reduction methods")
+    m.set_defaults(fn=cmd_methods)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    from .bench import speed
+
+    s = bsub.add_parser("speed", help="prefill / end-to-end speed vs the token-count ideal")
+    speed.add_arguments(s)
+    s.set_defaults(fn=lambda a: speed.run(a.methods, a.budgets, a.repeats, a.vision_layers, a.llm_layers,
+                                          a.text_tokens, a.new_tokens, a.dtype, a.device, a.out, a.name) and 0)
+    try:
+        from .bench import vqa
+
+        v = bsub.add_parser("vqa", help="accuracy retained vs budget on a VQA set")
+        vqa.add_arguments(v)
+        v.set_defaults(fn=vqa.cli)
+    except ImportError:  # pragma: no cover
+        pass
+
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return a.fn(a) or 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vlm-accel: error: {e}", file=sys.stderr)  # noqa: T201
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
