@@ -81,8 +81,7 @@ def main(argv=None) -> int:
 
     s = bsub.add_parser("speed", help="prefill / end-to-end speed vs the token-count ideal")
     speed.add_arguments(s)
-    s.set_defaults(fn=lambda a: speed.run(a.methods, a.budgets, a.repeats, a.vision_layers, a.llm_layers,
-                                          a.text_tokens, a.new_tokens, a.dtype, a.device, a.out, a.name) and 0)
+    s.set_defaults(fn=lambda a: speed.run_args(a) and 0)
     try:
         from .bench import vqa
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -29,32 +30,54 @@ def llava15_shaped(vision_layers: int = 4, llm_layers: int = 2, dtype=torch.floa
 
     cfg = tf.LlavaConfig(
         vision_config=dict(
-            model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
-            num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
+            model_type="clip_vision_model",
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
         ),
         text_config=dict(
-            model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=llm_layers,
-            num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
+            model_type="llama",
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=llm_layers,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32064,
+            max_position_embeddings=4096,
         ),
-        image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_token_id=32000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
     )
     cfg._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = tf.LlavaForConditionalGeneration(cfg)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: a 7B-wide model never exists in fp32
+    try:
+        with torch.device(device):
+            model = tf.LlavaForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(default)
     return model.to(dtype).eval()
 
 
-def make_inputs(model, n_text: int = 40, batch: int = 1, device: str = "cpu", dtype=torch.float32) -> dict:
+def make_inputs(
+    model, n_text: int = 40, batch: int = 1, images: int = 1, device: str = "cpu", dtype=torch.float32
+) -> dict:
+    """``batch`` rows of ``n_text`` text tokens around ``images`` consecutive images (576 tokens each)."""
     gen = torch.Generator().manual_seed(0)
     n_vis = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     pre = torch.randint(1, 30000, (batch, n_text // 2), generator=gen)
     post = torch.randint(1, 30000, (batch, n_text - n_text // 2), generator=gen)
-    ids = torch.cat([pre, torch.full((batch, n_vis), model.config.image_token_id), post], 1)
+    ids = torch.cat([pre, torch.full((batch, n_vis * images), model.config.image_token_id), post], 1)
     side = model.config.vision_config.image_size
     return {
         "input_ids": ids.to(device),
         "attention_mask": torch.ones_like(ids).to(device),
-        "pixel_values": torch.randn(batch, 3, side, side, generator=gen).to(device, dtype),
+        "pixel_values": torch.randn(batch * images, 3, side, side, generator=gen).to(device, dtype),
     }
 
 
@@ -114,11 +137,13 @@ def run(
     out_dir: str = "eval/results",
     name: str = "speed_llava15",
     plot: bool = True,
+    batch: int = 1,
+    images: int = 1,
 ) -> list[dict]:
     torch_dtype = getattr(torch, dtype)
     model = llava15_shaped(vision_layers, llm_layers, torch_dtype, device)
-    inputs = make_inputs(model, n_text, device=device, dtype=torch_dtype)
-    n_vis = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    inputs = make_inputs(model, n_text, batch, images, device=device, dtype=torch_dtype)
+    n_vis = int((inputs["input_ids"][0] == model.config.image_token_id).sum())  # per row
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     configs = [("none", 1.0)] + [(m, b) for m in methods for b in budgets if b != 1.0]
     samples: dict[tuple, list[dict]] = {c: [] for c in configs}
@@ -142,26 +167,51 @@ def run(
     rows = []
     for c in configs:
         method, budget = c
-        kept = samples[c][0].get("kept", n_vis)
+        kept = samples[c][0].get("kept", n_vis * batch) // batch
         r = kept / n_vis
-        rows.append({
-            "method": method, "budget": budget, "visual_tokens": n_vis, "visual_kept": kept, "text_tokens": n_text,
-            "llm_prefill_ms": med(c, "llm_prefill_ms"), "prefill_ms": med(c, "prefill_ms"), "e2e_ms": med(c, "e2e_ms"),
-            "selection_ms": med(c, "selection_ms") if method != "none" else 0.0,
-            "llm_prefill_speedup": med(base, "llm_prefill_ms") / med(c, "llm_prefill_ms"),
-            "prefill_speedup": med(base, "prefill_ms") / med(c, "prefill_ms"),
-            "e2e_speedup": med(base, "e2e_ms") / med(c, "e2e_ms"),
-            "ideal_speedup": (n_text + n_vis) / (n_text + r * n_vis),
-        })
+        rows.append(
+            {
+                "method": method,
+                "budget": budget,
+                "batch": batch,
+                "visual_tokens": n_vis,
+                "visual_kept": kept,
+                "text_tokens": n_text,
+                "llm_prefill_ms": med(c, "llm_prefill_ms"),
+                "prefill_ms": med(c, "prefill_ms"),
+                "e2e_ms": med(c, "e2e_ms"),
+                "selection_ms": med(c, "selection_ms") if method != "none" else 0.0,
+                "llm_prefill_speedup": med(base, "llm_prefill_ms") / med(c, "llm_prefill_ms"),
+                "prefill_speedup": med(base, "prefill_ms") / med(c, "prefill_ms"),
+                "e2e_speedup": med(base, "e2e_ms") / med(c, "e2e_ms"),
+                "ideal_speedup": (n_text + n_vis) / (n_text + r * n_vis),
+            }
+        )
         rows[-1]["llm_prefill_vs_ideal"] = rows[-1]["llm_prefill_speedup"] / rows[-1]["ideal_speedup"]
     meta = {
-        "benchmark": "speed", "model": f"llava-1.5-shaped random (vision {vision_layers} layers @1024, "
-        f"LLM {llm_layers} layers @4096/32 heads/MLP 11008)", "dtype": dtype, "repeats": repeats,
-        "new_tokens": new_tokens, "env": environment(device),
+        "benchmark": "speed",
+        "model": f"llava-1.5-shaped random (vision {vision_layers} layers @1024, "
+        f"LLM {llm_layers} layers @4096/32 heads/MLP 11008)",
+        "dtype": dtype,
+        "repeats": repeats,
+        "new_tokens": new_tokens,
+        "batch": batch,
+        "images_per_row": images,
+        "env": environment(device),
+        "command": "python eval/bench_speed.py " + " ".join(sys.argv[1:]),
     }
     write_results(out_dir, name, meta, rows)
-    cols = ["method", "budget", "visual_kept", "llm_prefill_ms", "llm_prefill_speedup", "ideal_speedup",
-            "llm_prefill_vs_ideal", "e2e_speedup", "selection_ms"]
+    cols = [
+        "method",
+        "budget",
+        "visual_kept",
+        "llm_prefill_ms",
+        "llm_prefill_speedup",
+        "ideal_speedup",
+        "llm_prefill_vs_ideal",
+        "e2e_speedup",
+        "selection_ms",
+    ]
     print(format_table(rows, cols))  # noqa: T201  (CLI output)
     if plot:
         _plot(rows, Path(out_dir) / f"{name}.png")
@@ -203,6 +253,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="eval/results")
     p.add_argument("--name", default="speed_llava15")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--images", type=int, default=1, help="images per prompt (576 tokens each)")
 
 
 def main(argv=None) -> None:
@@ -210,8 +262,25 @@ def main(argv=None) -> None:
     add_arguments(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    run(a.methods, a.budgets, a.repeats, a.vision_layers, a.llm_layers, a.text_tokens, a.new_tokens, a.dtype,
-        a.device, a.out, a.name)
+    run_args(a)
+
+
+def run_args(a: argparse.Namespace) -> list[dict]:
+    return run(
+        a.methods,
+        a.budgets,
+        a.repeats,
+        a.vision_layers,
+        a.llm_layers,
+        a.text_tokens,
+        a.new_tokens,
+        a.dtype,
+        a.device,
+        a.out,
+        a.name,
+        batch=a.batch,
+        images=a.images,
+    )
 
 
 if __name__ == "__main__":
