@@ -1,6 +1,6 @@
 """Speed benchmark (see vlm_accel.bench.speed). Example:
 
-    python eval/bench_speed.py --repeats 5 --out eval/results
+python eval/bench_speed.py --repeats 5 --out eval/results
 """
 
 from vlm_accel.bench.speed import main

@@ -253,6 +253,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="eval/results")
     p.add_argument("--name", default="speed_llava15")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--images", type=int, default=1, help="images per prompt (576 tokens each)")
 
@@ -266,6 +267,8 @@ def main(argv=None) -> None:
 
 
 def run_args(a: argparse.Namespace) -> list[dict]:
+    if a.threads:
+        torch.set_num_threads(a.threads)
     return run(
         a.methods,
         a.budgets,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -34,6 +35,20 @@ def pool_cells(h: int, w: int, k: int) -> list[tuple[int, int, int, int]]:
     return cells
 
 
+@functools.lru_cache(maxsize=256)
+def pool_assignment(h: int, w: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell of every token ``[h * w]`` and the centre token of every cell ``[k]`` (ascending), for :func:`pool`."""
+    cell = torch.empty(h, w, dtype=torch.long)
+    centre = torch.empty(k, dtype=torch.long)
+    for j, (r0, r1, c0, c1) in enumerate(pool_cells(h, w, k)):
+        cell[r0:r1, c0:c1] = j
+        centre[j] = ((r0 + r1 - 1) // 2) * w + (c0 + c1 - 1) // 2
+    centre, order = centre.sort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(k)
+    return rank[cell.view(-1)], centre
+
+
 @register("pool", description="spatial average pooling to the quota")
 def pool(x: torch.Tensor, k: int, ctx: Context) -> Reduction:
     """Average-pool the token grid into ``k`` cells; each cell is represented at its centre token's position.
@@ -45,16 +60,9 @@ def pool(x: torch.Tensor, k: int, ctx: Context) -> Reduction:
     h, w = ctx.grid if ctx.grid is not None else _square_or_line(n)
     if h * w != n:
         raise ValueError(f"pool: grid {h}x{w} does not match {n} tokens")
-    cells = pool_cells(h, w, k)
-    weights = torch.zeros(k, n, device=x.device)
-    keep = torch.empty(k, dtype=torch.long)
-    idx = torch.arange(n).view(h, w)
-    for j, (r0, r1, c0, c1) in enumerate(cells):
-        members = idx[r0:r1, c0:c1].reshape(-1)
-        weights[j, members.to(x.device)] = 1.0 / members.numel()
-        keep[j] = idx[(r0 + r1 - 1) // 2, (c0 + c1 - 1) // 2]
-    keep, order = keep.sort()
-    return Reduction(keep.to(x.device), weights[order.to(x.device)])
+    cell, centre = pool_assignment(h, w, k)
+    weights = torch.nn.functional.one_hot(cell.to(x.device), k).T.float()  # [k, N]
+    return Reduction(centre.to(x.device), weights / weights.sum(1, keepdim=True))
 
 
 def _square_or_line(n: int) -> tuple[int, int]:
