@@ -228,7 +228,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     for ax, key, title in [(axes[0], "llm_prefill_speedup", "LLM prefill"), (axes[1], "e2e_speedup", "end-to-end")]:
         for method in sorted({r["method"] for r in rows} - {"none"}):
             pts = sorted((r["visual_kept"] / r["visual_tokens"], r[key]) for r in rows if r["method"] == method)
-            ax.plot(*zip(*[(1.0, 1.0)] + pts, strict=True), marker="o", label=method)
+            ax.plot(*zip(*sorted([(1.0, 1.0)] + pts), strict=True), marker="o", label=method)
         ideal = sorted({(r["visual_kept"] / r["visual_tokens"], r["ideal_speedup"]) for r in rows})
         ax.plot(*zip(*ideal, strict=True), "k--", label="token-count ideal")
         ax.set_xlabel("fraction of visual tokens kept")
