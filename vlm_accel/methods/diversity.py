@@ -14,16 +14,15 @@ def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
     its nearest selected token is largest.
     """
     dist = 1.0 - cosine_sim(x)  # [N, N]
-    first = dist.mean(1).argmax()
-    chosen = [first]
-    min_d = dist[first].clone()
-    min_d[first] = -1.0
-    for _ in range(k - 1):
-        nxt = min_d.argmax()
-        chosen.append(nxt)
-        min_d = torch.minimum(min_d, dist[nxt])
-        min_d[torch.stack(chosen)] = -1.0
-    return torch.stack(chosen)
+    chosen = torch.empty(k, dtype=torch.long, device=x.device)
+    chosen[0] = dist.mean(1).argmax()
+    min_d = dist[chosen[0]].clone()
+    min_d[chosen[0]] = -torch.inf  # chosen tokens stay at -inf: min() never lifts them
+    for i in range(1, k):
+        chosen[i] = min_d.argmax()
+        min_d = torch.minimum(min_d, dist[chosen[i]])
+        min_d[chosen[i]] = -torch.inf
+    return chosen
 
 
 @register("divprune", description="max-min diversity subset (DivPrune)")
