@@ -31,10 +31,23 @@ COLOR_NAMES = tuple(COLORS)
 QTYPES = ("shape", "color", "exists", "count", "side")
 SPLITS = {"train": 0, "heldout": 1}
 GRID = 16  # 224 px / 14 px patches
-SIDE_MARGIN = 0.08  # objects whose centre is closer than this (fraction of width) to the middle get no left/right question
+SIDE_MARGIN = (
+    0.08  # objects whose centre is closer than this (fraction of width) to the middle get no left/right question
+)
 
-_NUM_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
-              "eight": "8", "nine": "9", "ten": "10"}
+_NUM_WORDS = {
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _SYNONYMS = {"grey": "gray", "square": "rectangle", "colour": "color", "true": "yes", "false": "no"}
 
 
@@ -102,8 +115,10 @@ def _background(rng: random.Random, w: int, h: int) -> Image.Image:
 
 
 def _triangle_points(cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
-    return [(cx + r * math.cos(angle + k * 2 * math.pi / 3), cy + r * math.sin(angle + k * 2 * math.pi / 3))
-            for k in range(3)]
+    return [
+        (cx + r * math.cos(angle + k * 2 * math.pi / 3), cy + r * math.sin(angle + k * 2 * math.pi / 3))
+        for k in range(3)
+    ]
 
 
 def _draw(draw: ImageDraw.ImageDraw, o: Obj, w: int, h: int, fill, rng: random.Random) -> None:
@@ -181,22 +196,38 @@ def render_scene(seed: int, split: str = "train", n_objects: int | None = None) 
 
 
 _Q = {
-    "shape": ["What shape is in the image?", "What shape is this?", "Which shape is shown?",
-              "What is the shape in the picture?"],
-    "color": ["What color is the {s}?", "What colour is the {s}?", "Which color is the {s}?",
-              "What is the color of the {s}?"],
+    "shape": [
+        "What shape is in the image?",
+        "What shape is this?",
+        "Which shape is shown?",
+        "What is the shape in the picture?",
+    ],
+    "color": [
+        "What color is the {s}?",
+        "What colour is the {s}?",
+        "Which color is the {s}?",
+        "What is the color of the {s}?",
+    ],
     "exists": ["Is there a {c} {s}?", "Is there a {c} {s} in the image?", "Do you see a {c} {s}?"],
-    "count": ["How many shapes are there?", "How many shapes are in the image?", "How many objects are there?",
-              "How many shapes do you see?"],
-    "side": ["Is the {c} {s} on the left or the right?", "Is the {c} {s} on the left or right side?",
-             "Is the {c} {s} left or right?"],
+    "count": [
+        "How many shapes are there?",
+        "How many shapes are in the image?",
+        "How many objects are there?",
+        "How many shapes do you see?",
+    ],
+    "side": [
+        "Is the {c} {s} on the left or the right?",
+        "Is the {c} {s} on the left or right side?",
+        "Is the {c} {s} left or right?",
+    ],
 }
 
 
-def questions(scene: Scene, rng: random.Random, wording: int | None = None) -> list[dict]:
+def questions(scene: Scene, rng: random.Random, wording: int | None = None, n_exists: int = 1) -> list[dict]:
     """All question/answer pairs the scene supports, one per kind of fact (hard negatives for yes/no).
 
-    Returns a list of dicts ``{question, answer, type}``; ``wording`` fixes the template index (else random).
+    Returns a list of dicts ``{question, answer, type}``; ``wording`` fixes the template index (else random);
+    ``n_exists`` yes/no questions of each answer (training asks more than one).
     """
     objs = scene.objects
 
@@ -213,19 +244,33 @@ def questions(scene: Scene, rng: random.Random, wording: int | None = None) -> l
             out.append({"question": tmpl("color").format(s=o.shape), "answer": o.color, "type": "color"})
     names = [o.name for o in objs]
     present = set(names)
-    # yes/no: one positive and one negative (hard negative when possible)
-    pos = rng.choice(objs)
-    out.append({"question": tmpl("exists").format(c=pos.color, s=pos.shape), "answer": "yes", "type": "exists"})
+    # yes/no: n_exists positives and as many negatives (hard negatives when possible)
+    asked: set[str] = set()
+    for k in range(n_exists):
+        if k == 0:
+            pos = rng.choice(objs)
+        else:
+            left = [o for o in objs if o.name not in asked]
+            if not left:
+                break
+            pos = rng.choice(left)
+        asked.add(pos.name)
+        out.append({"question": tmpl("exists").format(c=pos.color, s=pos.shape), "answer": "yes", "type": "exists"})
     hard = [(c, o.shape) for o in objs for c in COLOR_NAMES if f"{c} {o.shape}" not in present]
     hard += [(o.color, s) for o in objs for s in SHAPES if f"{o.color} {s}" not in present]
-    if hard and rng.random() < 0.8:
-        c, s = rng.choice(hard)
-    else:
-        while True:
-            c, s = rng.choice(COLOR_NAMES), rng.choice(SHAPES)
-            if f"{c} {s}" not in present:
+    for _ in range(n_exists):
+        for _try in range(50):
+            if hard and rng.random() < 0.8:
+                c, s = rng.choice(hard)
+            else:
+                while True:
+                    c, s = rng.choice(COLOR_NAMES), rng.choice(SHAPES)
+                    if f"{c} {s}" not in present:
+                        break
+            if f"{c} {s}" not in asked:
                 break
-    out.append({"question": tmpl("exists").format(c=c, s=s), "answer": "no", "type": "exists"})
+        asked.add(f"{c} {s}")
+        out.append({"question": tmpl("exists").format(c=c, s=s), "answer": "no", "type": "exists"})
     out.append({"question": tmpl("count"), "answer": str(len(objs)), "type": "count"})
     for o in objs:
         if names.count(o.name) == 1 and abs(o.cx - 0.5) >= SIDE_MARGIN:
@@ -260,5 +305,10 @@ def heldout(n: int = 500, seed: int = 0, types: tuple[str, ...] = QTYPES) -> Ite
             continue
         q = rng.choice(cands)
         got[t] += 1
-        yield {"image": scene.image, "question": q["question"], "answer": q["answer"], "type": t,
-               "scene": f"heldout-{scene_id}"}
+        yield {
+            "image": scene.image,
+            "question": q["question"],
+            "answer": q["answer"],
+            "type": t,
+            "scene": f"heldout-{scene_id}",
+        }

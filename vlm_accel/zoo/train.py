@@ -131,9 +131,10 @@ class Packer:
         return ids, labels
 
 
-def make_turns(objs, rng: random.Random, max_q: int = 8, describe_p: float = 0.7) -> list[tuple[str, str]]:
+def make_turns(objs, rng: random.Random, max_q: int = 8, describe_p: float = 0.7,
+               n_exists: int = 1) -> list[tuple[str, str]]:
     scene = _SceneView(objs)
-    qs = questions(scene, rng)
+    qs = questions(scene, rng, n_exists=n_exists)
     rng.shuffle(qs)
     turns = [(q["question"], q["answer"]) for q in qs[:max_q]]
     if rng.random() < describe_p:
@@ -207,7 +208,8 @@ def train(args) -> None:
         rng = random.Random(f"{args.seed}-{step}")
         g = torch.Generator().manual_seed(args.seed * 100003 + step)
         idx = torch.randint(0, N, (args.batch,), generator=g)
-        seqs = [packer.pack(make_turns(objects[i], rng)) for i in idx.tolist()]
+        seqs = [packer.pack(make_turns(objects[i], rng, args.max_q, args.describe_p, args.n_exists))
+                for i in idx.tolist()]
         L = max(len(s[0]) for s in seqs)
         input_ids = torch.full((args.batch, L), tok.pad_token_id)
         tgt = torch.full((args.batch, L), -100)
@@ -362,6 +364,9 @@ def main() -> None:
     t.add_argument("--proj-lr-mult", type=float, default=2.0)
     t.add_argument("--aux", type=float, default=0.3)
     t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--max-q", type=int, default=8, help="questions per packed sequence")
+    t.add_argument("--n-exists", type=int, default=1, help="yes (and no) questions per image")
+    t.add_argument("--describe-p", type=float, default=0.7)
     t.add_argument("--decay", type=int, default=400)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1)
