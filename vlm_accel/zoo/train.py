@@ -131,6 +131,36 @@ class Packer:
         return ids, labels
 
 
+    def pack_segments(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Independent turns sharing one image prefix: every turn sees ``<s> user : <image>×256`` and itself only.
+
+        Returns (input_ids, labels, segment ids (0 = prefix, k = turn k), position ids). Each turn's positions
+        start right after the prefix, exactly as a single question at inference time.
+        """
+        prefix = [self.bos] + self.ids("user :") + [self.image_id] * self.n_img
+        ids, labels = list(prefix), [-100] * len(prefix)
+        seg, pos = [0] * len(prefix), list(range(len(prefix)))
+        for k, (q, a) in enumerate(turns, 1):
+            user = self.ids(q) + self.ids("assistant :")
+            ans = self.ids(a) + [self.eos]
+            ids += user + ans
+            labels += [-100] * len(user) + ans
+            seg += [k] * (len(user) + len(ans))
+            pos += list(range(len(prefix), len(prefix) + len(user) + len(ans)))
+        return ids, labels, seg, pos
+
+
+def segment_mask(seg: torch.Tensor) -> torch.Tensor:
+    """(B, L) segment ids (-1 pad, 0 shared prefix, k turn) → (B, 1, L, L) bool mask, True = may attend."""
+    L = seg.shape[1]
+    i = torch.arange(L)
+    causal = i[None, :] <= i[:, None]
+    same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
+    allowed = causal[None] & same & (seg[:, None, :] >= 0)
+    allowed |= torch.eye(L, dtype=torch.bool)[None]  # pads attend to themselves (no empty rows)
+    return allowed[:, None]
+
+
 def make_turns(objs, rng: random.Random, max_q: int = 8, describe_p: float = 0.7,
                n_exists: int = 1) -> list[tuple[str, str]]:
     scene = _SceneView(objs)
@@ -208,16 +238,28 @@ def train(args) -> None:
         rng = random.Random(f"{args.seed}-{step}")
         g = torch.Generator().manual_seed(args.seed * 100003 + step)
         idx = torch.randint(0, N, (args.batch,), generator=g)
-        seqs = [packer.pack(make_turns(objects[i], rng, args.max_q, args.describe_p, args.n_exists))
-                for i in idx.tolist()]
+        turns = [make_turns(objects[i], rng, args.max_q, args.describe_p, args.n_exists) for i in idx.tolist()]
+        if args.segments:
+            seqs = [packer.pack_segments(t) for t in turns]
+        else:
+            seqs = [(*packer.pack(t), None, None) for t in turns]
         L = max(len(s[0]) for s in seqs)
         input_ids = torch.full((args.batch, L), tok.pad_token_id)
         tgt = torch.full((args.batch, L), -100)
         attn = torch.zeros((args.batch, L), dtype=torch.long)
-        for b, (ids, lab) in enumerate(seqs):
+        seg = torch.full((args.batch, L), -1)
+        pos = torch.zeros((args.batch, L), dtype=torch.long)
+        for b, (ids, lab, sg, ps) in enumerate(seqs):
             input_ids[b, : len(ids)] = torch.tensor(ids)
             tgt[b, : len(lab)] = torch.tensor(lab)
             attn[b, : len(ids)] = 1
+            if sg is not None:
+                seg[b, : len(sg)] = torch.tensor(sg)
+                pos[b, : len(ps)] = torch.tensor(ps)
+        if args.segments:
+            lm_kwargs = {"attention_mask": segment_mask(seg), "position_ids": pos}
+        else:
+            lm_kwargs = {"attention_mask": attn}
         # warm-up, constant, linear decay over the last `decay` steps
         f = min(1.0, (step + 1) / args.warmup)
         if step > args.steps - args.decay:
@@ -230,7 +272,7 @@ def train(args) -> None:
             emb_in = emb(input_ids)
             img_mask = input_ids == model.config.image_token_index
             emb_in = emb_in.masked_scatter(img_mask[..., None], v.to(emb_in.dtype))
-            out = lm(inputs_embeds=emb_in, attention_mask=attn)
+            out = lm(inputs_embeds=emb_in, **lm_kwargs)
             logits = model.lm_head(out.last_hidden_state[:, :-1])
         logits = logits.float()
         v = v.float()
@@ -367,6 +409,11 @@ def main() -> None:
     t.add_argument("--max-q", type=int, default=8, help="questions per packed sequence")
     t.add_argument("--n-exists", type=int, default=1, help="yes (and no) questions per image")
     t.add_argument("--describe-p", type=float, default=0.7)
+    t.add_argument(
+        "--segments",
+        action="store_true",
+        help="independent turns (block mask, positions restart after the image) instead of a dialogue",
+    )
     t.add_argument("--decay", type=int, default=400)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1)
