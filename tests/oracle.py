@@ -26,9 +26,13 @@ def lm_inputs(model, inputs: dict) -> dict:
 def full_positions(model, family: str, input_ids, attention_mask, inputs: dict) -> torch.Tensor:
     """Positions ``generate`` gives every token of ``input_ids`` (prompt + generated) in the unpatched model."""
     if family.startswith("qwen"):
-        types = (input_ids == tiny.IMAGE_ID).long()
+        types = (input_ids == tiny.IMAGE_ID).long() + 2 * (input_ids == tiny.VIDEO_ID).long()
         pos, _ = model.model.get_rope_index(
-            input_ids, mm_token_type_ids=types, image_grid_thw=inputs["image_grid_thw"], attention_mask=attention_mask
+            input_ids,
+            mm_token_type_ids=types,
+            image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"),
+            attention_mask=attention_mask,
         )
         return pos
     return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)

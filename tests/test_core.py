@@ -12,10 +12,10 @@ SELECTION = ["random", "divprune"]  # pure-selection methods: kept embeddings ar
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", tiny.FAMILIES)
-def test_full_budget_is_bit_identical(models, family, attn):
+@pytest.mark.parametrize("family,kind", tiny.CASES)
+def test_full_budget_is_bit_identical(models, family, kind, attn):
     model = models(family, attn)
-    inputs = tiny.make_inputs(model, family, batch=2)
+    inputs = tiny.inputs_for(model, family, kind, batch=2)
     with torch.no_grad():
         ref = model(**inputs).logits
         with vlm_accel.accelerate(model, budget=1.0) as sess:
@@ -28,14 +28,14 @@ def test_full_budget_is_bit_identical(models, family, attn):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("method", SELECTION + ["tome", "pool"])
-@pytest.mark.parametrize("family", tiny.FAMILIES)
-def test_oracle_prefill(models, family, method, dtype):
+@pytest.mark.parametrize("method", SELECTION + ["tome", "pool", "temporal"])
+@pytest.mark.parametrize("family,kind", tiny.CASES)
+def test_oracle_prefill(models, family, kind, method, dtype):
     """Patched forward == unpatched language model on the kept embeddings at their original positions."""
     if dtype == torch.bfloat16 and method not in SELECTION:
         pytest.skip("bf16 covered by selection methods")
     model = models(family, "sdpa", dtype)
-    inputs = tiny.make_inputs(model, family, batch=2, dtype=dtype)
+    inputs = tiny.inputs_for(model, family, kind, batch=2, dtype=dtype)
     full = oracle.lm_inputs(model, inputs)
     with vlm_accel.accelerate(model, budget=0.3, method=method) as sess, torch.no_grad():
         logits = model(**inputs).logits
@@ -57,11 +57,11 @@ def test_oracle_prefill(models, family, method, dtype):
     torch.testing.assert_close(logits[v], ref[v], **tol)
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
-def test_oracle_generate(models, family):
+@pytest.mark.parametrize("family,kind", tiny.CASES)
+def test_oracle_generate(models, family, kind):
     """Every greedy decode step equals the unpatched LM run without cache on kept prompt + generated tokens."""
     model = models(family)
-    inputs = tiny.make_inputs(model, family, batch=2)
+    inputs = tiny.inputs_for(model, family, kind, batch=2)
     full = oracle.lm_inputs(model, inputs)
     steps = 4
     with vlm_accel.accelerate(model, budget=0.25, method="divprune") as sess, torch.no_grad():

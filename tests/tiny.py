@@ -171,3 +171,61 @@ def make_inputs(model, family: str, batch: int = 1, seed: int = 0, dtype=torch.f
         out["image_grid_thw"] = torch.cat([b["image_grid_thw"] for b in blocks])
         out["mm_token_type_ids"] = (input_ids == IMAGE_ID).long()
     return out
+
+
+VIDEO_FAMILIES = ["llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+
+
+def make_video_inputs(
+    model, family: str, batch: int = 1, seed: int = 0, frames: int = 4, dtype=torch.float32, static: bool = False
+) -> dict:
+    """Left-padded video prompts, one clip per row (``frames`` frames, its own content; ``static``: all frames equal).
+
+    Qwen: ``frames`` temporal slices of a 12x16 patch grid (48 tokens each); LLaVA-OneVision: ``frames`` frames of
+    56 px pooled to 4x4 tokens each, plus one newline token.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rows, pix, grids = [], [], []
+    for i in range(batch):
+        if family == "llava_onevision":
+            frame = torch.randn(1, 1, 3, 56, 56, generator=gen)
+            clip = frame.expand(1, frames, 3, 56, 56) if static else torch.randn(1, frames, 3, 56, 56, generator=gen)
+            pix.append(clip.clone())
+            n_tok = frames * 16 + 1
+        else:
+            gh, gw, patch = 12, 16, 3 * 2 * 2 * 2
+            one = torch.randn(gh * gw, patch, generator=gen)
+            clip = one.repeat(frames, 1) if static else torch.randn(frames * gh * gw, patch, generator=gen)
+            pix.append(clip)
+            grids.append(torch.tensor([[frames, gh, gw]]))
+            n_tok = frames * gh * gw // 4
+        pre = torch.randint(1, 90, (3 + i,), generator=gen).tolist()
+        post = torch.randint(1, 90, (6 - 2 * i,), generator=gen).tolist()
+        if family == "qwen3_vl":  # one vision block per frame, after a timestamp
+            per = n_tok // frames
+            body = sum(([50 + t, 60, VSTART_ID] + [VIDEO_ID] * per + [VEND_ID] for t in range(frames)), [])
+        elif family.startswith("qwen"):
+            body = [VSTART_ID] + [VIDEO_ID] * n_tok + [VEND_ID]
+        else:
+            body = [VIDEO_ID] * n_tok
+        rows.append(pre + body + post)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((batch, width), PAD_ID)
+    attention_mask = torch.zeros(batch, width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r) :] = torch.tensor(r)
+        attention_mask[i, width - len(r) :] = 1
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values_videos": torch.cat(pix).to(dtype)}
+    if family.startswith("qwen"):
+        out["video_grid_thw"] = torch.cat(grids)
+        out["mm_token_type_ids"] = (input_ids == VIDEO_ID).long() * 2
+    return out
+
+
+CASES = [(f, "image") for f in FAMILIES] + [(f, "video") for f in VIDEO_FAMILIES]
+
+
+def inputs_for(model, family: str, kind: str, batch: int = 1, seed: int = 0, dtype=torch.float32) -> dict:
+    if kind == "video":
+        return make_video_inputs(model, family, batch=batch, seed=seed, dtype=dtype)
+    return make_inputs(model, family, batch=batch, seed=seed, dtype=dtype)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import methods as _methods
-from .adapters import Adapter, ImageInfo, adapter_for
+from .adapters import Adapter, ImageInfo, Segment, adapter_for
 from .budget import Budget
 from .methods import Context
 
@@ -70,8 +70,14 @@ class _Decode:
 
 @dataclass
 class _Pending:
-    images: list[ImageInfo] = field(default_factory=list)
-    mask: torch.Tensor | None = None
+    """What the vision side of one forward reported: per modality (``"image"``, ``"video"``) the layouts of its
+    inputs in placeholder order and the ``[B, L]`` placeholder mask."""
+
+    infos: dict[str, list[ImageInfo]] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def ready(self) -> list[str]:
+        return [m for m in self.masks if self.infos.get(m)]
 
 
 class Session:
@@ -104,7 +110,9 @@ class Session:
     def _install(self) -> None:
         inner = self.adapter.inner
         lm = self.adapter.language_model
-        self._patch(inner, "get_image_features", self._wrap_image_features(inner.get_image_features))
+        self._patch(inner, "get_image_features", self._wrap_features(inner.get_image_features, "image"))
+        if hasattr(inner, "get_video_features"):
+            self._patch(inner, "get_video_features", self._wrap_features(inner.get_video_features, "video"))
         self._patch(inner, "get_placeholder_mask", self._wrap_placeholder_mask(inner.get_placeholder_mask))
         self._patch(lm, "forward", self._wrap_lm_forward(lm.forward))
         setattr(self.model, _SESSION_ATTR, self)
@@ -131,11 +139,11 @@ class Session:
         self.restore()
 
     # --- wrappers ---------------------------------------------------------------------------------------------
-    def _wrap_image_features(self, orig):
+    def _wrap_features(self, orig, modality: str):
         sig = inspect.signature(orig)
 
         @functools.wraps(orig)
-        def get_image_features(*args, **kwargs):
+        def get_features(*args, **kwargs):
             call = sig.bind_partial(*args, **kwargs).arguments
             call.update(call.pop("kwargs", {}))
             layer = self.adapter.importance_layer(call) if "importance" in self.method.needs else None
@@ -159,18 +167,17 @@ class Session:
                 with torch.no_grad():
                     cls_attn = cls_attention(layer, captured["hidden"])
             feats = out.pooler_output if hasattr(out, "pooler_output") else out[-1]
-            self._pending.images.extend(self.adapter.describe(list(feats), call, cls_attn))
+            describe = self.adapter.describe if modality == "image" else self.adapter.describe_video
+            self._pending.infos.setdefault(modality, []).extend(describe(list(feats), call, cls_attn))
             return out
 
-        return get_image_features
+        return get_features
 
     def _wrap_placeholder_mask(self, orig):
         @functools.wraps(orig)
         def get_placeholder_mask(*args, **kwargs):
             returned = orig(*args, **kwargs)
-            mask = self.adapter.image_mask(returned, kwargs)
-            if mask is not None:
-                self._pending.mask = mask
+            self._pending.masks.update(self.adapter.placeholder_masks(returned, kwargs))
             return returned
 
         return get_placeholder_mask
@@ -183,7 +190,7 @@ class Session:
             pending, self._pending = self._pending, _Pending()
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             past = cache.get_seq_length() if cache is not None else 0
-            if pending.mask is not None and pending.images:
+            if pending.ready():
                 if past:
                     logger.warning("vlm_accel: images after a non-empty cache are not reduced")
                     self._decode = None
@@ -201,14 +208,20 @@ class Session:
     # --- prefill ----------------------------------------------------------------------------------------------
     def _prefill(self, orig, kwargs: dict, pending: _Pending):
         embeds = kwargs["inputs_embeds"]
-        mask = pending.mask.to(embeds.device)
+        modalities = pending.ready()
+        masks = {m: pending.masks[m].to(embeds.device) for m in modalities}
+        mask = torch.stack(list(masks.values())).any(0)
         bsz, seq = mask.shape
         n_vis = int(mask.sum())
-        if sum(i.n_tokens for i in pending.images) != n_vis:
-            logger.warning("vlm_accel: image features and placeholders disagree; running unreduced")
-            return orig(**kwargs)
+        for m in modalities:
+            if sum(i.n_tokens for i in pending.infos[m]) != int(masks[m].sum()):
+                logger.warning("vlm_accel: %s features and placeholders disagree; running unreduced", m)
+                return orig(**kwargs)
         t0 = time.perf_counter()
-        keep, merges = self._select(embeds, mask, pending.images, kwargs.get("attention_mask"))
+        keep = ~mask
+        merges = []
+        for m in modalities:
+            self._select(embeds, masks[m], pending.infos[m], kwargs.get("attention_mask"), keep, merges)
         self.stats = Stats(visual_tokens_in=n_vis, seq_len_in=bsz * seq)
         if bool(keep.all()):  # nothing dropped: the model runs exactly as unpatched
             self.stats.visual_tokens_kept = n_vis
@@ -249,7 +262,7 @@ class Session:
                 full[vpm] = e
                 deep.append(take(_apply_merges(full, merges))[new_vpm])
             kw["visual_pos_masks"], kw["deepstack_visual_embeds"] = new_vpm, deep
-        kept_vis = int((mask & keep).sum())
+        kept_vis = int((mask & keep).sum())  # images and videos
         self.stats.visual_tokens_kept = kept_vis
         self.stats.seq_len_kept = int(valid.sum())
         self.stats.selection_ms = (time.perf_counter() - t0) * 1e3
@@ -266,26 +279,28 @@ class Session:
         if self._decode is not None and cache is not None:
             self._decode.cache = weakref.ref(cache)
 
-    def _select(self, embeds, mask, images: list[ImageInfo], attn):
-        """Run the method per segment. Returns the ``[B, L]`` keep mask and merge ops
-        ``(rows, cols, src_rows, src_cols, weights [K, n])`` to apply to any per-position tensor."""
-        keep = ~mask
+    def _select(self, embeds, mask, infos: list[ImageInfo], attn, keep, merges) -> None:
+        """Run the method on every segment of ``infos`` (the inputs behind ``mask``, in placeholder order).
+
+        Marks kept positions in ``keep`` ``[B, L]`` and appends merge ops ``(rows, cols, src_rows, src_cols,
+        weights [K, n])`` to ``merges``, to be applied to any per-position tensor."""
         rows, cols = mask.nonzero(as_tuple=True)
-        feats = embeds[mask]  # [N_vis, D] in placeholder order
-        merges = []
+        feats = embeds[mask]  # [N, D] in placeholder order
         off = 0
-        for info in images:
+        for info in infos:
             sl = slice(off, off + info.n_tokens)
             r, c, x = rows[sl], cols[sl], feats[sl]
             off += info.n_tokens
-            quotas = [self.budget.visual_quota(s.idx.numel(), s.units) for s in info.segments]
-            if all(q >= s.idx.numel() for q, s in zip(quotas, info.segments, strict=True)):
+            segments = self._segments(info)
+            quotas = [self.budget.visual_quota(s.idx.numel(), s.units) for s in segments]
+            if all(q >= s.idx.numel() for q, s in zip(quotas, segments, strict=True)):
                 keep[r, c] = True  # nothing to reduce: structural tokens stay too
                 continue
-            for seg, k in zip(info.segments, quotas, strict=True):
+            for seg, k in zip(segments, quotas, strict=True):
                 idx = seg.idx.to(x.device)
                 ctx = Context(
                     grid=seg.grid,
+                    frames=seg.frames,
                     importance=None if info.importance is None else info.importance.to(x.device)[idx],
                     query=self._query(embeds, mask, attn, int(r[0])) if "query" in self.method.needs else None,
                     generator=self._generator,
@@ -295,7 +310,19 @@ class Session:
                 keep[r[kept], c[kept]] = True
                 if red.weights is not None:
                     merges.append((r[kept], c[kept], r[idx], c[idx], red.weights))
-        return keep, merges
+
+    def _segments(self, info: ImageInfo) -> list[Segment]:
+        """Per-frame segments, or one clip segment when the method works across frames."""
+        if "clip" not in self.method.needs or len(info.segments) < 2 or info.frames < 2:
+            return info.segments
+        return [
+            Segment(
+                torch.cat([s.idx for s in info.segments]),
+                info.segments[0].grid,
+                units=sum(s.units for s in info.segments),
+                frames=info.frames,
+            )
+        ]
 
     @staticmethod
     def _query(embeds, mask, attn, row: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ class Segment:
     idx: torch.Tensor
     grid: tuple[int, int] | None = None
     units: int = 1
+    frames: int = 1
 
 
 @dataclass
@@ -39,11 +40,13 @@ class ImageInfo:
         n_tokens: number of placeholder tokens of the image.
         segments: the budgeted groups.
         importance: ``[n_tokens]`` vision-tower importance per token (``nan`` for structural tokens), or ``None``.
+        frames: for a video, its number of frames (then ``segments`` are its frames, in order).
     """
 
     n_tokens: int
     segments: list[Segment] = field(default_factory=list)
     importance: torch.Tensor | None = None
+    frames: int = 1
 
 
 class Adapter:
@@ -61,12 +64,18 @@ class Adapter:
     def language_model(self) -> nn.Module:
         return self.inner.language_model
 
-    def image_mask(self, returned, kwargs: dict) -> torch.Tensor | None:
-        """The ``[B, L]`` image placeholder mask from what ``get_placeholder_mask`` returned, or ``None`` when that
-        call was about another modality. Families with videos return ``(image_mask, video_mask)``."""
-        if isinstance(returned, tuple):
-            return returned[0][..., 0] if kwargs.get("image_features") is not None else None
-        return returned[..., 0]
+    def placeholder_masks(self, returned, kwargs: dict) -> dict[str, torch.Tensor]:
+        """``{modality: [B, L] mask}`` from what ``get_placeholder_mask`` returned. Families with videos return
+        ``(image_mask, video_mask)`` and are called once per modality (with ``image_features`` or
+        ``video_features``)."""
+        if not isinstance(returned, tuple):
+            return {"image": returned[..., 0]}
+        out = {}
+        if kwargs.get("image_features") is not None:
+            out["image"] = returned[0][..., 0]
+        if kwargs.get("video_features") is not None:
+            out["video"] = returned[1][..., 0]
+        return out
 
     # --- importance evidence ----------------------------------------------------------------------------------
     def importance_layer(self, call: dict) -> nn.Module | None:
@@ -84,6 +93,16 @@ class Adapter:
             cls_attn: ``[num_views, N_patches]`` CLS attention of every view the tower saw, or ``None``.
         """
         raise NotImplementedError
+
+    def describe_video(self, features: list[torch.Tensor], call: dict, cls_attn: torch.Tensor | None):
+        """One :class:`ImageInfo` per video (``frames`` set, one segment per frame)."""
+        raise NotImplementedError(f"{type(self).__name__} has no video path")
+
+
+def frame_segments(n_frames: int, grid: tuple[int, int], device, offset: int = 0) -> list[Segment]:
+    """Consecutive per-frame segments of ``h * w`` tokens each, starting at ``offset``."""
+    hw = grid[0] * grid[1]
+    return [Segment(torch.arange(offset + t * hw, offset + (t + 1) * hw, device=device), grid) for t in range(n_frames)]
 
 
 def encoder_layers(tower: nn.Module) -> nn.ModuleList:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Adapter, ImageInfo, Segment, encoder_layers, feature_layer_index
+from .base import Adapter, ImageInfo, Segment, encoder_layers, feature_layer_index, frame_segments
 
 CLS_TOWERS = ("clip_vision_model", "dinov2")
 
@@ -108,3 +108,13 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             image_newline=None,
             vision_aspect_ratio=self._option(call, "vision_aspect_ratio"),
         )[0]
+
+    def describe_video(self, features, call, cls_attn):
+        """Each video: ``frames`` pooled grids, then one trailing newline token (structural)."""
+        frames = call["pixel_values_videos"].shape[1]
+        infos = []
+        for f in features:
+            side = math.isqrt((f.shape[0] - 1) // frames)
+            infos.append(ImageInfo(f.shape[0], frame_segments(frames, (side, side), f.device), frames=frames))
+        return infos
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, ImageInfo, Segment
+from .base import Adapter, ImageInfo, Segment, frame_segments
 
 
 class Qwen2VLAdapter(Adapter):
@@ -20,6 +20,14 @@ class Qwen2VLAdapter(Adapter):
             n = f.shape[0]
             grid = (h // m, w // m) if t == 1 and (h // m) * (w // m) == n else None
             infos.append(ImageInfo(n, [Segment(torch.arange(n, device=f.device), grid, units=t if t > 1 else 1)]))
+        return infos
+
+    def describe_video(self, features, call, cls_attn):
+        m = self.model.config.vision_config.spatial_merge_size
+        infos = []
+        for f, (t, h, w) in zip(features, call["video_grid_thw"].tolist(), strict=True):
+            grid = (h // m, w // m)
+            infos.append(ImageInfo(f.shape[0], frame_segments(t, grid, f.device), frames=t))
         return infos
 
 

@@ -18,13 +18,15 @@ class Context:
     """Evidence a method may use for one segment.
 
     Attributes:
-        grid: ``(h, w)`` spatial layout of the segment's tokens in raster order, or ``None`` when unknown.
+        grid: ``(h, w)`` spatial layout of one frame's tokens in raster order, or ``None`` when unknown.
+        frames: number of frames the segment spans (tokens are frame-major: ``[frames * h * w]``).
         importance: ``[N]`` importance per token from the vision tower (e.g. CLS attention), or ``None``.
         query: ``[T, D]`` text-token embeddings of the prompt row the segment belongs to, or ``None``.
         generator: random generator for stochastic methods (seeded by the session, so runs are reproducible).
     """
 
     grid: tuple[int, int] | None = None
+    frames: int = 1
     importance: torch.Tensor | None = None
     query: torch.Tensor | None = None
     generator: torch.Generator | None = None
@@ -57,35 +59,39 @@ MethodFn = Callable[[torch.Tensor, int, Context], Reduction]
 class Method:
     """A registered reducer: ``fn(x [N, D], k, ctx) -> Reduction``.
 
-    ``needs`` names the evidence the adapter must collect (``"importance"``); ``description`` is one line for
-    listings.
+    ``needs`` names the evidence the adapter must collect (``"importance"``; ``"clip"`` = give me a whole video
+    clip as one segment, not frame by frame); ``exact=False`` lets a method keep fewer tokens than its quota (e.g.
+    when merging static tokens leaves fewer); ``description`` is one line for listings.
     """
 
     name: str
     fn: MethodFn
     needs: frozenset[str] = field(default_factory=frozenset)
     description: str = ""
+    exact: bool = True
 
     def __call__(self, x: torch.Tensor, k: int, ctx: Context) -> Reduction:
         n = x.shape[0]
         if k >= n:
             return Reduction(torch.arange(n, device=x.device))
         red = self.fn(x, k, ctx)
-        if red.keep.numel() != k:
-            raise RuntimeError(f"method {self.name!r} returned {red.keep.numel()} tokens for a quota of {k}")
+        got = red.keep.numel()
+        if got > k or (self.exact and got != k) or got == 0:
+            raise RuntimeError(f"method {self.name!r} returned {got} tokens for a quota of {k}")
         return red
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, *, needs: tuple[str, ...] = (), description: str = ""):
+def register(name: str, *, needs: tuple[str, ...] = (), description: str = "", exact: bool = True):
     """Decorator: register ``fn(x [N, D], k, ctx) -> Reduction`` under ``name``."""
 
     def deco(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
-        _REGISTRY[name] = Method(name, fn, frozenset(needs), description or (fn.__doc__ or "").strip().split("\n")[0])
+        doc = description or (fn.__doc__ or "").strip().split("\n")[0]
+        _REGISTRY[name] = Method(name, fn, frozenset(needs), doc, exact)
         return fn
 
     return deco
