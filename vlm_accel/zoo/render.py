@@ -237,11 +237,11 @@ def questions(scene: Scene, rng: random.Random, wording: int | None = None, n_ex
 
     out: list[dict] = []
     if len(objs) == 1:
-        out.append({"question": tmpl("shape"), "answer": objs[0].shape, "type": "shape"})
+        out.append({"question": tmpl("shape"), "answer": objs[0].shape, "type": "shape", "obj": 0})
     shape_counts = {s: sum(o.shape == s for o in objs) for s in SHAPES}
-    for o in objs:
+    for i, o in enumerate(objs):
         if shape_counts[o.shape] == 1:
-            out.append({"question": tmpl("color").format(s=o.shape), "answer": o.color, "type": "color"})
+            out.append({"question": tmpl("color").format(s=o.shape), "answer": o.color, "type": "color", "obj": i})
     names = [o.name for o in objs]
     present = set(names)
     # yes/no: n_exists positives and as many negatives (hard negatives when possible)
@@ -255,7 +255,8 @@ def questions(scene: Scene, rng: random.Random, wording: int | None = None, n_ex
                 break
             pos = rng.choice(left)
         asked.add(pos.name)
-        out.append({"question": tmpl("exists").format(c=pos.color, s=pos.shape), "answer": "yes", "type": "exists"})
+        out.append({"question": tmpl("exists").format(c=pos.color, s=pos.shape), "answer": "yes", "type": "exists",
+                    "obj": objs.index(pos)})
     hard = [(c, o.shape) for o in objs for c in COLOR_NAMES if f"{c} {o.shape}" not in present]
     hard += [(o.color, s) for o in objs for s in SHAPES if f"{o.color} {s}" not in present]
     for _ in range(n_exists):
@@ -272,9 +273,10 @@ def questions(scene: Scene, rng: random.Random, wording: int | None = None, n_ex
         asked.add(f"{c} {s}")
         out.append({"question": tmpl("exists").format(c=c, s=s), "answer": "no", "type": "exists"})
     out.append({"question": tmpl("count"), "answer": str(len(objs)), "type": "count"})
-    for o in objs:
+    for i, o in enumerate(objs):
         if names.count(o.name) == 1 and abs(o.cx - 0.5) >= SIDE_MARGIN:
-            out.append({"question": tmpl("side").format(c=o.color, s=o.shape), "answer": o.side, "type": "side"})
+            out.append({"question": tmpl("side").format(c=o.color, s=o.shape), "answer": o.side, "type": "side",
+                        "obj": i})
     return out
 
 

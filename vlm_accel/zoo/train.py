@@ -118,7 +118,7 @@ class Packer:
         """turns: [(question, answer)], the first one carries the image. Returns (input_ids, labels)."""
         ids = [self.bos]
         labels = [-100]
-        for j, (q, a) in enumerate(turns):
+        for j, (q, a, *_rest) in enumerate(turns):
             user = (
                 self.ids("user :")
                 + ([self.image_id] * self.n_img if j == 0 else [])
@@ -138,11 +138,14 @@ class Packer:
         start right after the prefix, exactly as a single question at inference time.
         """
         prefix = [self.bos] + self.ids("user :") + [self.image_id] * self.n_img
+        self.img_start = len(prefix) - self.n_img
         ids, labels = list(prefix), [-100] * len(prefix)
         seg, pos = [0] * len(prefix), list(range(len(prefix)))
-        for k, (q, a) in enumerate(turns, 1):
+        self.last_rows = []  # index of the token that predicts each turn's first answer token
+        for k, (q, a, *_rest) in enumerate(turns, 1):
             user = self.ids(q) + self.ids("assistant :")
             ans = self.ids(a) + [self.eos]
+            self.last_rows.append(len(ids) + len(user) - 1)
             ids += user + ans
             labels += [-100] * len(user) + ans
             seg += [k] * (len(user) + len(ans))
@@ -163,13 +166,47 @@ def segment_mask(seg: torch.Tensor) -> torch.Tensor:
 
 def make_turns(objs, rng: random.Random, max_q: int = 8, describe_p: float = 0.7,
                n_exists: int = 1) -> list[tuple[str, str]]:
+    """Shuffled question/answer turns of one scene (+ maybe a describe turn); the third item is the object index
+    the question names (-1 if none) for the attention supervision."""
     scene = _SceneView(objs)
     qs = questions(scene, rng, n_exists=n_exists)
     rng.shuffle(qs)
-    turns = [(q["question"], q["answer"]) for q in qs[:max_q]]
+    turns = [(q["question"], q["answer"], q.get("obj", -1)) for q in qs[:max_q]]
     if rng.random() < describe_p:
-        turns.insert(rng.randint(0, len(turns)), ("Describe the image.", describe(scene)))
+        turns.insert(rng.randint(0, len(turns)), ("Describe the image.", describe(scene), -1))
     return turns
+
+
+def attention_target_loss(lm, hidden: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, rows: list,
+                          targets: list, layer: int, heads: list[int]) -> torch.Tensor:
+    """-log(attention mass on the named object's patches) for chosen heads of ``layer`` at answer positions.
+
+    hidden: (B, L, H) input of ``layer``; pos: (B, L); mask: (B, 1, L, L) bool; rows: [(b, row)]; targets: list of
+    (L,) bool tensors (True on the object's image tokens), one per row.
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    mod = lm.layers[layer]
+    att = mod.self_attn
+    hd = att.head_dim
+    x = mod.input_layernorm(hidden)
+    B, L, _ = x.shape
+    q = att.q_proj(x).view(B, L, -1, hd).transpose(1, 2)  # (B, nh, L, hd)
+    k = att.k_proj(x).view(B, L, -1, hd).transpose(1, 2)
+    cos, sin = lm.rotary_emb(x, pos)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    bi = torch.tensor([b for b, _ in rows])
+    ri = torch.tensor([r for _, r in rows])
+    hs = torch.tensor(heads)
+    qr = q[bi][:, hs, :, :][torch.arange(len(rows)), :, ri]  # (R, nh', hd)
+    kr = k[bi][:, hs]  # (R, nh', L, hd)
+    scores = torch.einsum("rhd,rhld->rhl", qr.float(), kr.float()) / math.sqrt(hd)
+    allowed = mask[bi, 0, ri]  # (R, L)
+    scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+    logp = scores.log_softmax(-1)
+    tgt = torch.stack(targets)  # (R, L)
+    mass = torch.logsumexp(logp.masked_fill(~tgt[:, None, :], float("-inf")), -1)  # (R, nh')
+    return -mass.mean()
 
 
 # --------------------------------------------------------------------------------------------------------- train
@@ -239,8 +276,17 @@ def train(args) -> None:
         g = torch.Generator().manual_seed(args.seed * 100003 + step)
         idx = torch.randint(0, N, (args.batch,), generator=g)
         turns = [make_turns(objects[i], rng, args.max_q, args.describe_p, args.n_exists) for i in idx.tolist()]
+        att_rows, att_tgts = [], []
         if args.segments:
-            seqs = [packer.pack_segments(t) for t in turns]
+            seqs = []
+            for b, (t, i) in enumerate(zip(turns, idx.tolist(), strict=True)):
+                seqs.append(packer.pack_segments(t))
+                for (_q, _a, obj), row in zip(t, packer.last_rows, strict=True):
+                    if obj >= 0 and args.att > 0:
+                        m = torch.zeros(len(seqs[-1][0]), dtype=torch.bool)
+                        m[packer.img_start:packer.img_start + 256] = labels[i] == obj
+                        att_rows.append((b, row))
+                        att_tgts.append(m)
         else:
             seqs = [(*packer.pack(t), None, None) for t in turns]
         L = max(len(s[0]) for s in seqs)
@@ -272,7 +318,7 @@ def train(args) -> None:
             emb_in = emb(input_ids)
             img_mask = input_ids == model.config.image_token_index
             emb_in = emb_in.masked_scatter(img_mask[..., None], v.to(emb_in.dtype))
-            out = lm(inputs_embeds=emb_in, **lm_kwargs)
+            out = lm(inputs_embeds=emb_in, output_hidden_states=args.att > 0, **lm_kwargs)
             logits = model.lm_head(out.last_hidden_state[:, :-1])
         logits = logits.float()
         v = v.float()
@@ -287,6 +333,15 @@ def train(args) -> None:
                 + F.cross_entropy((v @ W[side_ids].T).reshape(-1, 2), side.reshape(-1), ignore_index=-100)
             )
             loss = loss + args.aux * la
+        loss_att = torch.zeros(())
+        if att_rows:
+            L = input_ids.shape[1]
+            tg = [torch.nn.functional.pad(m, (0, L - m.shape[0])) for m in att_tgts]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                hid = out.hidden_states[args.att_layer]
+                loss_att = attention_target_loss(lm, hid, pos, lm_kwargs["attention_mask"], att_rows, tg,
+                                                 args.att_layer, args.att_heads)
+            loss = loss + args.att * loss_att
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params_proj + params_lm, 1.0)
@@ -301,10 +356,11 @@ def train(args) -> None:
         if step % 10 == 0:
             el = time.time() - t_start
             log.info(
-                "step %d loss %.4f qa %.4f lr %.2e  %.2f s/step",
+                "step %d loss %.4f qa %.4f att %.4f lr %.2e  %.2f s/step",
                 step,
                 loss.item(),
                 loss_qa.item(),
+                loss_att.item(),
                 opt.param_groups[1]["lr"],
                 el / 10,
             )
@@ -409,6 +465,9 @@ def main() -> None:
     t.add_argument("--max-q", type=int, default=8, help="questions per packed sequence")
     t.add_argument("--n-exists", type=int, default=1, help="yes (and no) questions per image")
     t.add_argument("--describe-p", type=float, default=0.7)
+    t.add_argument("--att", type=float, default=0.0, help="weight of the attention-to-named-object loss")
+    t.add_argument("--att-layer", type=int, default=2)
+    t.add_argument("--att-heads", type=int, nargs="+", default=[0, 1])
     t.add_argument(
         "--segments",
         action="store_true",
