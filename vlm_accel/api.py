@@ -32,6 +32,8 @@ class Stats:
     seq_len_kept: int = 0
     kv_bytes: int = 0
     selection_ms: float = 0.0
+    frames_in: int = 0
+    frames_encoded: int = 0
 
 
 @dataclass
@@ -83,7 +85,9 @@ class _Pending:
 class Session:
     """An accelerated model. Use :meth:`restore` (or ``with``) to return the model to exactly what it was."""
 
-    def __init__(self, model, budget: Budget, method: str, adapter: Adapter, seed: int = 0):
+    def __init__(
+        self, model, budget: Budget, method: str, adapter: Adapter, seed: int = 0, frame_cache: float | None = None
+    ):
         self.model = model
         self.budget = budget
         self.adapter = adapter
@@ -95,6 +99,14 @@ class Session:
         self._patched: list[tuple[object, str]] = []
         self._pending = _Pending()
         self._decode: _Decode | None = None
+        self._encoding = False
+        self.frame_cache = None
+        if frame_cache is not None:
+            from .video.cache import FrameCache
+
+            if not adapter.has_video:
+                raise ValueError(f"frame_cache: {adapter.family} has no video input path")
+            self.frame_cache = FrameCache(adapter, frame_cache)
         self._install()
 
     def __repr__(self) -> str:
@@ -112,7 +124,10 @@ class Session:
         lm = self.adapter.language_model
         self._patch(inner, "get_image_features", self._wrap_features(inner.get_image_features, "image"))
         if hasattr(inner, "get_video_features"):
-            self._patch(inner, "get_video_features", self._wrap_features(inner.get_video_features, "video"))
+            video = inner.get_video_features
+            if self.frame_cache is not None:
+                video = self.frame_cache.wrap(video)
+            self._patch(inner, "get_video_features", self._wrap_features(video, "video"))
         self._patch(inner, "get_placeholder_mask", self._wrap_placeholder_mask(inner.get_placeholder_mask))
         self._patch(lm, "forward", self._wrap_lm_forward(lm.forward))
         setattr(self.model, _SESSION_ATTR, self)
@@ -144,6 +159,8 @@ class Session:
 
         @functools.wraps(orig)
         def get_features(*args, **kwargs):
+            if self._encoding:  # e.g. Qwen3-VL's get_video_features calls get_image_features
+                return orig(*args, **kwargs)
             call = sig.bind_partial(*args, **kwargs).arguments
             call.update(call.pop("kwargs", {}))
             layer = self.adapter.importance_layer(call) if "importance" in self.method.needs else None
@@ -155,9 +172,11 @@ class Session:
                     captured["hidden"] = a[0] if a else kw["hidden_states"]
 
                 handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+            self._encoding = True
             try:
                 out = orig(*args, **kwargs)
             finally:
+                self._encoding = False
                 if handle is not None:
                     handle.remove()
             cls_attn = None
@@ -223,6 +242,9 @@ class Session:
         for m in modalities:
             self._select(embeds, masks[m], pending.infos[m], kwargs.get("attention_mask"), keep, merges)
         self.stats = Stats(visual_tokens_in=n_vis, seq_len_in=bsz * seq)
+        if self.frame_cache is not None:
+            self.stats.frames_in = self.frame_cache.stats.frames_in
+            self.stats.frames_encoded = self.frame_cache.stats.frames_encoded
         if bool(keep.all()):  # nothing dropped: the model runs exactly as unpatched
             self.stats.visual_tokens_kept = n_vis
             self.stats.seq_len_kept = bsz * seq
@@ -378,7 +400,7 @@ def _auto_method(adapter: Adapter) -> str:
     return "divprune"
 
 
-def accelerate(model, budget=0.25, method: str = "auto", *, seed: int = 0) -> Session:
+def accelerate(model, budget=0.25, method: str = "auto", *, seed: int = 0, frame_cache: float | None = None) -> Session:
     """Patch ``model`` in place so its language model runs only on the visual tokens that matter.
 
     Args:
@@ -389,6 +411,9 @@ def accelerate(model, budget=0.25, method: str = "auto", *, seed: int = 0) -> Se
             / crop) or a :class:`Budget`. ``1.0`` leaves the outputs bit-identical.
         method: a name from :func:`vlm_accel.methods`, or ``"auto"`` for the family's default.
         seed: seed of stochastic methods (``random``).
+        frame_cache: reuse the vision encoder's features for video frames whose pixels changed by at most this
+            mean absolute difference since the last encoded frame (``0.0``: exact repeats only; ``None``: off).
+            ``session.stats.frames_in`` / ``frames_encoded`` count the frames seen and encoded.
 
     Returns:
         A :class:`Session`; ``session.restore()`` (or leaving a ``with`` block) undoes every patch. Accelerating an
@@ -404,4 +429,4 @@ def accelerate(model, budget=0.25, method: str = "auto", *, seed: int = 0) -> Se
     if previous is not None:
         logger.info("vlm_accel: model already accelerated (%r); restoring it before re-configuring", previous)
         previous.restore()
-    return Session(model, budget, name, adapter, seed=seed)
+    return Session(model, budget, name, adapter, seed=seed, frame_cache=frame_cache)

@@ -98,6 +98,22 @@ class Adapter:
         """One :class:`ImageInfo` per video (``frames`` set, one segment per frame)."""
         raise NotImplementedError(f"{type(self).__name__} has no video path")
 
+    # --- frame cache: split a get_video_features call into independently encoded frames and back -------------
+    has_video = False
+
+    def video_frames(self, call: dict) -> list[list]:
+        """Per video, its frames as :class:`vlm_accel.video.cache.Frame` objects."""
+        raise NotImplementedError
+
+    def encode_frames(self, orig, frames: list, call: dict) -> list:
+        """Run the original ``get_video_features`` on ``frames`` as independent one-frame videos; one feature
+        object per frame."""
+        raise NotImplementedError
+
+    def assemble_video(self, per_video: list[list], call: dict):
+        """The ``get_video_features`` output for the call, from per-frame feature objects."""
+        raise NotImplementedError
+
 
 def frame_segments(n_frames: int, grid: tuple[int, int], device, offset: int = 0) -> list[Segment]:
     """Consecutive per-frame segments of ``h * w`` tokens each, starting at ``offset``."""

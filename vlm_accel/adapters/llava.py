@@ -109,6 +109,27 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             vision_aspect_ratio=self._option(call, "vision_aspect_ratio"),
         )[0]
 
+    has_video = True
+
+    def video_frames(self, call):
+        from ..video.cache import Frame
+
+        return [[Frame(frame) for frame in clip] for clip in call["pixel_values_videos"]]
+
+    def encode_frames(self, orig, frames, call):
+        rest = {k: v for k, v in call.items() if k != "pixel_values_videos"}
+        out = orig(pixel_values_videos=torch.stack([f.pixels for f in frames])[None], **rest)
+        feats = out.pooler_output[0]  # [n * tokens + 1, D]: frames, then the newline
+        per_frame = feats[:-1].view(len(frames), -1, feats.shape[-1])
+        return [(per_frame[i], feats[-1]) for i in range(len(frames))]
+
+    def assemble_video(self, per_video, call):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(
+            pooler_output=torch.stack([torch.cat([f[0] for f in clip] + [clip[0][1][None]]) for clip in per_video])
+        )
+
     def describe_video(self, features, call, cls_attn):
         """Each video: ``frames`` pooled grids, then one trailing newline token (structural)."""
         frames = call["pixel_values_videos"].shape[1]
@@ -117,4 +138,3 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             side = math.isqrt((f.shape[0] - 1) // frames)
             infos.append(ImageInfo(f.shape[0], frame_segments(frames, (side, side), f.device), frames=frames))
         return infos
-

@@ -11,6 +11,37 @@ from .base import Adapter, ImageInfo, Segment, frame_segments
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration",)
+    has_video = True
+    _out_cls = None
+
+    def video_frames(self, call):
+        from ..video.cache import Frame
+
+        pv, videos, off = call["pixel_values_videos"], [], 0
+        for t, h, w in call["video_grid_thw"].tolist():
+            videos.append([Frame(pv[off + i * h * w : off + (i + 1) * h * w], (h, w)) for i in range(t)])
+            off += t * h * w
+        return videos
+
+    def encode_frames(self, orig, frames, call):
+        rest = {k: v for k, v in call.items() if k not in ("pixel_values_videos", "video_grid_thw")}
+        grid = torch.tensor([[1, *f.meta] for f in frames], device=call["video_grid_thw"].device)
+        out = orig(pixel_values_videos=torch.cat([f.pixels for f in frames]), video_grid_thw=grid, **rest)
+        type(self)._out_cls = type(out)
+        deep = getattr(out, "deepstack_features", None)
+        return [(out.pooler_output[i], [lvl[i] for lvl in deep] if deep else None) for i in range(len(frames))]
+
+    def assemble_video(self, per_video, call):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        out = (self._out_cls or BaseModelOutputWithPooling)()
+        out.pooler_output = tuple(torch.cat([f[0] for f in frames]) for frames in per_video)
+        if per_video[0][0][1] is not None:  # Qwen3-VL deepstack: per level, per video
+            levels = len(per_video[0][0][1])
+            out.deepstack_features = [
+                tuple(torch.cat([f[1][lvl] for f in frames]) for frames in per_video) for lvl in range(levels)
+            ]
+        return out
 
     def describe(self, features, call, cls_attn):
         grids = call["image_grid_thw"]

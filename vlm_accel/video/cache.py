@@ -1,0 +1,92 @@
+"""Frame cache for the vision encoder (STC-Cacher style): a frame whose pixels barely changed since the last
+encoded frame reuses that frame's features instead of running the vision tower again.
+
+Works at frame granularity (the unit every supported tower encodes independently: a Qwen temporal patch, a
+LLaVA-OneVision frame). A reused frame gets the reference frame's features bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Frame:
+    """One independently encoded unit of a video: its pixels and what the adapter needs to encode it alone."""
+
+    pixels: torch.Tensor
+    meta: object = None
+
+
+@dataclass
+class FrameStats:
+    frames_in: int = 0
+    frames_encoded: int = 0
+
+
+class FrameCache:
+    """Wraps a model's ``get_video_features``.
+
+    Args:
+        adapter: the family adapter (``video_frames`` / ``encode_frames`` / ``assemble_video``).
+        threshold: mean absolute difference of the (processor-normalised) pixels below which a frame reuses the
+            features of the last encoded frame; ``0.0`` reuses only exact repeats.
+    """
+
+    def __init__(self, adapter, threshold: float = 0.0):
+        if threshold < 0:
+            raise ValueError(f"frame_cache threshold must be >= 0, got {threshold}")
+        self.adapter = adapter
+        self.threshold = float(threshold)
+        self.stats = FrameStats()
+        self._ref: tuple[torch.Tensor, object] | None = None  # (pixels, features) of the last encoded frame
+
+    def reset(self) -> None:
+        self._ref = None
+
+    def _same(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        if a.shape != b.shape:
+            return False
+        if self.threshold == 0.0:
+            return torch.equal(a, b)
+        return float((a.float() - b.float()).abs().mean()) <= self.threshold
+
+    def wrap(self, orig):
+        sig = inspect.signature(orig)
+
+        @functools.wraps(orig)
+        def get_video_features(*args, **kwargs):
+            call = sig.bind_partial(*args, **kwargs).arguments
+            call.update(call.pop("kwargs", {}))
+            videos = self.adapter.video_frames(call)
+            self.stats = FrameStats()  # per call
+            # plan: every frame either is encoded or points at an earlier encoded frame
+            plan, todo = [], []
+            ref_pix, ref_slot = (self._ref[0], -1) if self._ref is not None else (None, None)
+            for frames in videos:
+                row = []
+                for frame in frames:
+                    if ref_pix is not None and self._same(frame.pixels, ref_pix):
+                        row.append(ref_slot)
+                    else:
+                        todo.append(frame)
+                        ref_pix, ref_slot = frame.pixels, len(todo) - 1
+                        row.append(ref_slot)
+                plan.append(row)
+            prev = self._ref[1] if self._ref is not None else None  # features of the reference from an earlier call
+            encoded = self.adapter.encode_frames(orig, todo, call) if todo else []
+            if todo:
+                self._ref = (todo[-1].pixels, encoded[-1])
+            per_video = [[encoded[i] if i >= 0 else prev for i in row] for row in plan]
+            self.stats.frames_in = sum(len(r) for r in plan)
+            self.stats.frames_encoded = len(todo)
+            return self.adapter.assemble_video(per_video, call)
+
+        return get_video_features
