@@ -229,3 +229,41 @@ def inputs_for(model, family: str, kind: str, batch: int = 1, seed: int = 0, dty
     if kind == "video":
         return make_video_inputs(model, family, batch=batch, seed=seed, dtype=dtype)
     return make_inputs(model, family, batch=batch, seed=seed, dtype=dtype)
+
+
+def build_default_like(seed: int = 0):
+    """A tiny random model shaped like the embedded default (DINOv2 tower at 224 px / 14 px patches, 256 tokens),
+    with the default's real processor (word-level tokenizer, chat template)."""
+    from vlm_accel.zoo.build import build_processor
+
+    processor = build_processor()
+    tok = processor.tokenizer
+    torch.manual_seed(seed)
+    cfg = tf.LlavaConfig(
+        vision_config=dict(
+            model_type="dinov2",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=224,
+            patch_size=14,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    return tf.LlavaForConditionalGeneration(cfg).eval(), processor

@@ -18,6 +18,13 @@ def methods() -> list[str]:
     return _methods.names()
 
 
+def stream(model, processor, budget=0.25, method: str = "auto", **kwargs):
+    """A streaming video Q&A session: ``add_frame(image, t)``, ``ask(question)``. See :mod:`vlm_accel.video`."""
+    from .video.stream import stream as _stream
+
+    return _stream(model, processor, budget, method, **kwargs)
+
+
 def load_default(*args, **kwargs):
     """The embedded default VLM: ``(model, processor)``. See :mod:`vlm_accel.zoo`."""
     from .zoo import load_default as _load
@@ -32,4 +39,4 @@ def ask(*args, **kwargs):
     return _ask(*args, **kwargs)
 
 
-__all__ = ["Budget", "Session", "Stats", "accelerate", "ask", "load_default", "methods"]
+__all__ = ["Budget", "Session", "Stats", "accelerate", "ask", "load_default", "methods", "stream"]

@@ -311,27 +311,61 @@ class Session:
         off = 0
         for info in infos:
             sl = slice(off, off + info.n_tokens)
-            r, c, x = rows[sl], cols[sl], feats[sl]
+            r, c = rows[sl], cols[sl]
             off += info.n_tokens
-            segments = self._segments(info)
-            quotas = [self.budget.visual_quota(s.idx.numel(), s.units) for s in segments]
-            if all(q >= s.idx.numel() for q, s in zip(quotas, segments, strict=True)):
+            query = self._query(embeds, mask, attn, int(r[0])) if "query" in self.method.needs else None
+            parts = self._reduce(feats[sl], info, query)
+            if parts is None:
                 keep[r, c] = True  # nothing to reduce: structural tokens stay too
                 continue
-            for seg, k in zip(segments, quotas, strict=True):
-                idx = seg.idx.to(x.device)
-                ctx = Context(
-                    grid=seg.grid,
-                    frames=seg.frames,
-                    importance=None if info.importance is None else info.importance.to(x.device)[idx],
-                    query=self._query(embeds, mask, attn, int(r[0])) if "query" in self.method.needs else None,
-                    generator=self._generator,
-                )
-                red = self.method(x[idx], k, ctx)
-                kept = idx[red.keep]
+            for idx, kept, weights in parts:
                 keep[r[kept], c[kept]] = True
-                if red.weights is not None:
-                    merges.append((r[kept], c[kept], r[idx], c[idx], red.weights))
+                if weights is not None:
+                    merges.append((r[kept], c[kept], r[idx], c[idx], weights))
+
+    def _reduce(self, x: torch.Tensor, info: ImageInfo, query: torch.Tensor | None = None):
+        """Apply the method to each segment of one input ``x`` ``[n_tokens, D]``.
+
+        Returns ``None`` when the budget keeps everything, else per segment ``(idx [n], kept [K], weights [K, n] |
+        None)`` with indices into ``x``."""
+        segments = self._segments(info)
+        quotas = [self.budget.visual_quota(s.idx.numel(), s.units) for s in segments]
+        if all(q >= s.idx.numel() for q, s in zip(quotas, segments, strict=True)):
+            return None
+        parts = []
+        for seg, k in zip(segments, quotas, strict=True):
+            idx = seg.idx.to(x.device)
+            ctx = Context(
+                grid=seg.grid,
+                frames=seg.frames,
+                importance=None if info.importance is None else info.importance.to(x.device)[idx],
+                query=query,
+                generator=self._generator,
+            )
+            red = self.method(x[idx], k, ctx)
+            parts.append((idx, idx[red.keep], red.weights))
+        return parts
+
+    @torch.no_grad()
+    def encode_images(self, **vision_inputs) -> list[torch.Tensor]:
+        """Vision tower + projector + this session's reduction, outside a forward (e.g. for streaming).
+
+        Takes what the processor returns for images (``pixel_values``, ``image_sizes``, ``image_grid_thw`` ...).
+        Returns per image its kept (or merged) features ``[K_i, D]`` in original token order."""
+        self._pending = _Pending()
+        out = self.adapter.inner.get_image_features(**vision_inputs)
+        infos = self._pending.infos.pop("image")
+        self._pending = _Pending()
+        result = []
+        for f, info in zip(out.pooler_output, infos, strict=True):
+            parts = self._reduce(f, info)
+            if parts is None:
+                result.append(f)
+                continue
+            kept = torch.cat([k for _, k, _ in parts])
+            vals = torch.cat([f[k] if w is None else (w.float() @ f[i].float()).to(f.dtype) for i, k, w in parts])
+            result.append(vals[kept.argsort()])
+        return result
 
     def _segments(self, info: ImageInfo) -> list[Segment]:
         """Per-frame segments, or one clip segment when the method works across frames."""

@@ -1,0 +1,181 @@
+"""Streaming video Q&A: frames arrive live, each is encoded and reduced once, memory stays under a token bound,
+and a question can come at any time."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+REDUNDANT = 0.95  # cosine of mean features above which a frame repeats its predecessor
+
+
+@dataclass
+class _Entry:
+    t_start: float
+    t_end: float
+    features: torch.Tensor  # [K, D] kept visual tokens of the frame
+    frames: int = 1  # frames this entry stands for
+
+
+@dataclass
+class StreamStats:
+    frames_seen: int = 0
+    frames_encoded: int = 0
+    frames_held: int = 0
+    tokens_held: int = 0
+    evicted: int = 0
+    merged: int = 0
+
+
+class StreamSession:
+    """A live video: ``add_frame`` as frames arrive, ``ask`` whenever a question comes.
+
+    Every frame is encoded once by the vision tower (a frame whose pixels did not change beyond ``frame_cache``
+    is not encoded again), reduced to the per-frame ``budget`` by ``method``, and held as visual tokens. When the held
+    tokens exceed ``max_tokens``, the frame most similar to its predecessor is folded into it; if no pair is
+    redundant, the oldest frame is evicted. ``ask`` answers from the held frames (frames-as-images), in order.
+
+    Supported: LLaVA-1.5-style models (``LlavaForConditionalGeneration``, e.g. the embedded default).
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        budget=0.25,
+        method: str = "auto",
+        max_tokens: int = 4096,
+        frame_cache: float | None = 0.0,
+    ):
+        from ..api import accelerate
+
+        if type(model).__name__ != "LlavaForConditionalGeneration":
+            raise TypeError(
+                f"streaming supports LlavaForConditionalGeneration models for now, not {type(model).__name__}"
+            )
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+        self.model, self.processor = model, processor
+        self.max_tokens = max_tokens
+        self.frame_cache = frame_cache
+        self.session = accelerate(model, budget=budget, method=method)
+        self.entries: list[_Entry] = []
+        self.stats = StreamStats()
+        self._clock = 0.0
+        self._last_pixels: torch.Tensor | None = None  # the last encoded frame, for the frame cache
+
+    # --- frames -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def add_frame(self, image, t: float | None = None) -> None:
+        """Take one frame (PIL image, ``[H, W, 3]`` array or path) seen at time ``t`` seconds (default: +1 s)."""
+        from ..zoo import load_image
+
+        t = self._clock + 1.0 if t is None else float(t)
+        self._clock = t
+        inputs = self.processor.image_processor(images=load_image(image), return_tensors="pt")
+        pixels = inputs["pixel_values"].to(self.model.device, self.model.dtype)
+        self.stats.frames_seen += 1
+        last = self.entries[-1] if self.entries else None
+        if last is not None and self.frame_cache is not None and self._unchanged(pixels, self._last_pixels):
+            last.t_end, last.frames = t, last.frames + 1  # same view: no encoding, no new tokens
+            return
+        feats = self.session.encode_images(pixel_values=pixels)[0]
+        self.stats.frames_encoded += 1
+        self._last_pixels = pixels
+        self.entries.append(_Entry(t, t, feats))
+        self._enforce_bound()
+        self._refresh()
+
+    def _unchanged(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        if a.shape != b.shape:
+            return False
+        if self.frame_cache == 0.0:
+            return torch.equal(a, b)
+        return float((a.float() - b.float()).abs().mean()) <= self.frame_cache
+
+    def _enforce_bound(self) -> None:
+        while self.tokens_held > self.max_tokens and len(self.entries) > 1:
+            means = torch.stack([e.features.float().mean(0) for e in self.entries])
+            sims = torch.nn.functional.cosine_similarity(means[1:], means[:-1], dim=-1)
+            j = int(sims.argmax())
+            if float(sims[j]) >= REDUNDANT:  # fold entry j+1 into j: it adds nothing new
+                a, b = self.entries[j], self.entries.pop(j + 1)
+                a.t_end, a.frames = b.t_end, a.frames + b.frames
+                self.stats.merged += 1
+            else:
+                self.entries.pop(0)
+                self.stats.evicted += 1
+        if self.tokens_held > self.max_tokens:  # one frame larger than the bound: keep its first max_tokens
+            e = self.entries[0]
+            e.features = e.features[: self.max_tokens]
+
+    def _refresh(self) -> None:
+        self.stats.frames_held = len(self.entries)
+        self.stats.tokens_held = self.tokens_held
+
+    @property
+    def tokens_held(self) -> int:
+        return sum(e.features.shape[0] for e in self.entries)
+
+    @property
+    def bytes_held(self) -> int:
+        """Bytes of held visual tokens plus the one cached frame."""
+        feats = sum(e.features.numel() * e.features.element_size() for e in self.entries)
+        pix = 0 if self._last_pixels is None else self._last_pixels.numel() * self._last_pixels.element_size()
+        return feats + pix
+
+    # --- questions --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def ask(self, question: str, max_new_tokens: int = 16) -> str:
+        """Answer ``question`` from the frames held now (greedy)."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question must be a non-empty string")
+        if not self.entries:
+            raise ValueError("no frames yet: call add_frame() first")
+        proc, model = self.processor, self.model
+        content = [{"type": "image"} for _ in self.entries] + [{"type": "text", "text": question}]
+        prompt = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        ids = proc.tokenizer(prompt, return_tensors="pt")["input_ids"][0]
+        image_id = model.config.image_token_id
+        pieces, frame = [], 0
+        for tok in ids.tolist():  # each <image> placeholder becomes that frame's kept token count
+            pieces += [image_id] * self.entries[frame].features.shape[0] if tok == image_id else [tok]
+            frame += tok == image_id
+        if frame != len(self.entries):
+            raise RuntimeError("the chat template did not place one image token per frame")
+        input_ids = torch.tensor([pieces], device=model.device)
+        embeds = model.get_input_embeddings()(input_ids)
+        feats = torch.cat([e.features for e in self.entries]).to(embeds.dtype)
+        embeds = embeds.masked_scatter((input_ids == image_id)[..., None], feats)
+        out = model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+        return proc.decode(out[0], skip_special_tokens=True).strip()
+
+    # --- lifetime ---------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Restore the model and drop the held frames."""
+        self.session.restore()
+        self.entries.clear()
+        self._last_pixels = None
+        self._refresh()
+
+    def __enter__(self) -> StreamSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def stream(
+    model, processor, budget=0.25, method: str = "auto", max_tokens: int = 4096, frame_cache: float | None = 0.0
+) -> StreamSession:
+    """Start a streaming session on ``model`` (see :class:`StreamSession`)."""
+    return StreamSession(model, processor, budget, method, max_tokens, frame_cache)
