@@ -82,14 +82,17 @@ def main(argv=None) -> int:
     s = bsub.add_parser("speed", help="prefill / end-to-end speed vs the token-count ideal")
     speed.add_arguments(s)
     s.set_defaults(fn=lambda a: speed.run_args(a) and 0)
-    try:
-        from .bench import vqa
+    from .bench import video, videoqa, vqa
 
-        v = bsub.add_parser("vqa", help="accuracy retained vs budget on a VQA set")
-        vqa.add_arguments(v)
-        v.set_defaults(fn=vqa.cli)
-    except ImportError:  # pragma: no cover
-        pass
+    v = bsub.add_parser("vqa", help="accuracy retained vs budget on a VQA set")
+    vqa.add_arguments(v)
+    v.set_defaults(fn=vqa.cli)
+    vq = bsub.add_parser("videoqa", help="video Q&A accuracy retained vs budget")
+    videoqa.add_arguments(vq)
+    vq.set_defaults(fn=videoqa.cli)
+    vs = bsub.add_parser("video", help="video prefill speed vs frames and frame-cache savings")
+    video.add_arguments(vs)
+    vs.set_defaults(fn=video.cli)
 
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
