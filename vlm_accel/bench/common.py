@@ -7,6 +7,7 @@ import json
 import logging
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,3 +55,38 @@ def format_table(rows: list[dict], cols: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths, strict=True)) for b in body]
     return "\n".join(lines)
+
+
+def build_model(cls, cfg, dtype: torch.dtype, device: str):
+    """Instantiate ``cls(cfg)`` directly in ``dtype`` on ``device`` (a 7B-wide model never exists in fp32)."""
+    cfg._attn_implementation = "sdpa"
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+class SpanTimer:
+    """Milliseconds between ``start``'s forward entry and ``stop``'s forward exit, summed over a forward's spans.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs at both ends so GPU work is counted."""
+
+    def __init__(self, start: torch.nn.Module, stop: torch.nn.Module, sync=lambda: None):
+        self.sync, self.t0, self.ms = sync, 0.0, 0.0
+        self.handles = [start.register_forward_pre_hook(self._start), stop.register_forward_hook(self._stop)]
+
+    def _start(self, *a):
+        self.sync()
+        self.t0 = time.perf_counter()
+
+    def _stop(self, *a):
+        self.sync()
+        self.ms += (time.perf_counter() - self.t0) * 1e3
+
+    def close(self):
+        for h in self.handles:
+            h.remove()

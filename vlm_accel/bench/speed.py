@@ -19,7 +19,7 @@ import torch
 
 import vlm_accel
 
-from .common import environment, format_table, write_results
+from .common import SpanTimer, build_model, environment, format_table, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -53,15 +53,7 @@ def llava15_shaped(vision_layers: int = 4, llm_layers: int = 2, dtype=torch.floa
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
-    cfg._attn_implementation = "sdpa"
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the target dtype: a 7B-wide model never exists in fp32
-    try:
-        with torch.device(device):
-            model = tf.LlavaForConditionalGeneration(cfg)
-    finally:
-        torch.set_default_dtype(default)
-    return model.to(dtype).eval()
+    return build_model(tf.LlavaForConditionalGeneration, cfg, dtype, device)
 
 
 def make_inputs(
@@ -81,33 +73,11 @@ def make_inputs(
     }
 
 
-class _LLMTimer:
-    """Wall time of the decoder stack (first layer in -> final norm out) of the last forward."""
-
-    def __init__(self, lm, sync):
-        self.sync, self.t0, self.ms = sync, 0.0, 0.0
-        self.handles = [
-            lm.layers[0].register_forward_pre_hook(self._start),
-            lm.norm.register_forward_hook(self._stop),
-        ]
-
-    def _start(self, *a):
-        self.sync()
-        self.t0 = time.perf_counter()
-
-    def _stop(self, *a):
-        self.sync()
-        self.ms = (time.perf_counter() - self.t0) * 1e3
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-
 @torch.no_grad()
 def measure(model, inputs, new_tokens: int, sync) -> dict:
     """One prefill forward (LLM time, selection time) and one greedy generate (end-to-end)."""
-    timer = _LLMTimer(model.model.language_model, sync)
+    lm = model.model.language_model
+    timer = SpanTimer(lm.layers[0], lm.norm, sync)  # the decoder stack
     try:
         sync()
         t0 = time.perf_counter()

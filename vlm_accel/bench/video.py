@@ -19,7 +19,7 @@ import torch
 
 import vlm_accel
 
-from .common import environment, format_table, write_results
+from .common import SpanTimer, build_model, environment, format_table, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +58,7 @@ def qwen2vl_shaped(vision_layers: int = 2, llm_layers: int = 2, dtype=torch.floa
         vision_start_token_id=151652,
         vision_end_token_id=151653,
     )
-    cfg._attn_implementation = "sdpa"
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = tf.Qwen2VLForConditionalGeneration(cfg)
-    finally:
-        torch.set_default_dtype(default)
-    return model.eval()
+    return build_model(tf.Qwen2VLForConditionalGeneration, cfg, dtype, device)
 
 
 def patchify(frames: np.ndarray, side: int = 336, patch: int = 14, tp: int = 2, merge: int = 2) -> tuple:
@@ -101,29 +93,11 @@ def video_inputs(model, frames: np.ndarray, n_text: int = 40, device="cpu", dtyp
     }
 
 
-class _Timer:
-    def __init__(self, start_mod, stop_mod, sync):
-        self.sync, self.t0, self.ms = sync, 0.0, 0.0
-        self.h = [start_mod.register_forward_pre_hook(self._a), stop_mod.register_forward_hook(self._b)]
-
-    def _a(self, *a):
-        self.sync()
-        self.t0 = time.perf_counter()
-
-    def _b(self, *a):
-        self.sync()
-        self.ms += (time.perf_counter() - self.t0) * 1e3
-
-    def close(self):
-        for h in self.h:
-            h.remove()
-
-
 @torch.no_grad()
 def measure(model, inputs, sync) -> dict:
     lm = model.model.language_model
-    llm = _Timer(lm.layers[0], lm.norm, sync)
-    vit = _Timer(model.model.visual, model.model.visual, sync)
+    llm = SpanTimer(lm.layers[0], lm.norm, sync)
+    vit = SpanTimer(model.model.visual, model.model.visual, sync)
     try:
         sync()
         t0 = time.perf_counter()

@@ -12,17 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES = ("circle", "rectangle", "triangle")
-COLORS = {
-    "red": (215, 35, 35),
-    "green": (40, 165, 50),
-    "blue": (35, 70, 215),
-    "yellow": (235, 200, 30),
-    "black": (20, 20, 20),
-    "gray": (128, 128, 128),
-    "teal": (0, 128, 128),
-    "brown": (130, 80, 35),
-}
+from ..zoo.render import COLORS, SHAPES  # the embedded model's vocabulary
 
 
 def _draw(img: Image.Image, shape: str, color: str, cx: float, cy: float, r: float) -> None:
