@@ -276,17 +276,21 @@ def train(args) -> None:
         g = torch.Generator().manual_seed(args.seed * 100003 + step)
         idx = torch.randint(0, N, (args.batch,), generator=g)
         turns = [make_turns(objects[i], rng, args.max_q, args.describe_p, args.n_exists) for i in idx.tolist()]
-        att_rows, att_tgts = [], []
+        att_rows, att_tgts, color_rows = [], [], []
         if args.segments:
             seqs = []
             for b, (t, i) in enumerate(zip(turns, idx.tolist(), strict=True)):
                 seqs.append(packer.pack_segments(t))
-                for (_q, _a, obj), row in zip(t, packer.last_rows, strict=True):
+                for (_q, a, obj), row in zip(t, packer.last_rows, strict=True):
+                    is_color = a in COLOR_NAMES
+                    if is_color:
+                        color_rows.append((b, row + 1))
                     if obj >= 0 and args.att > 0:
                         m = torch.zeros(len(seqs[-1][0]), dtype=torch.bool)
                         m[packer.img_start:packer.img_start + 256] = labels[i] == obj
-                        att_rows.append((b, row))
-                        att_tgts.append(m)
+                        for _ in range(2 if is_color and args.color_w > 1 else 1):
+                            att_rows.append((b, row))
+                            att_tgts.append(m)
         else:
             seqs = [(*packer.pack(t), None, None) for t in turns]
         L = max(len(s[0]) for s in seqs)
@@ -322,7 +326,13 @@ def train(args) -> None:
             logits = model.lm_head(out.last_hidden_state[:, :-1])
         logits = logits.float()
         v = v.float()
-        loss_qa = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt[:, 1:].reshape(-1), ignore_index=-100)
+        wts = torch.ones(tgt.shape)
+        for b, r in color_rows:  # up-weight the colour answers (the hardest retrieval: by shape name only)
+            wts[b, r] = args.color_w
+        wts = wts[:, 1:] * (tgt[:, 1:] != -100)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt[:, 1:].reshape(-1), ignore_index=-100,
+                             reduction="none")
+        loss_qa = (ce * wts.reshape(-1)).sum() / wts.sum()
         loss = loss_qa
         if args.aux > 0:
             col, shp, side = _aux_targets(labels[idx], [objects[i] for i in idx.tolist()], {})
@@ -467,6 +477,7 @@ def main() -> None:
     t.add_argument("--describe-p", type=float, default=0.7)
     t.add_argument("--att", type=float, default=0.0, help="weight of the attention-to-named-object loss")
     t.add_argument("--att-layer", type=int, default=2)
+    t.add_argument("--color-w", type=float, default=1.0, help="loss weight of colour answers (and 2x attention)")
     t.add_argument("--att-heads", type=int, nargs="+", default=[0, 1])
     t.add_argument(
         "--segments",
