@@ -223,11 +223,14 @@ _Q = {
 }
 
 
-def questions(scene: Scene, rng: random.Random, wording: int | None = None, n_exists: int = 1) -> list[dict]:
+def questions(
+    scene: Scene, rng: random.Random, wording: int | None = None, n_exists: int = 1, extra: bool = False
+) -> list[dict]:
     """All question/answer pairs the scene supports, one per kind of fact (hard negatives for yes/no).
 
     Returns a list of dicts ``{question, answer, type}``; ``wording`` fixes the template index (else random);
-    ``n_exists`` yes/no questions of each answer (training asks more than one).
+    ``n_exists`` yes/no questions of each answer (training asks more than one); ``extra`` adds training-only
+    "Is the <shape> on the left or the right?" questions.
     """
     objs = scene.objects
 
@@ -273,6 +276,11 @@ def questions(scene: Scene, rng: random.Random, wording: int | None = None, n_ex
         asked.add(f"{c} {s}")
         out.append({"question": tmpl("exists").format(c=c, s=s), "answer": "no", "type": "exists"})
     out.append({"question": tmpl("count"), "answer": str(len(objs)), "type": "count"})
+    if extra:  # training only: left/right by the shape name alone (teaches lookup by shape, as colour questions need)
+        for i, o in enumerate(objs):
+            if shape_counts[o.shape] == 1 and abs(o.cx - 0.5) >= SIDE_MARGIN:
+                out.append({"question": rng.choice(_Q["side"]).replace("{c} ", "").format(s=o.shape),
+                            "answer": o.side, "type": "side_shape", "obj": i})
     for i, o in enumerate(objs):
         if names.count(o.name) == 1 and abs(o.cx - 0.5) >= SIDE_MARGIN:
             out.append({"question": tmpl("side").format(c=o.color, s=o.shape), "answer": o.side, "type": "side",

@@ -165,11 +165,11 @@ def segment_mask(seg: torch.Tensor) -> torch.Tensor:
 
 
 def make_turns(objs, rng: random.Random, max_q: int = 8, describe_p: float = 0.7,
-               n_exists: int = 1) -> list[tuple[str, str]]:
+               n_exists: int = 1, extra: bool = False) -> list[tuple[str, str]]:
     """Shuffled question/answer turns of one scene (+ maybe a describe turn); the third item is the object index
     the question names (-1 if none) for the attention supervision."""
     scene = _SceneView(objs)
-    qs = questions(scene, rng, n_exists=n_exists)
+    qs = questions(scene, rng, n_exists=n_exists, extra=extra)
     rng.shuffle(qs)
     turns = [(q["question"], q["answer"], q.get("obj", -1)) for q in qs[:max_q]]
     if rng.random() < describe_p:
@@ -275,7 +275,8 @@ def train(args) -> None:
         rng = random.Random(f"{args.seed}-{step}")
         g = torch.Generator().manual_seed(args.seed * 100003 + step)
         idx = torch.randint(0, N, (args.batch,), generator=g)
-        turns = [make_turns(objects[i], rng, args.max_q, args.describe_p, args.n_exists) for i in idx.tolist()]
+        turns = [make_turns(objects[i], rng, args.max_q, args.describe_p, args.n_exists, args.extra)
+                 for i in idx.tolist()]
         att_rows, att_tgts, color_rows = [], [], []
         if args.segments:
             seqs = []
@@ -477,6 +478,7 @@ def main() -> None:
     t.add_argument("--describe-p", type=float, default=0.7)
     t.add_argument("--att", type=float, default=0.0, help="weight of the attention-to-named-object loss")
     t.add_argument("--att-layer", type=int, default=2)
+    t.add_argument("--extra", action="store_true", help="training-only 'Is the <shape> on the left or the right?'")
     t.add_argument("--color-w", type=float, default=1.0, help="loss weight of colour answers (and 2x attention)")
     t.add_argument("--att-heads", type=int, nargs="+", default=[0, 1])
     t.add_argument(
