@@ -66,3 +66,21 @@ def test_temporal_keeps_each_static_token_once_at_first_frame():
     red = get("temporal")(clip, 40, Context(grid=(4, 4), frames=4))
     assert red.keep.tolist() == list(range(16))  # survivors sit in the first frame
     torch.testing.assert_close(red.apply(clip), frame)
+
+
+@pytest.mark.parametrize("method", vlm_accel.methods())
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_clip_budget(models, family, method):
+    """Budget(video="clip"): an int is the token count of the whole clip, for every method."""
+    model = models(family)
+    inputs = tiny.make_video_inputs(model, family, batch=2)
+    with vlm_accel.accelerate(model, budget=vlm_accel.Budget(visual=20, video="clip"), method=method) as sess:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2)
+    kept = sess.stats.visual_tokens_kept
+    assert kept == 40 if get(method).exact else 0 < kept <= 40
+
+
+def test_budget_video_scope_validated():
+    with pytest.raises(ValueError, match="frame"):
+        vlm_accel.Budget(visual=0.5, video="scene")

@@ -368,14 +368,17 @@ class Session:
         return result
 
     def _segments(self, info: ImageInfo) -> list[Segment]:
-        """Per-frame segments, or one clip segment when the method works across frames."""
-        if "clip" not in self.method.needs or len(info.segments) < 2 or info.frames < 2:
+        """Per-frame segments, or one clip segment when the budget is per clip or the method works across frames.
+
+        A clip segment counts as one unit for a per-clip budget and as one unit per frame otherwise."""
+        per_clip = self.budget.video == "clip"
+        if info.frames < 2 or len(info.segments) < 2 or not (per_clip or "clip" in self.method.needs):
             return info.segments
         return [
             Segment(
                 torch.cat([s.idx for s in info.segments]),
                 info.segments[0].grid,
-                units=sum(s.units for s in info.segments),
+                units=1 if per_clip else sum(s.units for s in info.segments),
                 frames=info.frames,
             )
         ]

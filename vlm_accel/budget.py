@@ -29,14 +29,19 @@ class Budget:
             per image (per crop for anyres images, per frame for video). A count above the available tokens keeps
             them all.
         kv: fraction of the KV cache kept (1.0 = no KV compression).
+        video: ``"frame"`` (default): the visual budget applies to every frame of a video; ``"clip"``: to the whole
+            clip (an int is then the tokens kept for the clip, and methods see all its frames at once).
     """
 
     visual: float | int = 1.0
     kv: float | int = 1.0
+    video: str = "frame"
 
     def __post_init__(self):
         _check_fraction_or_count("visual", self.visual)
         _check_fraction_or_count("kv", self.kv)
+        if self.video not in ("frame", "clip"):
+            raise ValueError(f"Budget.video must be 'frame' or 'clip', got {self.video!r}")
 
     @classmethod
     def of(cls, budget) -> Budget:

@@ -54,10 +54,12 @@ def pool(x: torch.Tensor, k: int, ctx: Context) -> Reduction:
     """Average-pool the token grid into ``k`` cells; each cell is represented at its centre token's position.
 
     ``x`` ``[N, D]`` in raster order of ``ctx.grid`` (a square grid is assumed when no grid is given; without a
-    square, tokens are pooled in 1-D runs).
+    square, tokens are pooled in 1-D runs). A clip of ``ctx.frames`` frames is pooled as its frames stacked
+    vertically, so a cell may span consecutive frames.
     """
     n = x.shape[0]
     h, w = ctx.grid if ctx.grid is not None else _square_or_line(n)
+    h *= ctx.frames if ctx.grid is not None else 1
     if h * w != n:
         raise ValueError(f"pool: grid {h}x{w} does not match {n} tokens")
     cell, centre = pool_assignment(h, w, k)
