@@ -14,6 +14,7 @@ import torch
 
 from . import methods as _methods
 from .adapters import Adapter, ImageInfo, Segment, adapter_for
+from .adapters.base import cls_attention
 from .budget import Budget
 from .methods import Context
 
@@ -181,8 +182,6 @@ class Session:
                     handle.remove()
             cls_attn = None
             if "hidden" in captured:
-                from .adapters.base import cls_attention
-
                 with torch.no_grad():
                     cls_attn = cls_attention(layer, captured["hidden"])
             feats = out.pooler_output if hasattr(out, "pooler_output") else out[-1]
