@@ -282,14 +282,16 @@ def train(args) -> None:
             seqs = []
             for b, (t, i) in enumerate(zip(turns, idx.tolist(), strict=True)):
                 seqs.append(packer.pack_segments(t))
-                for (_q, a, obj), row in zip(t, packer.last_rows, strict=True):
+                for (q, a, obj), row in zip(t, packer.last_rows, strict=True):
                     is_color = a in COLOR_NAMES
+                    shape_only = not any(w in COLOR_NAMES for w in q.lower().replace("?", " ").split())
                     if is_color:
                         color_rows.append((b, row + 1))
                     if obj >= 0 and args.att > 0:
                         m = torch.zeros(len(seqs[-1][0]), dtype=torch.bool)
                         m[packer.img_start:packer.img_start + 256] = labels[i] == obj
-                        for _ in range(2 if is_color and args.color_w > 1 else 1):
+                        reps = args.shape_att_rep if shape_only else 1
+                        for _ in range(reps):
                             att_rows.append((b, row))
                             att_tgts.append(m)
         else:
@@ -478,8 +480,10 @@ def main() -> None:
     t.add_argument("--describe-p", type=float, default=0.7)
     t.add_argument("--att", type=float, default=0.0, help="weight of the attention-to-named-object loss")
     t.add_argument("--att-layer", type=int, default=2)
+    t.add_argument("--shape-att-rep", type=int, default=2,
+                   help="attention-loss weight (repeats) of lookups by shape name alone (colour, left/right-by-shape)")
     t.add_argument("--extra", action="store_true", help="training-only 'Is the <shape> on the left or the right?'")
-    t.add_argument("--color-w", type=float, default=1.0, help="loss weight of colour answers (and 2x attention)")
+    t.add_argument("--color-w", type=float, default=1.0, help="loss weight of colour answers")
     t.add_argument("--att-heads", type=int, nargs="+", default=[0, 1])
     t.add_argument(
         "--segments",
