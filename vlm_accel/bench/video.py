@@ -203,6 +203,7 @@ def run(
         "command": "python eval/bench_video.py " + " ".join(sys.argv[1:]),
     }
     write_results(out_dir, name, meta, rows)
+    plot(rows, Path(out_dir) / f"{name}.png")
     print(
         format_table(
             rows,
@@ -222,6 +223,39 @@ def run(
         )
     )
     return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """LLM-prefill speedup vs frames per method and budget (ideal dashed), and ViT time saved by the frame cache."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for (method, budget), color in zip(
+        sorted({(r["method"], r["budget"]) for r in rows if r["budget"] < 1.0}), plt.cm.tab10.colors, strict=False
+    ):
+        pts = sorted(
+            (r["frames"], r["llm_prefill_speedup"], r["ideal_speedup"])
+            for r in rows
+            if (r["method"], r["budget"]) == (method, budget)
+        )
+        f, sp, ideal = zip(*pts, strict=True)
+        ax.plot(f, sp, marker="o", color=color, label=f"{method} @ {budget}")
+        ax.plot(f, ideal, "--", color=color, alpha=0.5)
+    ax.set_xlabel("frames")
+    ax.set_ylabel("LLM prefill speedup (dashed: token-count ideal)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    cache = sorted((r["frames"], r["vit_time_saved_pct"]) for r in rows if r["method"].endswith("+frame_cache"))
+    if cache:
+        ax2.bar([str(f) for f, _ in cache], [v for _, v in cache])
+    ax2.set_xlabel("frames")
+    ax2.set_ylabel("ViT time saved by the frame cache (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
