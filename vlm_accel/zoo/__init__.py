@@ -24,9 +24,24 @@ log = logging.getLogger(__name__)
 DEFAULT_DIR = Path(__file__).resolve().parent / "default"
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 
-__all__ = ["COLOR_NAMES", "DEFAULT_DIR", "QTYPES", "SAMPLES_DIR", "SHAPES", "Scene", "ask", "build_prompt",
-           "describe", "heldout", "load_default", "load_image", "normalize_answer", "questions", "render_scene",
-           "samples"]
+__all__ = [
+    "COLOR_NAMES",
+    "DEFAULT_DIR",
+    "QTYPES",
+    "SAMPLES_DIR",
+    "SHAPES",
+    "Scene",
+    "ask",
+    "build_prompt",
+    "describe",
+    "heldout",
+    "load_default",
+    "load_image",
+    "normalize_answer",
+    "questions",
+    "render_scene",
+    "samples",
+]
 
 
 def load_default(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -92,7 +107,7 @@ def ask(model, processor, image_or_path, question: str, max_new_tokens: int = 8)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def samples() -> list[dict]:

@@ -319,8 +319,15 @@ def make_samples(out_dir: str) -> list[dict]:
             raise RuntimeError(f"scene {sid} has no {qtype} question; pick another id")
         name = f"sample_{k}.png"
         scene.image.save(os.path.join(out_dir, name))
-        items.append({"file": name, "question": qs[0]["question"], "answer": qs[0]["answer"], "scene": sid,
-                      "objects": [o.name for o in scene.objects]})
+        items.append(
+            {
+                "file": name,
+                "question": qs[0]["question"],
+                "answer": qs[0]["answer"],
+                "scene": sid,
+                "objects": [o.name for o in scene.objects],
+            }
+        )
     with open(os.path.join(out_dir, "samples.json"), "w") as f:
         json.dump(items, f, indent=1)
     return items

@@ -1,6 +1,6 @@
 """Held-out accuracy of the default VLM through the standard processor → generate flow, per question type.
 
-    python -m vlm_accel.zoo.evaluate --n 1000 --seed 0 [--model DIR] [--json out.json]
+python -m vlm_accel.zoo.evaluate --n 1000 --seed 0 [--model DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def answer_batch(model, processor, images, questions_: list[str], max_new_tokens
     inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(model.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return [s.strip() for s in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return [s.strip() for s in processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]
 
 
 def evaluate(model, processor, n: int = 1000, seed: int = 0, batch: int = 16) -> dict:
@@ -35,17 +35,21 @@ def evaluate(model, processor, n: int = 1000, seed: int = 0, batch: int = 16) ->
     hits: dict[str, list[int]] = {}
     wrong = []
     for s in range(0, len(items), batch):
-        chunk = items[s:s + batch]
+        chunk = items[s : s + batch]
         preds = answer_batch(model, processor, [it["image"] for it in chunk], [it["question"] for it in chunk])
         for it, p in zip(chunk, preds, strict=True):
             ok = normalize_answer(p) == normalize_answer(it["answer"])
             hits.setdefault(it["type"], []).append(int(ok))
             if not ok:
                 wrong.append({"scene": it["scene"], "question": it["question"], "answer": it["answer"], "pred": p})
-    res = {"n": len(items), "seed": seed,
-           "per_type": {k: sum(v) / len(v) for k, v in sorted(hits.items())},
-           "per_type_n": {k: len(v) for k, v in sorted(hits.items())},
-           "overall": sum(sum(v) for v in hits.values()) / len(items), "wrong_examples": wrong[:20]}
+    res = {
+        "n": len(items),
+        "seed": seed,
+        "per_type": {k: sum(v) / len(v) for k, v in sorted(hits.items())},
+        "per_type_n": {k: len(v) for k, v in sorted(hits.items())},
+        "overall": sum(sum(v) for v in hits.values()) / len(items),
+        "wrong_examples": wrong[:20],
+    }
     return res
 
 

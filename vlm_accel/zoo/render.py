@@ -258,8 +258,14 @@ def questions(
                 break
             pos = rng.choice(left)
         asked.add(pos.name)
-        out.append({"question": tmpl("exists").format(c=pos.color, s=pos.shape), "answer": "yes", "type": "exists",
-                    "obj": objs.index(pos)})
+        out.append(
+            {
+                "question": tmpl("exists").format(c=pos.color, s=pos.shape),
+                "answer": "yes",
+                "type": "exists",
+                "obj": objs.index(pos),
+            }
+        )
     hard = [(c, o.shape) for o in objs for c in COLOR_NAMES if f"{c} {o.shape}" not in present]
     hard += [(o.color, s) for o in objs for s in SHAPES if f"{o.color} {s}" not in present]
     for _ in range(n_exists):
@@ -279,12 +285,19 @@ def questions(
     if extra:  # training only: left/right by the shape name alone (teaches lookup by shape, as colour questions need)
         for i, o in enumerate(objs):
             if shape_counts[o.shape] == 1 and abs(o.cx - 0.5) >= SIDE_MARGIN:
-                out.append({"question": rng.choice(_Q["side"]).replace("{c} ", "").format(s=o.shape),
-                            "answer": o.side, "type": "side_shape", "obj": i})
+                out.append(
+                    {
+                        "question": rng.choice(_Q["side"]).replace("{c} ", "").format(s=o.shape),
+                        "answer": o.side,
+                        "type": "side_shape",
+                        "obj": i,
+                    }
+                )
     for i, o in enumerate(objs):
         if names.count(o.name) == 1 and abs(o.cx - 0.5) >= SIDE_MARGIN:
-            out.append({"question": tmpl("side").format(c=o.color, s=o.shape), "answer": o.side, "type": "side",
-                        "obj": i})
+            out.append(
+                {"question": tmpl("side").format(c=o.color, s=o.shape), "answer": o.side, "type": "side", "obj": i}
+            )
     return out
 
 

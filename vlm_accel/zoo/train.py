@@ -130,7 +130,6 @@ class Packer:
             labels += [-100] * len(user) + ans
         return ids, labels
 
-
     def pack_segments(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int], list[int], list[int]]:
         """Independent turns sharing one image prefix: every turn sees ``<s> user : <image>×256`` and itself only.
 
@@ -164,8 +163,9 @@ def segment_mask(seg: torch.Tensor) -> torch.Tensor:
     return allowed[:, None]
 
 
-def make_turns(objs, rng: random.Random, max_q: int = 8, describe_p: float = 0.7,
-               n_exists: int = 1, extra: bool = False) -> list[tuple[str, str]]:
+def make_turns(
+    objs, rng: random.Random, max_q: int = 8, describe_p: float = 0.7, n_exists: int = 1, extra: bool = False
+) -> list[tuple[str, str]]:
     """Shuffled question/answer turns of one scene (+ maybe a describe turn); the third item is the object index
     the question names (-1 if none) for the attention supervision."""
     scene = _SceneView(objs)
@@ -177,8 +177,16 @@ def make_turns(objs, rng: random.Random, max_q: int = 8, describe_p: float = 0.7
     return turns
 
 
-def attention_target_loss(lm, hidden: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, rows: list,
-                          targets: list, layer: int, heads: list[int]) -> torch.Tensor:
+def attention_target_loss(
+    lm,
+    hidden: torch.Tensor,
+    pos: torch.Tensor,
+    mask: torch.Tensor,
+    rows: list,
+    targets: list,
+    layer: int,
+    heads: list[int],
+) -> torch.Tensor:
     """-log(attention mass on the named object's patches) for chosen heads of ``layer`` at answer positions.
 
     hidden: (B, L, H) input of ``layer``; pos: (B, L); mask: (B, 1, L, L) bool; rows: [(b, row)]; targets: list of
@@ -275,8 +283,9 @@ def train(args) -> None:
         rng = random.Random(f"{args.seed}-{step}")
         g = torch.Generator().manual_seed(args.seed * 100003 + step)
         idx = torch.randint(0, N, (args.batch,), generator=g)
-        turns = [make_turns(objects[i], rng, args.max_q, args.describe_p, args.n_exists, args.extra)
-                 for i in idx.tolist()]
+        turns = [
+            make_turns(objects[i], rng, args.max_q, args.describe_p, args.n_exists, args.extra) for i in idx.tolist()
+        ]
         att_rows, att_tgts, color_rows = [], [], []
         if args.segments:
             seqs = []
@@ -289,7 +298,7 @@ def train(args) -> None:
                         color_rows.append((b, row + 1))
                     if obj >= 0 and args.att > 0:
                         m = torch.zeros(len(seqs[-1][0]), dtype=torch.bool)
-                        m[packer.img_start:packer.img_start + 256] = labels[i] == obj
+                        m[packer.img_start : packer.img_start + 256] = labels[i] == obj
                         reps = args.shape_att_rep if shape_only else 1
                         for _ in range(reps):
                             att_rows.append((b, row))
@@ -333,8 +342,9 @@ def train(args) -> None:
         for b, r in color_rows:  # up-weight the colour answers (the hardest retrieval: by shape name only)
             wts[b, r] = args.color_w
         wts = wts[:, 1:] * (tgt[:, 1:] != -100)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt[:, 1:].reshape(-1), ignore_index=-100,
-                             reduction="none")
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tgt[:, 1:].reshape(-1), ignore_index=-100, reduction="none"
+        )
         loss_qa = (ce * wts.reshape(-1)).sum() / wts.sum()
         loss = loss_qa
         if args.aux > 0:
@@ -352,8 +362,9 @@ def train(args) -> None:
             tg = [torch.nn.functional.pad(m, (0, L - m.shape[0])) for m in att_tgts]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 hid = out.hidden_states[args.att_layer]
-                loss_att = attention_target_loss(lm, hid, pos, lm_kwargs["attention_mask"], att_rows, tg,
-                                                 args.att_layer, args.att_heads)
+                loss_att = attention_target_loss(
+                    lm, hid, pos, lm_kwargs["attention_mask"], att_rows, tg, args.att_layer, args.att_heads
+                )
             loss = loss + args.att * loss_att
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -480,8 +491,12 @@ def main() -> None:
     t.add_argument("--describe-p", type=float, default=0.7)
     t.add_argument("--att", type=float, default=0.0, help="weight of the attention-to-named-object loss")
     t.add_argument("--att-layer", type=int, default=2)
-    t.add_argument("--shape-att-rep", type=int, default=2,
-                   help="attention-loss weight (repeats) of lookups by shape name alone (colour, left/right-by-shape)")
+    t.add_argument(
+        "--shape-att-rep",
+        type=int,
+        default=2,
+        help="attention-loss weight (repeats) of lookups by shape name alone (colour, left/right-by-shape)",
+    )
     t.add_argument("--extra", action="store_true", help="training-only 'Is the <shape> on the left or the right?'")
     t.add_argument("--color-w", type=float, default=1.0, help="loss weight of colour answers")
     t.add_argument("--att-heads", type=int, nargs="+", default=[0, 1])
