@@ -429,11 +429,15 @@ def _cache_bytes(cache) -> int:
 
 
 def _auto_method(adapter: Adapter) -> str:
-    """Default per family: CLS-attention importance where the tower has a CLS token, diversity otherwise."""
-    cfg = adapter.model.config.vision_config
-    if adapter.family.startswith("llava") and cfg.model_type == "clip_vision_model":
-        return "visionzip"
-    return "divprune"
+    """Default per family: CLS-attention importance (VisionZip) where the vision tower has a CLS token (CLIP and
+    DINOv2 LLaVA models), diversity (DivPrune) elsewhere. On the embedded default model (DINOv2) visionzip keeps
+    99.6 / 99.3 / 96.8 % of full accuracy at 0.33 / 0.22 / 0.11, divprune 98.2 / 97.8 / 97.1 %
+    (``eval/results/vqa_default``)."""
+    try:
+        has_cls = adapter.importance_layer({}) is not None
+    except (KeyError, TypeError, AttributeError):
+        has_cls = False
+    return "visionzip" if has_cls else "divprune"
 
 
 def accelerate(model, budget=0.25, method: str = "auto", *, seed: int = 0, frame_cache: float | None = None) -> Session:
