@@ -10,7 +10,12 @@ from vlm_accel import zoo
 from vlm_accel.zoo import render
 
 HAVE_WEIGHTS = (zoo.DEFAULT_DIR / "model.safetensors").is_file()
-needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="default weights not committed yet")
+needs_weights = pytest.mark.usefixtures()  # the weights are committed: a missing file must fail, not skip
+
+
+def test_weights_are_packaged():
+    assert HAVE_WEIGHTS, f"{zoo.DEFAULT_DIR / 'model.safetensors'} is missing"
+
 
 # (held-out seed, index in heldout(n, seed)): two fixed samples per question type (shape, color, exists, count, side)
 # that the shipped weights answer correctly — a regression test, not the accuracy measurement (see zoo/README.md)
@@ -125,3 +130,22 @@ def test_ask_bad_image(default_model, tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
     with pytest.raises(ValueError, match="cannot read image"):
         zoo.ask(model, processor, bad, "What shape is in the image?")
+
+
+@needs_weights
+@pytest.mark.parametrize("budget,kept", [(0.33, 84), (0.11, 28), (64, 64), (1.0, 256)])
+def test_accelerate_keeps_promised_tokens(default_model, budget, kept):
+    """accelerate() on the embedded model keeps exactly the budgeted tokens, still answers the bundled samples at a
+    third of the tokens, and restores exactly."""
+    import vlm_accel
+
+    model, processor = default_model
+    item = zoo.samples()[0]
+    for method in vlm_accel.methods():
+        with vlm_accel.accelerate(model, budget=budget, method=method) as sess:
+            answer = zoo.ask(model, processor, item["path"], item["question"])
+        assert sess.stats.visual_tokens_in == 256
+        assert sess.stats.visual_tokens_kept == kept
+        if budget == 0.33 and method in ("visionzip", "divprune"):
+            assert zoo.normalize_answer(answer) == zoo.normalize_answer(item["answer"])
+    assert zoo.normalize_answer(zoo.ask(model, processor, item["path"], item["question"])) == item["answer"]
