@@ -32,8 +32,6 @@ def test_full_budget_is_bit_identical(models, family, kind, attn):
 @pytest.mark.parametrize("family,kind", tiny.CASES)
 def test_oracle_prefill(models, family, kind, method, dtype):
     """Patched forward == unpatched language model on the kept embeddings at their original positions."""
-    if dtype == torch.bfloat16 and method not in SELECTION:
-        pytest.skip("bf16 covered by selection methods")
     model = models(family, "sdpa", dtype)
     inputs = tiny.inputs_for(model, family, kind, batch=2, dtype=dtype)
     full = oracle.lm_inputs(model, inputs)

@@ -42,7 +42,7 @@ def expected_kept(model, family: str, kind: str, inputs: dict, budget, clip: boo
     return total
 
 
-@pytest.mark.parametrize("batch,budget", [(1, 0.25), (2, 8)])
+@pytest.mark.parametrize("batch,budget", [(1, 0.25), (2, 0.25), (1, 8), (2, 8)])
 @pytest.mark.parametrize("family,kind", tiny.CASES)
 @pytest.mark.parametrize("method", vlm_accel.methods())
 def test_matrix(models, method, family, kind, batch, budget):
