@@ -17,6 +17,16 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def frames_match(a: torch.Tensor, b: torch.Tensor, threshold: float) -> bool:
+    """Whether frame pixels ``b`` can stand for ``a``: same shape and mean absolute difference <= ``threshold``
+    (``0.0``: exactly equal)."""
+    if a.shape != b.shape:
+        return False
+    if threshold == 0.0:
+        return torch.equal(a, b)
+    return float((a.float() - b.float()).abs().mean()) <= threshold
+
+
 @dataclass
 class Frame:
     """One independently encoded unit of a video: its pixels and what the adapter needs to encode it alone."""
@@ -51,13 +61,6 @@ class FrameCache:
     def reset(self) -> None:
         self._ref = None
 
-    def _same(self, a: torch.Tensor, b: torch.Tensor) -> bool:
-        if a.shape != b.shape:
-            return False
-        if self.threshold == 0.0:
-            return torch.equal(a, b)
-        return float((a.float() - b.float()).abs().mean()) <= self.threshold
-
     def wrap(self, orig):
         sig = inspect.signature(orig)
 
@@ -73,7 +76,7 @@ class FrameCache:
             for frames in videos:
                 row = []
                 for frame in frames:
-                    if ref_pix is not None and self._same(frame.pixels, ref_pix):
+                    if ref_pix is not None and frames_match(frame.pixels, ref_pix, self.threshold):
                         row.append(ref_slot)
                     else:
                         todo.append(frame)

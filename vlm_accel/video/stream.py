@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .cache import frames_match
+
 logger = logging.getLogger(__name__)
 
 REDUNDANT = 0.95  # cosine of mean features above which a frame repeats its predecessor
@@ -80,7 +82,11 @@ class StreamSession:
         pixels = inputs["pixel_values"].to(self.model.device, self.model.dtype)
         self.stats.frames_seen += 1
         last = self.entries[-1] if self.entries else None
-        if last is not None and self.frame_cache is not None and self._unchanged(pixels, self._last_pixels):
+        if (
+            last is not None
+            and self.frame_cache is not None
+            and frames_match(pixels, self._last_pixels, self.frame_cache)
+        ):
             last.t_end, last.frames = t, last.frames + 1  # same view: no encoding, no new tokens
             return
         feats = self.session.encode_images(pixel_values=pixels)[0]
@@ -89,13 +95,6 @@ class StreamSession:
         self.entries.append(_Entry(t, t, feats))
         self._enforce_bound()
         self._refresh()
-
-    def _unchanged(self, a: torch.Tensor, b: torch.Tensor) -> bool:
-        if a.shape != b.shape:
-            return False
-        if self.frame_cache == 0.0:
-            return torch.equal(a, b)
-        return float((a.float() - b.float()).abs().mean()) <= self.frame_cache
 
     def _enforce_bound(self) -> None:
         while self.tokens_held > self.max_tokens and len(self.entries) > 1:
