@@ -141,10 +141,12 @@ class Packer:
         ids, labels = list(prefix), [-100] * len(prefix)
         seg, pos = [0] * len(prefix), list(range(len(prefix)))
         self.last_rows = []  # index of the token that predicts each turn's first answer token
+        self.q_starts = []  # index of each turn's first question token
         for k, (q, a, *_rest) in enumerate(turns, 1):
             user = self.ids(q) + self.ids("assistant :")
             ans = self.ids(a) + [self.eos]
             self.last_rows.append(len(ids) + len(user) - 1)
+            self.q_starts.append(len(ids))
             ids += user + ans
             labels += [-100] * len(user) + ans
             seg += [k] * (len(user) + len(ans))
@@ -257,6 +259,7 @@ def train(args) -> None:
     col_ids = torch.tensor(tok.convert_tokens_to_ids(list(COLOR_NAMES) + ["none"]))
     shp_ids = torch.tensor(tok.convert_tokens_to_ids(list(SHAPES) + ["none"]))
     side_ids = torch.tensor(tok.convert_tokens_to_ids(["left", "right"]))
+    name_ids = set(tok.convert_tokens_to_ids(list(COLOR_NAMES) + list(SHAPES)))
     params_proj = list(proj.parameters())
     params_lm = list(lm.parameters())
     opt = torch.optim.AdamW(
@@ -267,14 +270,15 @@ def train(args) -> None:
     base_lrs = [g["lr"] for g in opt.param_groups]
     step = 0
     ck = os.path.join(ckpt_dir, "last.pt")
-    if os.path.exists(ck):
-        state = torch.load(ck, weights_only=False)
+    src = ck if os.path.exists(ck) else args.from_ckpt
+    if src:
+        state = torch.load(src, weights_only=False)
         proj.load_state_dict(state["proj"])
         lm.load_state_dict(state["lm"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
         mu, sd = state["mu"], state["sd"]
-        log.info("resumed from %s at step %d", ck, step)
+        log.info("resumed from %s at step %d", src, step)
     model.train()
     model.model.vision_tower.requires_grad_(False)
     last_save = time.time()
@@ -286,12 +290,28 @@ def train(args) -> None:
         turns = [
             make_turns(objects[i], rng, args.max_q, args.describe_p, args.n_exists, args.extra) for i in idx.tolist()
         ]
-        att_rows, att_tgts, color_rows = [], [], []
+        att_rows, att_tgts, color_rows, copy_rows, copy_tgts, sh_rows, sh_tgts = [], [], [], [], [], [], []
         if args.segments:
             seqs = []
             for b, (t, i) in enumerate(zip(turns, idx.tolist(), strict=True)):
                 seqs.append(packer.pack_segments(t))
-                for (q, a, obj), row in zip(t, packer.last_rows, strict=True):
+                for (q, a, obj), row, q0 in zip(t, packer.last_rows, packer.q_starts, strict=True):
+                    if args.copy > 0:  # the answer position must read the question's colour / shape words
+                        named = [q0 + j for j, tid in enumerate(packer.ids(q)) if tid in name_ids]
+                        if named:
+                            m = torch.zeros(len(seqs[-1][0]), dtype=torch.bool)
+                            m[named] = True
+                            copy_rows.append((b, row))
+                            copy_tgts.append(m)
+                    words = q.lower().replace("?", " ").split()
+                    shape = next((w for w in words if w in SHAPES), None)
+                    if args.shape_head is not None and shape is not None:  # every object of the named shape
+                        hits = [k for k, o in enumerate(objects[i]) if o[0] == shape]
+                        if hits:
+                            m = torch.zeros(len(seqs[-1][0]), dtype=torch.bool)
+                            m[packer.img_start : packer.img_start + 256] = torch.isin(labels[i], torch.tensor(hits))
+                            sh_rows.append((b, row))
+                            sh_tgts.append(m)
                     is_color = a in COLOR_NAMES
                     shape_only = not any(w in COLOR_NAMES for w in q.lower().replace("?", " ").split())
                     if is_color:
@@ -334,7 +354,7 @@ def train(args) -> None:
             emb_in = emb(input_ids)
             img_mask = input_ids == model.config.image_token_index
             emb_in = emb_in.masked_scatter(img_mask[..., None], v.to(emb_in.dtype))
-            out = lm(inputs_embeds=emb_in, output_hidden_states=args.att > 0, **lm_kwargs)
+            out = lm(inputs_embeds=emb_in, output_hidden_states=True, **lm_kwargs)
             logits = model.lm_head(out.last_hidden_state[:, :-1])
         logits = logits.float()
         v = v.float()
@@ -366,6 +386,26 @@ def train(args) -> None:
                     lm, hid, pos, lm_kwargs["attention_mask"], att_rows, tg, args.att_layer, args.att_heads
                 )
             loss = loss + args.att * loss_att
+        loss_copy = torch.zeros(())
+        if copy_rows:
+            L = input_ids.shape[1]
+            tg = [torch.nn.functional.pad(m, (0, L - m.shape[0])) for m in copy_tgts]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                hid = out.hidden_states[args.copy_layer]
+                loss_copy = attention_target_loss(
+                    lm, hid, pos, lm_kwargs["attention_mask"], copy_rows, tg, args.copy_layer, args.copy_heads
+                )
+            loss = loss + args.copy * loss_copy
+        loss_shape = torch.zeros(())
+        if sh_rows:
+            L = input_ids.shape[1]
+            tg = [torch.nn.functional.pad(m, (0, L - m.shape[0])) for m in sh_tgts]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                hid = out.hidden_states[args.att_layer]
+                loss_shape = attention_target_loss(
+                    lm, hid, pos, lm_kwargs["attention_mask"], sh_rows, tg, args.att_layer, [args.shape_head]
+                )
+            loss = loss + args.shape_w * loss_shape
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params_proj + params_lm, 1.0)
@@ -380,11 +420,13 @@ def train(args) -> None:
         if step % 10 == 0:
             el = time.time() - t_start
             log.info(
-                "step %d loss %.4f qa %.4f att %.4f lr %.2e  %.2f s/step",
+                "step %d loss %.4f qa %.4f att %.4f copy %.4f shape %.4f lr %.2e  %.2f s/step",
                 step,
                 loss.item(),
                 loss_qa.item(),
                 loss_att.item(),
+                loss_copy.item(),
+                loss_shape.item(),
                 opt.param_groups[1]["lr"],
                 el / 10,
             )
@@ -500,6 +542,22 @@ def main() -> None:
     t.add_argument("--extra", action="store_true", help="training-only 'Is the <shape> on the left or the right?'")
     t.add_argument("--color-w", type=float, default=1.0, help="loss weight of colour answers")
     t.add_argument("--att-heads", type=int, nargs="+", default=[0, 1])
+    t.add_argument(
+        "--copy",
+        type=float,
+        default=0.0,
+        help="weight of the loss that makes the answer position attend to the question's colour/shape words",
+    )
+    t.add_argument("--copy-layer", type=int, default=1)
+    t.add_argument(
+        "--shape-head",
+        type=int,
+        default=None,
+        help="head of --att-layer trained to attend to every object of the shape the question names",
+    )
+    t.add_argument("--shape-w", type=float, default=0.3, help="weight of the --shape-head loss")
+    t.add_argument("--copy-heads", type=int, nargs="+", default=[2, 3])
+    t.add_argument("--from-ckpt", default=None, help="start from this checkpoint when --ckpt has no last.pt")
     t.add_argument(
         "--segments",
         action="store_true",
