@@ -21,9 +21,12 @@ def test_full_budget_is_bit_identical(models, family, kind, attn):
         with vlm_accel.accelerate(model, budget=1.0) as sess:
             out = model(**inputs).logits
             gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            beams = model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2)
         ref_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        ref_beams = model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2)
     assert torch.equal(ref, out)
     assert torch.equal(gen, ref_gen)
+    assert torch.equal(beams, ref_beams)
     assert sess.stats.visual_tokens_kept == sess.stats.visual_tokens_in > 0
 
 
@@ -78,6 +81,43 @@ def test_oracle_generate(models, family, kind):
         attn = torch.cat([tr.attention_mask, torch.ones(2, t, dtype=torch.long)], 1)
         ref = oracle.run_lm(model, embeds, pos, attn, full, tr.index, tr.valid)[:, -1]
         torch.testing.assert_close(out.scores[t], ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", SELECTION)
+@pytest.mark.parametrize("family,kind", tiny.CASES)
+def test_oracle_beam_search(models, family, kind, method):
+    """num_beams=2: generate's two copies of each prompt are reduced once and identically (even by ``random``), and
+    each returned beam's score is the unpatched LM's log-probability of its tokens on the kept prompt."""
+    model = models(family)
+    inputs = tiny.inputs_for(model, family, kind, batch=2)
+    full = oracle.lm_inputs(model, inputs)
+    with vlm_accel.accelerate(model, budget=0.25, method=method) as sess, torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=3,
+            num_beams=2,
+            length_penalty=0.0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    tr = sess.trace
+    assert sess.stats.visual_tokens_kept < sess.stats.visual_tokens_in
+    assert tr.index.shape[0] == 4 and torch.equal(tr.index[0::2], tr.index[1::2])
+    assert torch.equal(tr.inputs_embeds[0::2], tr.inputs_embeds[1::2])
+    index, valid = tr.index[0::2], tr.valid[0::2]
+    seq, kept = inputs["input_ids"].shape[1], tr.inputs_embeds.shape[1]
+    ids = out.sequences
+    gen = ids[:, seq:]
+    attn_full = torch.cat([inputs["attention_mask"], torch.ones_like(gen)], 1)
+    pos_full = oracle.full_positions(model, family, ids, attn_full, inputs)
+    embeds = torch.cat([tr.inputs_embeds[0::2], model.get_input_embeddings()(gen)], 1)
+    pos = torch.cat([oracle.take(pos_full[..., :seq], index), pos_full[..., seq:]], -1)
+    attn = torch.cat([tr.attention_mask[0::2], torch.ones_like(gen)], 1)
+    logits = oracle.run_lm(model, embeds, pos, attn, full, index, valid)
+    logp = logits[:, kept - 1 : -1].float().log_softmax(-1).gather(-1, gen[..., None])[..., 0]  # [B, new]
+    eos = gen == model.generation_config.eos_token_id
+    alive = (eos.cumsum(1) - eos.long()) == 0  # up to and including the first eos
+    torch.testing.assert_close(out.sequences_scores, (logp * alive).sum(1), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)

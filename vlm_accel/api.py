@@ -83,6 +83,37 @@ class _Pending:
         return [m for m in self.masks if self.infos.get(m)]
 
 
+def _expand_infos(infos: list[ImageInfo], mask: torch.Tensor) -> list[ImageInfo] | None:
+    """Layouts in the placeholder order of ``mask`` ``[B, L]``, or ``None`` if they cannot fit it.
+
+    ``generate(num_beams=k)`` / ``num_return_sequences=k`` encodes each prompt's images once, then repeats the prompt
+    rows ``k`` times (``repeat_interleave``) and each prompt's group of images with them; the same
+    :class:`ImageInfo` objects are repeated here, so the copies of a prompt are reduced once and identically (beam
+    search reorders cache rows among them)."""
+    total = sum(i.n_tokens for i in infos)
+    counts = mask.sum(1).tolist()
+    if sum(counts) == total:
+        return infos
+    if total == 0 or sum(counts) % total or len(counts) % (sum(counts) // total):
+        return None
+    k = sum(counts) // total
+    out, it = [], iter(infos)
+    for start in range(0, len(counts), k):
+        group, need = [], counts[start]
+        if counts[start : start + k] != [need] * k:
+            return None
+        while need > 0:
+            info = next(it, None)
+            if info is None:
+                return None
+            group.append(info)
+            need -= info.n_tokens
+        if need:
+            return None
+        out += group * k
+    return out if next(it, None) is None else None
+
+
 class Session:
     """An accelerated model. Use :meth:`restore` (or ``with``) to return the model to exactly what it was."""
 
@@ -232,9 +263,11 @@ class Session:
         bsz, seq = mask.shape
         n_vis = int(mask.sum())
         for m in modalities:
-            if sum(i.n_tokens for i in pending.infos[m]) != int(masks[m].sum()):
+            infos = _expand_infos(pending.infos[m], masks[m])
+            if infos is None:
                 logger.warning("vlm_accel: %s features and placeholders disagree; running unreduced", m)
                 return orig(**kwargs)
+            pending.infos[m] = infos
         t0 = time.perf_counter()
         keep = ~mask
         merges = []
@@ -308,12 +341,16 @@ class Session:
         rows, cols = mask.nonzero(as_tuple=True)
         feats = embeds[mask]  # [N, D] in placeholder order
         off = 0
+        done: dict[int, list | None] = {}  # generate's copies of one prompt share its infos: reduce once, same result
         for info in infos:
             sl = slice(off, off + info.n_tokens)
             r, c = rows[sl], cols[sl]
             off += info.n_tokens
-            query = self._query(embeds, mask, attn, int(r[0])) if "query" in self.method.needs else None
-            parts = self._reduce(feats[sl], info, query)
+            if id(info) in done:
+                parts = done[id(info)]
+            else:
+                query = self._query(embeds, mask, attn, int(r[0])) if "query" in self.method.needs else None
+                parts = done[id(info)] = self._reduce(feats[sl], info, query)
             if parts is None:
                 keep[r, c] = True  # nothing to reduce: structural tokens stay too
                 continue
