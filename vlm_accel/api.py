@@ -162,6 +162,8 @@ class Session:
             self._patch(inner, "get_video_features", self._wrap_features(video, "video"))
         self._patch(inner, "get_placeholder_mask", self._wrap_placeholder_mask(inner.get_placeholder_mask))
         self._patch(lm, "forward", self._wrap_lm_forward(lm.forward))
+        if hasattr(inner, "compute_3d_position_ids"):  # M-RoPE families derive decode positions from the cache
+            self._patch(inner, "compute_3d_position_ids", self._wrap_positions(inner.compute_3d_position_ids))
         setattr(self.model, _SESSION_ATTR, self)
 
     def restore(self) -> None:
@@ -253,6 +255,28 @@ class Session:
             return orig(**kwargs)
 
         return forward
+
+    def _wrap_positions(self, orig):
+        """Without an attention mask, M-RoPE models number decode tokens from the cache length, which is shorter
+        than the caller's sequence by what was pruned: shift them back to the caller's positions."""
+
+        @functools.wraps(orig)
+        def compute_3d_position_ids(*args, **kwargs):
+            pos = orig(*args, **kwargs)
+            st, cache = self._decode, kwargs.get("cache", kwargs.get("past_key_values"))
+            if (
+                pos is not None
+                and kwargs.get("attention_mask") is None
+                and cache is not None
+                and st is not None
+                and st.cache is not None
+                and st.cache() is cache
+                and cache.get_seq_length() > 0
+            ):
+                pos = pos + st.delta
+            return pos
+
+        return compute_3d_position_ids
 
     # --- prefill ----------------------------------------------------------------------------------------------
     def _prefill(self, orig, kwargs: dict, pending: _Pending):
