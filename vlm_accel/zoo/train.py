@@ -219,6 +219,16 @@ def attention_target_loss(
     return -mass.mean()
 
 
+def _att_loss(lm, hidden_states, pos, mask, rows, targets, layer: int, heads: list[int], bf16: bool) -> torch.Tensor:
+    """:func:`attention_target_loss` at ``layer``, targets padded to the batch length (0 without rows)."""
+    if not rows:
+        return torch.zeros(())
+    L = mask.shape[-1]
+    tg = [F.pad(m, (0, L - m.shape[0])) for m in targets]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return attention_target_loss(lm, hidden_states[layer], pos, mask, rows, tg, layer, heads)
+
+
 # --------------------------------------------------------------------------------------------------------- train
 def _aux_targets(labels: torch.Tensor, objects: list, word_ids: dict) -> tuple[torch.Tensor, ...]:
     """Per-patch class targets (B, 256) for colour (0-7, 8=none), shape (0-2, 3=none), side (0/1, -100 bg)."""
@@ -376,36 +386,11 @@ def train(args) -> None:
                 + F.cross_entropy((v @ W[side_ids].T).reshape(-1, 2), side.reshape(-1), ignore_index=-100)
             )
             loss = loss + args.aux * la
-        loss_att = torch.zeros(())
-        if att_rows:
-            L = input_ids.shape[1]
-            tg = [torch.nn.functional.pad(m, (0, L - m.shape[0])) for m in att_tgts]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                hid = out.hidden_states[args.att_layer]
-                loss_att = attention_target_loss(
-                    lm, hid, pos, lm_kwargs["attention_mask"], att_rows, tg, args.att_layer, args.att_heads
-                )
-            loss = loss + args.att * loss_att
-        loss_copy = torch.zeros(())
-        if copy_rows:
-            L = input_ids.shape[1]
-            tg = [torch.nn.functional.pad(m, (0, L - m.shape[0])) for m in copy_tgts]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                hid = out.hidden_states[args.copy_layer]
-                loss_copy = attention_target_loss(
-                    lm, hid, pos, lm_kwargs["attention_mask"], copy_rows, tg, args.copy_layer, args.copy_heads
-                )
-            loss = loss + args.copy * loss_copy
-        loss_shape = torch.zeros(())
-        if sh_rows:
-            L = input_ids.shape[1]
-            tg = [torch.nn.functional.pad(m, (0, L - m.shape[0])) for m in sh_tgts]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                hid = out.hidden_states[args.att_layer]
-                loss_shape = attention_target_loss(
-                    lm, hid, pos, lm_kwargs["attention_mask"], sh_rows, tg, args.att_layer, [args.shape_head]
-                )
-            loss = loss + args.shape_w * loss_shape
+        hs, amask = out.hidden_states, lm_kwargs["attention_mask"]
+        loss_att = _att_loss(lm, hs, pos, amask, att_rows, att_tgts, args.att_layer, args.att_heads, args.bf16)
+        loss_copy = _att_loss(lm, hs, pos, amask, copy_rows, copy_tgts, args.copy_layer, args.copy_heads, args.bf16)
+        loss_shape = _att_loss(lm, hs, pos, amask, sh_rows, sh_tgts, args.att_layer, [args.shape_head], args.bf16)
+        loss = loss + args.att * loss_att + args.copy * loss_copy + args.shape_w * loss_shape
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params_proj + params_lm, 1.0)
