@@ -85,6 +85,54 @@ def test_oracle_generate(models, family, kind):
         torch.testing.assert_close(out.scores[t], ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family,kind", tiny.CASES)
+def test_labels_loss_oracle(models, family, kind):
+    """``labels`` follow the kept tokens: the loss is next-token CE of the unpatched LM over the kept sequence (and
+    bit-identical to the unpatched loss at full budget)."""
+    model = models(family)
+    inputs = tiny.inputs_for(model, family, kind, batch=2)
+    ids = inputs["input_ids"]
+    labels = ids.masked_fill((ids == tiny.IMAGE_ID) | (ids == tiny.VIDEO_ID) | (inputs["attention_mask"] == 0), -100)
+    full = oracle.lm_inputs(model, inputs)
+    with torch.no_grad():
+        ref_full = model(**inputs, labels=labels).loss
+        with vlm_accel.accelerate(model, budget=1.0):
+            same = model(**inputs, labels=labels).loss
+        with vlm_accel.accelerate(model, budget=0.3, method="divprune") as sess:
+            loss = model(**inputs, labels=labels).loss
+    assert torch.equal(same, ref_full)
+    tr = sess.trace
+    bsz, seq = ids.shape
+    pos = full.get("position_ids")
+    pos = oracle.take(torch.arange(seq).expand(bsz, seq) if pos is None else pos, tr.index)
+    logits = oracle.run_lm(model, tr.inputs_embeds, pos, tr.attention_mask, full, tr.index, tr.valid)
+    kept = oracle.take(labels, tr.index).masked_fill(~tr.valid, -100)
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), kept[:, 1:].flatten(), ignore_index=-100
+    )
+    assert tr.index.shape[1] < seq
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_user_loss_function_is_wrapped_and_put_back(models):
+    model = models("llava")
+    calls = []
+
+    def my_loss(logits, labels, vocab_size, **kwargs):
+        calls.append(labels.shape)
+        return logits.float().mean()
+
+    model.loss_function = my_loss
+    try:
+        inputs = tiny.make_inputs(model, "llava", batch=1)
+        with vlm_accel.accelerate(model, budget=0.25), torch.no_grad():
+            out = model(**inputs, labels=inputs["input_ids"])
+        assert calls == [out.logits.shape[:2]]  # the user's loss saw labels gathered to the kept tokens
+        assert model.loss_function is my_loss
+    finally:
+        del model._loss_function
+
+
 @pytest.mark.parametrize("method", SELECTION)
 @pytest.mark.parametrize("family,kind", tiny.CASES)
 def test_oracle_beam_search(models, family, kind, method):

@@ -21,6 +21,7 @@ from .methods import Context
 logger = logging.getLogger(__name__)
 
 _SESSION_ATTR = "_vlm_accel_session"
+_MISSING = object()
 
 
 @dataclass
@@ -128,7 +129,7 @@ class Session:
         self.stats = Stats()
         self.trace: Trace | None = None
         self._generator = torch.Generator().manual_seed(seed)
-        self._patched: list[tuple[object, str]] = []
+        self._patched: list[tuple[object, str, object]] = []  # (object, attribute, previous instance value)
         self._pending = _Pending()
         self._decode: _Decode | None = None
         self._encoding = False
@@ -145,11 +146,14 @@ class Session:
         return f"Session({self.adapter.family}, method={self.method_name!r}, budget={self.budget})"
 
     # --- patching ---------------------------------------------------------------------------------------------
-    def _patch(self, obj, name: str, wrapper) -> None:
-        if name in vars(obj):
+    def _patch(self, obj, name: str, wrapper, keep_previous: bool = False) -> None:
+        """Set ``obj.name = wrapper`` on the instance; ``restore`` deletes it again (or puts back the previous
+        instance value when ``keep_previous``, for attributes users may set themselves)."""
+        previous = vars(obj).get(name, _MISSING)
+        if previous is not _MISSING and not keep_previous:
             raise RuntimeError(f"{type(obj).__name__}.{name} is already overridden on the instance; not patching")
         setattr(obj, name, wrapper)
-        self._patched.append((obj, name))
+        self._patched.append((obj, name, previous))
 
     def _install(self) -> None:
         inner = self.adapter.inner
@@ -162,14 +166,18 @@ class Session:
             self._patch(inner, "get_video_features", self._wrap_features(video, "video"))
         self._patch(inner, "get_placeholder_mask", self._wrap_placeholder_mask(inner.get_placeholder_mask))
         self._patch(lm, "forward", self._wrap_lm_forward(lm.forward))
+        # the model's loss (``labels``) reads reduced logits: labels follow the kept tokens
+        self._patch(self.model, "_loss_function", self._wrap_loss(self.model.loss_function), keep_previous=True)
         if hasattr(inner, "compute_3d_position_ids"):  # M-RoPE families derive decode positions from the cache
             self._patch(inner, "compute_3d_position_ids", self._wrap_positions(inner.compute_3d_position_ids))
         setattr(self.model, _SESSION_ATTR, self)
 
     def restore(self) -> None:
         """Remove every patch; the model is bit-exact what it was before :func:`accelerate`."""
-        for obj, name in reversed(self._patched):
-            if name in vars(obj):
+        for obj, name, previous in reversed(self._patched):
+            if previous is not _MISSING:
+                setattr(obj, name, previous)
+            elif name in vars(obj):
                 delattr(obj, name)
         self._patched.clear()
         if getattr(self.model, _SESSION_ATTR, None) is self:
@@ -277,6 +285,31 @@ class Session:
             return pos
 
         return compute_3d_position_ids
+
+    def _wrap_loss(self, orig):
+        """Forward with ``labels`` ``[B, L]``: when the logits are reduced (``[B, L', V]``), the labels are gathered
+        at the kept positions (padding → -100), so the loss is next-token prediction over the kept sequence."""
+
+        @functools.wraps(orig)
+        def loss_function(*args, **kwargs):
+            logits = kwargs["logits"] if "logits" in kwargs else args[0]
+            labels = kwargs["labels"] if "labels" in kwargs else args[1]
+            tr = self.trace
+            if labels is not None and labels.shape[1] != logits.shape[1]:
+                if tr is None or tuple(tr.index.shape) != tuple(logits.shape[:2]):
+                    raise ValueError(
+                        "vlm_accel: labels cover the full sequence but the logits are reduced and no matching "
+                        "reduction was recorded; pass labels to the same forward call as the images"
+                    )
+                dev = labels.device
+                labels = labels.gather(1, tr.index.to(dev)).masked_fill(~tr.valid.to(dev), -100)
+                if "labels" in kwargs:
+                    kwargs["labels"] = labels
+                else:
+                    args = (args[0], labels, *args[2:])
+            return orig(*args, **kwargs)
+
+        return loss_function
 
     # --- prefill ----------------------------------------------------------------------------------------------
     def _prefill(self, orig, kwargs: dict, pending: _Pending):
