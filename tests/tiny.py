@@ -133,8 +133,12 @@ def _image_block(model, family, gen, size):
     return {"pixel_values": pv, "image_grid_thw": torch.tensor([[1, gh, gw]])}, gh * gw // 4
 
 
-def make_inputs(model, family: str, batch: int = 1, seed: int = 0, dtype=torch.float32) -> dict:
-    """Left-padded inputs: row ``i`` has its own image (own size for anyres/Qwen) and its own prompt length."""
+def make_inputs(
+    model, family: str, batch: int = 1, seed: int = 0, dtype=torch.float32, per_row: tuple[int, ...] | None = None
+) -> dict:
+    """Left-padded inputs: row ``i`` has its own image(s) (own size for anyres/Qwen) and its own prompt length.
+
+    ``per_row``: images in each row (default one); several images in a row are separated by a text token."""
     gen = torch.Generator().manual_seed(seed)
     sizes = {
         "llava_next": [(56, 112), (112, 112)],
@@ -143,17 +147,21 @@ def make_inputs(model, family: str, batch: int = 1, seed: int = 0, dtype=torch.f
         "qwen2_5_vl": [(16, 16), (12, 16)],
         "qwen3_vl": [(12, 16), (16, 16)],
     }
+    per_row = per_row or (1,) * batch
     rows, blocks = [], []
     for i in range(batch):
-        blk, n_img = _image_block(model, family, gen, sizes.get(family, [None, None])[i])
-        pre = torch.randint(1, 90, (3 + i,), generator=gen).tolist()
-        post = torch.randint(1, 90, (6 - 2 * i,), generator=gen).tolist()
-        if family.startswith("qwen"):
-            ids = pre + [VSTART_ID] + [IMAGE_ID] * n_img + [VEND_ID] + post
-        else:
-            ids = pre + [IMAGE_ID] * n_img + post
+        ids = torch.randint(1, 90, (3 + i,), generator=gen).tolist()
+        for j in range(per_row[i]):
+            blk, n_img = _image_block(model, family, gen, sizes.get(family, [None, None])[(i + j) % 2])
+            if j:
+                ids += torch.randint(1, 90, (1,), generator=gen).tolist()
+            if family.startswith("qwen"):
+                ids += [VSTART_ID] + [IMAGE_ID] * n_img + [VEND_ID]
+            else:
+                ids += [IMAGE_ID] * n_img
+            blocks.append(blk)
+        ids += torch.randint(1, 90, (6 - 2 * i,), generator=gen).tolist()
         rows.append(ids)
-        blocks.append(blk)
     width = max(len(r) for r in rows)
     input_ids = torch.full((batch, width), PAD_ID)
     attention_mask = torch.zeros(batch, width, dtype=torch.long)
@@ -222,13 +230,15 @@ def make_video_inputs(
     return out
 
 
-CASES = [(f, "image") for f in FAMILIES] + [(f, "video") for f in VIDEO_FAMILIES]
+# image: one image per row; multi: two images in the first row, one in the second; video: one clip per row
+CASES = [(f, k) for k in ("image", "multi") for f in FAMILIES] + [(f, "video") for f in VIDEO_FAMILIES]
 
 
 def inputs_for(model, family: str, kind: str, batch: int = 1, seed: int = 0, dtype=torch.float32) -> dict:
     if kind == "video":
         return make_video_inputs(model, family, batch=batch, seed=seed, dtype=dtype)
-    return make_inputs(model, family, batch=batch, seed=seed, dtype=dtype)
+    per_row = (2, 1)[:batch] if kind == "multi" else None
+    return make_inputs(model, family, batch=batch, seed=seed, dtype=dtype, per_row=per_row)
 
 
 def build_default_like(seed: int = 0):
