@@ -7,6 +7,7 @@ from PIL import Image
 
 import vlm_accel
 
+import oracle
 import tiny
 
 
@@ -66,8 +67,8 @@ def test_ask_matches_the_model_on_the_same_tokens(default_like):
 
 def test_stream_errors(default_like, models):
     model, processor = default_like
-    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
-        vlm_accel.stream(models("qwen2_vl"), processor)
+    with pytest.raises(TypeError, match="Qwen2VLForConditionalGeneration"):
+        vlm_accel.stream(models("qwen3_vl"), processor)  # deepstack features are not held by the stream yet
     with pytest.raises(ValueError, match="max_tokens"):
         vlm_accel.stream(model, processor, max_tokens=0)
     with vlm_accel.stream(model, processor) as s:
@@ -75,3 +76,80 @@ def test_stream_errors(default_like, models):
             s.ask("what?")
         with pytest.raises(ValueError, match="not found"):
             s.add_frame("/no/such/frame.png")
+
+
+def _qwen_frames(seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((16, 24), (24, 16))]
+
+
+def _as_images(proc, frames, question: str) -> dict:
+    """The frames passed to the unpatched model as images of one prompt (each image pad expanded, as the Qwen
+    processor does)."""
+    content = [{"type": "image"} for _ in frames] + [{"type": "text", "text": question}]
+    ids = proc.tokenizer(proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+    vis = [proc.image_processor(images=f, return_tensors="pt") for f in frames]
+    grid = torch.cat([v["image_grid_thw"] for v in vis])
+    counts = iter((grid.prod(-1) // 4).tolist())
+    full = []
+    for t in ids["input_ids"]:
+        full += [t] * next(counts) if t == tiny.IMAGE_ID else [t]
+    input_ids = torch.tensor([full])
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": torch.cat([v["pixel_values"] for v in vis]),
+        "image_grid_thw": grid,
+        "mm_token_type_ids": (input_ids == tiny.IMAGE_ID).long(),
+    }
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_stream_equals_frames_as_images(models, family):
+    """Full budget: streaming a Qwen model = the unpatched model on the frames as images (logits, greedy answer).
+    Pruned: = the unpatched LM on the kept tokens at their original M-RoPE positions."""
+    model, proc, q = models(family), tiny.qwen_stream_processor(), "w5 w6 w9"
+    frames = _qwen_frames(0)
+    full = _as_images(proc, frames, q)
+    with torch.no_grad():
+        ref_logits = model(**full).logits
+        ref_gen = model.generate(**full, max_new_tokens=3, do_sample=False)[0, full["input_ids"].shape[1] :]
+    with vlm_accel.stream(model, proc, budget=1.0, max_tokens=10_000, frame_cache=None) as s:
+        for f in frames:
+            s.add_frame(f)
+        with torch.no_grad():
+            logits = model(**s.prompt_inputs(q)).logits
+        answer = s.ask(q, max_new_tokens=3)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert answer == proc.decode(ref_gen, skip_special_tokens=True).strip()
+
+    lm_in = oracle.lm_inputs(model, full)
+    with vlm_accel.stream(model, proc, budget=0.5, method="divprune", max_tokens=10_000, frame_cache=None) as s:
+        for f in frames:
+            s.add_frame(f)
+        with torch.no_grad():
+            logits = model(**s.prompt_inputs(q)).logits
+        runs = (full["input_ids"][0] == tiny.IMAGE_ID).nonzero()[:, 0]
+        starts = [int(runs[0])] + [int(b) for a, b in zip(runs[:-1], runs[1:], strict=True) if b != a + 1]
+        text = (full["input_ids"][0] != tiny.IMAGE_ID).nonzero()[:, 0]
+        kept = torch.cat([text] + [st + e.index for st, e in zip(starts, s.entries, strict=True)]).sort().values
+    assert kept.numel() < full["input_ids"].shape[1]
+    pos = lm_in["position_ids"]
+    pos = pos[1:] if pos.shape[0] == 4 else pos  # the 3 M-RoPE axes (newer transformers prepend text positions)
+    index = kept[None]
+    ref = oracle.run_lm(
+        model, oracle.take(lm_in["inputs_embeds"], index), oracle.take(pos, index), torch.ones_like(index)
+    )
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_qwen_stream_memory_bound(models):
+    model, proc = models("qwen2_vl"), tiny.qwen_stream_processor()
+    with vlm_accel.stream(model, proc, budget=6, max_tokens=20) as s:
+        for i in range(30):
+            s.add_frame(_qwen_frames(i // 3)[0], t=i)  # the view changes every 3 frames
+            assert s.tokens_held <= 20
+        assert s.stats.frames_encoded == 10 and s.stats.frames_held == 3
+        assert all(e.index.numel() == e.features.shape[0] == 6 for e in s.entries)
+        assert isinstance(s.ask("w5 w6", max_new_tokens=2), str)
+    assert not hasattr(model, "_vlm_accel_session")

@@ -277,3 +277,36 @@ def build_default_like(seed: int = 0):
         vision_feature_select_strategy="default",
     )
     return tf.LlavaForConditionalGeneration(cfg).eval(), processor
+
+
+def qwen_stream_processor(max_side: int = 24):
+    """What :class:`vlm_accel.video.stream.StreamSession` needs of a Qwen2-VL processor, for the tiny models: the
+    stock Qwen2-VL image processor (2-px patches, 2x2 merge) and a word-level tokenizer whose ids match ``IMAGE_ID``
+    etc. (words ``w3`` .. ``w99``)."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    specials = {"<pad>": PAD_ID, "<s>": 1, "</s>": 2}
+    specials.update({"<|image_pad|>": IMAGE_ID, "<|video_pad|>": VIDEO_ID})
+    specials.update({"<|vision_start|>": VSTART_ID, "<|vision_end|>": VEND_ID})
+    vocab = {**specials, **{f"w{i}": i for i in range(3, 100)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+    fast.add_special_tokens({"additional_special_tokens": [t for t in specials if t.startswith("<|")]})
+    fast.chat_template = (
+        "{% for m in messages %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> {% else %}{{ c['text'] }} {% endif %}"
+        "{% endfor %}{% endfor %}{% if add_generation_prompt %}w7{% endif %}"
+    )
+    ip = tf.Qwen2VLImageProcessorPil(
+        patch_size=2, temporal_patch_size=2, merge_size=2, min_pixels=4 * 4, max_pixels=max_side * max_side
+    )
+    return SimpleNamespace(
+        image_processor=ip,
+        tokenizer=fast,
+        apply_chat_template=lambda conv, **kw: fast.apply_chat_template(conv, tokenize=False, **kw),
+        decode=fast.decode,
+    )

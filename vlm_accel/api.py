@@ -440,11 +440,13 @@ class Session:
         return parts
 
     @torch.no_grad()
-    def encode_images(self, **vision_inputs) -> list[torch.Tensor]:
+    def encode_images(self, return_index: bool = False, **vision_inputs) -> list:
         """Vision tower + projector + this session's reduction, outside a forward (e.g. for streaming).
 
         Takes what the processor returns for images (``pixel_values``, ``image_sizes``, ``image_grid_thw`` ...).
-        Returns per image its kept (or merged) features ``[K_i, D]`` in original token order."""
+        Returns per image its kept (or merged) features ``[K_i, D]`` in original token order; with ``return_index``,
+        per image ``(features, index)``, ``index`` ``[K_i]`` the kept tokens' positions among the image's tokens
+        (a merged token sits at its representative's position)."""
         self._pending = _Pending()
         out = self.adapter.inner.get_image_features(**vision_inputs)
         infos = self._pending.infos.pop("image")
@@ -453,11 +455,13 @@ class Session:
         for f, info in zip(out.pooler_output, infos, strict=True):
             parts = self._reduce(f, info)
             if parts is None:
-                result.append(f)
-                continue
-            kept = torch.cat([k for _, k, _ in parts])
-            vals = torch.cat([f[k] if w is None else (w.float() @ f[i].float()).to(f.dtype) for i, k, w in parts])
-            result.append(vals[kept.argsort()])
+                feats, index = f, torch.arange(f.shape[0], device=f.device)
+            else:
+                kept = torch.cat([k for _, k, _ in parts])
+                vals = torch.cat([f[k] if w is None else (w.float() @ f[i].float()).to(f.dtype) for i, k, w in parts])
+                order = kept.argsort()
+                feats, index = vals[order], kept[order]
+            result.append((feats, index) if return_index else feats)
         return result
 
     def _segments(self, info: ImageInfo) -> list[Segment]:

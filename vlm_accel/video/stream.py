@@ -21,6 +21,12 @@ class _Entry:
     t_end: float
     features: torch.Tensor  # [K, D] kept visual tokens of the frame
     frames: int = 1  # frames this entry stands for
+    index: torch.Tensor | None = None  # [K] kept tokens' places in the frame's (merged) token grid (M-RoPE models)
+    grid: tuple[int, int] = (0, 0)  # merged token grid (h, w) of the frame (M-RoPE models)
+
+
+_LLAVA = ("LlavaForConditionalGeneration",)
+_MROPE = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 
 
 @dataclass
@@ -41,7 +47,9 @@ class StreamSession:
     tokens exceed ``max_tokens``, the frame most similar to its predecessor is folded into it; if no pair is
     redundant, the oldest frame is evicted. ``ask`` answers from the held frames (frames-as-images), in order.
 
-    Supported: LLaVA-1.5-style models (``LlavaForConditionalGeneration``, e.g. the embedded default).
+    Supported: LLaVA-1.5-style models (``LlavaForConditionalGeneration``, e.g. the embedded default; held tokens are
+    numbered consecutively) and Qwen2-VL / Qwen2.5-VL (every held token keeps the M-RoPE position it has in its
+    frame, exactly as if the frames were passed as images and pruned by :func:`vlm_accel.accelerate`).
     """
 
     def __init__(
@@ -55,10 +63,11 @@ class StreamSession:
     ):
         from ..api import accelerate
 
-        if type(model).__name__ != "LlavaForConditionalGeneration":
+        if type(model).__name__ not in _LLAVA + _MROPE:
             raise TypeError(
-                f"streaming supports LlavaForConditionalGeneration models for now, not {type(model).__name__}"
+                f"streaming supports {', '.join(_LLAVA + _MROPE)} models for now, not {type(model).__name__}"
             )
+        self.mrope = type(model).__name__ in _MROPE
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
         self.model, self.processor = model, processor
@@ -80,6 +89,9 @@ class StreamSession:
         self._clock = t
         inputs = self.processor.image_processor(images=load_image(image), return_tensors="pt")
         pixels = inputs["pixel_values"].to(self.model.device, self.model.dtype)
+        vision = {"pixel_values": pixels}
+        if self.mrope:
+            vision["image_grid_thw"] = inputs["image_grid_thw"].to(self.model.device)
         self.stats.frames_seen += 1
         last = self.entries[-1] if self.entries else None
         if (
@@ -89,10 +101,15 @@ class StreamSession:
         ):
             last.t_end, last.frames = t, last.frames + 1  # same view: no encoding, no new tokens
             return
-        feats = self.session.encode_images(pixel_values=pixels)[0]
+        feats, index = self.session.encode_images(return_index=True, **vision)[0]
         self.stats.frames_encoded += 1
         self._last_pixels = pixels
-        self.entries.append(_Entry(t, t, feats))
+        grid = (0, 0)
+        if self.mrope:
+            m = self.model.config.vision_config.spatial_merge_size
+            _, h, w = vision["image_grid_thw"][0].tolist()
+            grid = (h // m, w // m)
+        self.entries.append(_Entry(t, t, feats, index=index, grid=grid))
         self._enforce_bound()
         self._refresh()
 
@@ -110,7 +127,7 @@ class StreamSession:
                 self.stats.evicted += 1
         if self.tokens_held > self.max_tokens:  # one frame larger than the bound: keep its first max_tokens
             e = self.entries[0]
-            e.features = e.features[: self.max_tokens]
+            e.features, e.index = e.features[: self.max_tokens], e.index[: self.max_tokens]
 
     def _refresh(self) -> None:
         self.stats.frames_held = len(self.entries)
@@ -128,9 +145,9 @@ class StreamSession:
         return feats + pix
 
     # --- questions --------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def ask(self, question: str, max_new_tokens: int = 16) -> str:
-        """Answer ``question`` from the frames held now (greedy)."""
+    def prompt_inputs(self, question: str) -> dict:
+        """What :meth:`ask` feeds the model: ``inputs_embeds`` ``[1, L, D]``, ``attention_mask`` ``[1, L]`` and, for
+        M-RoPE models, ``position_ids`` ``[3, 1, L]`` (held tokens at their places in their frames)."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
         if not self.entries:
@@ -140,23 +157,43 @@ class StreamSession:
         prompt = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         ids = proc.tokenizer(prompt, return_tensors="pt")["input_ids"][0]
         image_id = model.config.image_token_id
-        pieces, frame = [], 0
-        for tok in ids.tolist():  # each <image> placeholder becomes that frame's kept token count
-            pieces += [image_id] * self.entries[frame].features.shape[0] if tok == image_id else [tok]
-            frame += tok == image_id
+        pieces, frame, pos, p = [], 0, [], 0
+        for tok in ids.tolist():  # each image placeholder becomes that frame's kept tokens
+            if tok != image_id:
+                pieces.append(tok)
+                pos.append(torch.full((3, 1), p))
+                p += 1
+                continue
+            if frame >= len(self.entries):
+                raise RuntimeError("the chat template placed more image tokens than there are frames")
+            e = self.entries[frame]
+            pieces += [image_id] * e.features.shape[0]
+            if self.mrope:  # M-RoPE of an image: (t, row, col) offset by the text position before it
+                rows, cols = e.index.cpu() // e.grid[1], e.index.cpu() % e.grid[1]
+                pos.append(torch.stack([torch.zeros_like(rows), rows, cols]) + p)
+                p += max(e.grid)
+            frame += 1
         if frame != len(self.entries):
             raise RuntimeError("the chat template did not place one image token per frame")
         input_ids = torch.tensor([pieces], device=model.device)
         embeds = model.get_input_embeddings()(input_ids)
         feats = torch.cat([e.features for e in self.entries]).to(embeds.dtype)
         embeds = embeds.masked_scatter((input_ids == image_id)[..., None], feats)
-        out = model.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-        )
-        return proc.decode(out[0], skip_special_tokens=True).strip()
+        out = {"inputs_embeds": embeds, "attention_mask": torch.ones_like(input_ids)}
+        if self.mrope:
+            out["position_ids"] = torch.cat(pos, 1)[:, None, :].to(model.device)
+        return out
+
+    @torch.no_grad()
+    def ask(self, question: str, max_new_tokens: int = 16) -> str:
+        """Answer ``question`` from the frames held now (greedy)."""
+        inputs = self.prompt_inputs(question)
+        if not self.mrope:
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            return self.processor.decode(out[0], skip_special_tokens=True).strip()
+        return self.processor.decode(
+            _greedy_mrope(self.model, inputs, max_new_tokens), skip_special_tokens=True
+        ).strip()
 
     # --- lifetime ---------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -178,3 +215,30 @@ def stream(
 ) -> StreamSession:
     """Start a streaming session on ``model`` (see :class:`StreamSession`)."""
     return StreamSession(model, processor, budget, method, max_tokens, frame_cache)
+
+
+@torch.no_grad()
+def _greedy_mrope(model, inputs: dict, max_new_tokens: int) -> list[int]:
+    """Greedy decoding with explicit M-RoPE positions (``generate`` would recompute them from input ids)."""
+    import inspect
+
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    out = model(**inputs, use_cache=True)
+    nxt = int(inputs["position_ids"].max()) + 1
+    mask, tokens = inputs["attention_mask"], []
+    for step in range(max_new_tokens):
+        tok = int(out.logits[0, -1].argmax())
+        if tok in eos:
+            break
+        tokens.append(tok)
+        if step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+        pos = torch.full((3, 1, 1), nxt + step, device=mask.device)
+        ids = torch.tensor([[tok]], device=mask.device)
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: getattr(out, cache_kw)}
+        )
+    return tokens
