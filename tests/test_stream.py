@@ -68,7 +68,7 @@ def test_ask_matches_the_model_on_the_same_tokens(default_like):
 def test_stream_errors(default_like, models):
     model, processor = default_like
     with pytest.raises(TypeError, match="Qwen2VLForConditionalGeneration"):
-        vlm_accel.stream(models("qwen3_vl"), processor)  # deepstack features are not held by the stream yet
+        vlm_accel.stream(models("llava_next"), processor)
     with pytest.raises(ValueError, match="max_tokens"):
         vlm_accel.stream(model, processor, max_tokens=0)
     with vlm_accel.stream(model, processor) as s:
@@ -104,7 +104,7 @@ def _as_images(proc, frames, question: str) -> dict:
     }
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_qwen_stream_equals_frames_as_images(models, family):
     """Full budget: streaming a Qwen model = the unpatched model on the frames as images (logits, greedy answer).
     Pruned: = the unpatched LM on the kept tokens at their original M-RoPE positions."""
@@ -117,8 +117,7 @@ def test_qwen_stream_equals_frames_as_images(models, family):
     with vlm_accel.stream(model, proc, budget=1.0, max_tokens=10_000, frame_cache=None) as s:
         for f in frames:
             s.add_frame(f)
-        with torch.no_grad():
-            logits = model(**s.prompt_inputs(q)).logits
+        logits = s.logits(q)
         answer = s.ask(q, max_new_tokens=3)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     assert answer == proc.decode(ref_gen, skip_special_tokens=True).strip()
@@ -127,8 +126,7 @@ def test_qwen_stream_equals_frames_as_images(models, family):
     with vlm_accel.stream(model, proc, budget=0.5, method="divprune", max_tokens=10_000, frame_cache=None) as s:
         for f in frames:
             s.add_frame(f)
-        with torch.no_grad():
-            logits = model(**s.prompt_inputs(q)).logits
+        logits = s.logits(q)
         runs = (full["input_ids"][0] == tiny.IMAGE_ID).nonzero()[:, 0]
         starts = [int(runs[0])] + [int(b) for a, b in zip(runs[:-1], runs[1:], strict=True) if b != a + 1]
         text = (full["input_ids"][0] != tiny.IMAGE_ID).nonzero()[:, 0]
@@ -137,9 +135,9 @@ def test_qwen_stream_equals_frames_as_images(models, family):
     pos = lm_in["position_ids"]
     pos = pos[1:] if pos.shape[0] == 4 else pos  # the 3 M-RoPE axes (newer transformers prepend text positions)
     index = kept[None]
-    ref = oracle.run_lm(
-        model, oracle.take(lm_in["inputs_embeds"], index), oracle.take(pos, index), torch.ones_like(index)
-    )
+    valid = torch.ones_like(index, dtype=torch.bool)
+    embeds, pos = oracle.take(lm_in["inputs_embeds"], index), oracle.take(pos, index)
+    ref = oracle.run_lm(model, embeds, pos, torch.ones_like(index), lm_in, index, valid)  # Qwen3: deepstack in step
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
 
 

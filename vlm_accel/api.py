@@ -84,6 +84,15 @@ class _Pending:
         return [m for m in self.masks if self.infos.get(m)]
 
 
+@dataclass
+class Encoded:
+    """One image through :meth:`Session.encode_images` with ``detailed=True``."""
+
+    features: torch.Tensor  # [K, D] kept (or merged) tokens in original order
+    index: torch.Tensor  # [K] their places among the image's tokens (a merged token: its representative's)
+    deepstack: list[torch.Tensor]  # per deepstack layer [K, D] (Qwen3-VL), else empty
+
+
 def _expand_infos(infos: list[ImageInfo], mask: torch.Tensor) -> list[ImageInfo] | None:
     """Layouts in the placeholder order of ``mask`` ``[B, L]``, or ``None`` if they cannot fit it.
 
@@ -440,28 +449,32 @@ class Session:
         return parts
 
     @torch.no_grad()
-    def encode_images(self, return_index: bool = False, **vision_inputs) -> list:
+    def encode_images(self, detailed: bool = False, **vision_inputs) -> list:
         """Vision tower + projector + this session's reduction, outside a forward (e.g. for streaming).
 
         Takes what the processor returns for images (``pixel_values``, ``image_sizes``, ``image_grid_thw`` ...).
-        Returns per image its kept (or merged) features ``[K_i, D]`` in original token order; with ``return_index``,
-        per image ``(features, index)``, ``index`` ``[K_i]`` the kept tokens' positions among the image's tokens
-        (a merged token sits at its representative's position)."""
+        Returns per image its kept (or merged) features ``[K_i, D]`` in original token order; with ``detailed``, per
+        image an :class:`Encoded` (features, the kept tokens' places among the image's tokens, deepstack features)."""
         self._pending = _Pending()
         out = self.adapter.inner.get_image_features(**vision_inputs)
         infos = self._pending.infos.pop("image")
         self._pending = _Pending()
+        deep = getattr(out, "deepstack_features", None) or []
         result = []
-        for f, info in zip(out.pooler_output, infos, strict=True):
+        for j, (f, info) in enumerate(zip(out.pooler_output, infos, strict=True)):
             parts = self._reduce(f, info)
             if parts is None:
-                feats, index = f, torch.arange(f.shape[0], device=f.device)
+                enc = Encoded(f, torch.arange(f.shape[0], device=f.device), [d[j] for d in deep])
             else:
                 kept = torch.cat([k for _, k, _ in parts])
-                vals = torch.cat([f[k] if w is None else (w.float() @ f[i].float()).to(f.dtype) for i, k, w in parts])
                 order = kept.argsort()
-                feats, index = vals[order], kept[order]
-            result.append((feats, index) if return_index else feats)
+
+                def reduce(x: torch.Tensor, parts=parts, order=order) -> torch.Tensor:  # [n, D] -> [K, D]
+                    vals = [x[k] if w is None else (w.float() @ x[i].float()).to(x.dtype) for i, k, w in parts]
+                    return torch.cat(vals)[order]
+
+                enc = Encoded(reduce(f), kept[order], [reduce(d[j]) for d in deep])
+            result.append(enc if detailed else enc.features)
         return result
 
     def _segments(self, info: ImageInfo) -> list[Segment]:

@@ -4,7 +4,7 @@ and a question can come at any time."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,10 +23,11 @@ class _Entry:
     frames: int = 1  # frames this entry stands for
     index: torch.Tensor | None = None  # [K] kept tokens' places in the frame's (merged) token grid (M-RoPE models)
     grid: tuple[int, int] = (0, 0)  # merged token grid (h, w) of the frame (M-RoPE models)
+    deepstack: list[torch.Tensor] = field(default_factory=list)  # per deepstack layer [K, D] (Qwen3-VL)
 
 
 _LLAVA = ("LlavaForConditionalGeneration",)
-_MROPE = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+_MROPE = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
 
 
 @dataclass
@@ -48,8 +49,9 @@ class StreamSession:
     redundant, the oldest frame is evicted. ``ask`` answers from the held frames (frames-as-images), in order.
 
     Supported: LLaVA-1.5-style models (``LlavaForConditionalGeneration``, e.g. the embedded default; held tokens are
-    numbered consecutively) and Qwen2-VL / Qwen2.5-VL (every held token keeps the M-RoPE position it has in its
-    frame, exactly as if the frames were passed as images and pruned by :func:`vlm_accel.accelerate`).
+    numbered consecutively) and Qwen2-VL / Qwen2.5-VL / Qwen3-VL (every held token keeps the M-RoPE position, and
+    for Qwen3-VL the deepstack features, it has in its frame, exactly as if the frames were passed as images and
+    pruned by :func:`vlm_accel.accelerate`).
     """
 
     def __init__(
@@ -101,7 +103,7 @@ class StreamSession:
         ):
             last.t_end, last.frames = t, last.frames + 1  # same view: no encoding, no new tokens
             return
-        feats, index = self.session.encode_images(return_index=True, **vision)[0]
+        enc = self.session.encode_images(detailed=True, **vision)[0]
         self.stats.frames_encoded += 1
         self._last_pixels = pixels
         grid = (0, 0)
@@ -109,7 +111,7 @@ class StreamSession:
             m = self.model.config.vision_config.spatial_merge_size
             _, h, w = vision["image_grid_thw"][0].tolist()
             grid = (h // m, w // m)
-        self.entries.append(_Entry(t, t, feats, index=index, grid=grid))
+        self.entries.append(_Entry(t, t, enc.features, index=enc.index, grid=grid, deepstack=enc.deepstack))
         self._enforce_bound()
         self._refresh()
 
@@ -127,7 +129,8 @@ class StreamSession:
                 self.stats.evicted += 1
         if self.tokens_held > self.max_tokens:  # one frame larger than the bound: keep its first max_tokens
             e = self.entries[0]
-            e.features, e.index = e.features[: self.max_tokens], e.index[: self.max_tokens]
+            n = self.max_tokens
+            e.features, e.index, e.deepstack = e.features[:n], e.index[:n], [d[:n] for d in e.deepstack]
 
     def _refresh(self) -> None:
         self.stats.frames_held = len(self.entries)
@@ -146,8 +149,9 @@ class StreamSession:
 
     # --- questions --------------------------------------------------------------------------------------------
     def prompt_inputs(self, question: str) -> dict:
-        """What :meth:`ask` feeds the model: ``inputs_embeds`` ``[1, L, D]``, ``attention_mask`` ``[1, L]`` and, for
-        M-RoPE models, ``position_ids`` ``[3, 1, L]`` (held tokens at their places in their frames)."""
+        """What :meth:`ask` feeds the language model: ``inputs_embeds`` ``[1, L, D]``, ``attention_mask`` ``[1, L]``
+        and, for M-RoPE models, ``position_ids`` ``[3, 1, L]`` (held tokens at their places in their frames) and, for
+        Qwen3-VL, ``visual_pos_masks`` ``[1, L]`` + ``deepstack_visual_embeds`` (per layer ``[N_held, D]``)."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
         if not self.entries:
@@ -182,7 +186,19 @@ class StreamSession:
         out = {"inputs_embeds": embeds, "attention_mask": torch.ones_like(input_ids)}
         if self.mrope:
             out["position_ids"] = torch.cat(pos, 1)[:, None, :].to(model.device)
+        if self.entries[0].deepstack:
+            out["visual_pos_masks"] = input_ids == image_id
+            layers = zip(*(e.deepstack for e in self.entries), strict=True)
+            out["deepstack_visual_embeds"] = [torch.cat(d).to(embeds.dtype) for d in layers]
         return out
+
+    @torch.no_grad()
+    def logits(self, question: str) -> torch.Tensor:
+        """The prefill logits ``[1, L, V]`` :meth:`ask` starts from (the held frames + ``question``)."""
+        inputs = self.prompt_inputs(question)
+        if not self.mrope:
+            return self.model(**inputs).logits
+        return _lm(self.model, inputs)[0]
 
     @torch.no_grad()
     def ask(self, question: str, max_new_tokens: int = 16) -> str:
@@ -217,28 +233,36 @@ def stream(
     return StreamSession(model, processor, budget, method, max_tokens, frame_cache)
 
 
+def _lm(model, inputs: dict, **kwargs):
+    """Language model + head on explicit embeddings and positions: ``(logits [B, L, V], LM output)``."""
+    out = model.model.language_model(**inputs, use_cache=True, **kwargs)
+    return model.lm_head(out.last_hidden_state), out
+
+
 @torch.no_grad()
 def _greedy_mrope(model, inputs: dict, max_new_tokens: int) -> list[int]:
     """Greedy decoding with explicit M-RoPE positions (``generate`` would recompute them from input ids)."""
     import inspect
 
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    lm = model.model.language_model
+    cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    out = model(**inputs, use_cache=True)
+    logits, out = _lm(model, inputs)
     nxt = int(inputs["position_ids"].max()) + 1
     mask, tokens = inputs["attention_mask"], []
     for step in range(max_new_tokens):
-        tok = int(out.logits[0, -1].argmax())
+        tok = int(logits[0, -1].argmax())
         if tok in eos:
             break
         tokens.append(tok)
         if step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
-        pos = torch.full((3, 1, 1), nxt + step, device=mask.device)
-        ids = torch.tensor([[tok]], device=mask.device)
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: getattr(out, cache_kw)}
-        )
+        step_in = {
+            "inputs_embeds": model.get_input_embeddings()(torch.tensor([[tok]], device=mask.device)),
+            "attention_mask": mask,
+            "position_ids": torch.full((3, 1, 1), nxt + step, device=mask.device),
+        }
+        logits, out = _lm(model, step_in, **{cache_kw: getattr(out, cache_kw)})
     return tokens
