@@ -65,10 +65,10 @@ def test_ask_matches_the_model_on_the_same_tokens(default_like):
     assert answer == processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def test_stream_errors(default_like, models):
+def test_stream_errors(default_like):
     model, processor = default_like
     with pytest.raises(TypeError, match="Qwen2VLForConditionalGeneration"):
-        vlm_accel.stream(models("llava_next"), processor)
+        vlm_accel.stream(torch.nn.Linear(2, 2), processor)
     with pytest.raises(ValueError, match="max_tokens"):
         vlm_accel.stream(model, processor, max_tokens=0)
     with vlm_accel.stream(model, processor) as s:
@@ -83,34 +83,62 @@ def _qwen_frames(seed: int) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((16, 24), (24, 16))]
 
 
-def _as_images(proc, frames, question: str) -> dict:
-    """The frames passed to the unpatched model as images of one prompt (each image pad expanded, as the Qwen
-    processor does)."""
+def _as_images(model, proc, frames, question: str) -> dict:
+    """The frames passed to the unpatched model as images of one prompt, each image pad expanded to the image's
+    token count (as the family's processor does; OneVision: every frame encoded as a single anyres image)."""
     content = [{"type": "image"} for _ in frames] + [{"type": "text", "text": question}]
     ids = proc.tokenizer(proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
     vis = [proc.image_processor(images=f, return_tensors="pt") for f in frames]
-    grid = torch.cat([v["image_grid_thw"] for v in vis])
-    counts = iter((grid.prod(-1) // 4).tolist())
-    full = []
+    out = {"pixel_values": torch.cat([v["pixel_values"] for v in vis])}
+    if "image_grid_thw" in vis[0]:
+        out["image_grid_thw"] = torch.cat([v["image_grid_thw"] for v in vis])
+        counts = (out["image_grid_thw"].prod(-1) // 4).tolist()
+    else:
+        out["image_sizes"] = torch.cat([v["image_sizes"] for v in vis])
+        if "batch_num_images" in vis[0]:
+            out["batch_num_images"] = torch.ones(len(frames), dtype=torch.long)
+        with torch.no_grad():
+            feats = model.model.get_image_features(**out).pooler_output
+        counts = [f.shape[0] for f in feats]
+    counts, full = iter(counts), []
     for t in ids["input_ids"]:
         full += [t] * next(counts) if t == tiny.IMAGE_ID else [t]
     input_ids = torch.tensor([full])
-    return {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "pixel_values": torch.cat([v["pixel_values"] for v in vis]),
-        "image_grid_thw": grid,
-        "mm_token_type_ids": (input_ids == tiny.IMAGE_ID).long(),
-    }
+    out.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    if "image_grid_thw" in out:
+        out["mm_token_type_ids"] = (input_ids == tiny.IMAGE_ID).long()
+    return out
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_anyres_stream_equals_frames_as_images(models, family):
+    """Full budget: streaming LLaVA-NeXT / OneVision = the unpatched model on the frames as (anyres) images."""
+    model, proc, q = models(family), tiny.stream_processor(family), "w5 w6 w9"
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 255, (60, 100, 3), dtype=np.uint8)) for _ in range(2)]
+    full = _as_images(model, proc, frames, q)
+    with torch.no_grad():
+        ref_logits = model(**full).logits
+        ref_gen = model.generate(**full, max_new_tokens=3, do_sample=False)[0, full["input_ids"].shape[1] :]
+    with vlm_accel.stream(model, proc, budget=1.0, max_tokens=10_000, frame_cache=None) as s:
+        for f in frames:
+            s.add_frame(f)
+        logits = s.logits(q)
+        answer = s.ask(q, max_new_tokens=3)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert answer == proc.decode(ref_gen, skip_special_tokens=True).strip()
+    with vlm_accel.stream(model, proc, budget=8, max_tokens=10_000) as s:
+        s.add_frame(frames[0])
+        assert s.tokens_held < full["input_ids"].shape[1] // 2 and isinstance(s.ask(q, max_new_tokens=2), str)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_qwen_stream_equals_frames_as_images(models, family):
     """Full budget: streaming a Qwen model = the unpatched model on the frames as images (logits, greedy answer).
     Pruned: = the unpatched LM on the kept tokens at their original M-RoPE positions."""
-    model, proc, q = models(family), tiny.qwen_stream_processor(), "w5 w6 w9"
+    model, proc, q = models(family), tiny.stream_processor(), "w5 w6 w9"
     frames = _qwen_frames(0)
-    full = _as_images(proc, frames, q)
+    full = _as_images(model, proc, frames, q)
     with torch.no_grad():
         ref_logits = model(**full).logits
         ref_gen = model.generate(**full, max_new_tokens=3, do_sample=False)[0, full["input_ids"].shape[1] :]
@@ -142,7 +170,7 @@ def test_qwen_stream_equals_frames_as_images(models, family):
 
 
 def test_qwen_stream_memory_bound(models):
-    model, proc = models("qwen2_vl"), tiny.qwen_stream_processor()
+    model, proc = models("qwen2_vl"), tiny.stream_processor()
     with vlm_accel.stream(model, proc, budget=6, max_tokens=20) as s:
         for i in range(30):
             s.add_frame(_qwen_frames(i // 3)[0], t=i)  # the view changes every 3 frames

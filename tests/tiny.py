@@ -279,10 +279,10 @@ def build_default_like(seed: int = 0):
     return tf.LlavaForConditionalGeneration(cfg).eval(), processor
 
 
-def qwen_stream_processor(max_side: int = 24):
-    """What :class:`vlm_accel.video.stream.StreamSession` needs of a Qwen2-VL processor, for the tiny models: the
-    stock Qwen2-VL image processor (2-px patches, 2x2 merge) and a word-level tokenizer whose ids match ``IMAGE_ID``
-    etc. (words ``w3`` .. ``w99``)."""
+def stream_processor(family: str = "qwen2_vl"):
+    """What :class:`vlm_accel.video.stream.StreamSession` needs of a processor, for the tiny models: the family's
+    stock image processor (Qwen: 2-px patches, 2x2 merge, <= 24x24 px; LLaVA-NeXT / OneVision: 56-px tiles on the tiny
+    pinpoints) and a word-level tokenizer whose ids match ``IMAGE_ID`` etc. (words ``w3`` .. ``w99``)."""
     from types import SimpleNamespace
 
     from tokenizers import Tokenizer, pre_tokenizers
@@ -296,14 +296,19 @@ def qwen_stream_processor(max_side: int = 24):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
     fast.add_special_tokens({"additional_special_tokens": [t for t in specials if t.startswith("<|")]})
+    image = "<|vision_start|><|image_pad|><|vision_end|>" if family.startswith("qwen") else "<|image_pad|>"
     fast.chat_template = (
         "{% for m in messages %}{% for c in m['content'] %}"
-        "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> {% else %}{{ c['text'] }} {% endif %}"
+        "{% if c['type'] == 'image' %}" + image + " {% else %}{{ c['text'] }} {% endif %}"
         "{% endfor %}{% endfor %}{% if add_generation_prompt %}w7{% endif %}"
     )
-    ip = tf.Qwen2VLImageProcessorPil(
-        patch_size=2, temporal_patch_size=2, merge_size=2, min_pixels=4 * 4, max_pixels=max_side * max_side
-    )
+    if family.startswith("qwen"):
+        ip = tf.Qwen2VLImageProcessorPil(
+            patch_size=2, temporal_patch_size=2, merge_size=2, min_pixels=4 * 4, max_pixels=24 * 24
+        )
+    else:
+        cls = tf.LlavaNextImageProcessorPil if family == "llava_next" else tf.LlavaOnevisionImageProcessorPil
+        ip = cls(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, image_grid_pinpoints=_PINPOINTS)
     return SimpleNamespace(
         image_processor=ip,
         tokenizer=fast,

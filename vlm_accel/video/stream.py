@@ -26,7 +26,11 @@ class _Entry:
     deepstack: list[torch.Tensor] = field(default_factory=list)  # per deepstack layer [K, D] (Qwen3-VL)
 
 
-_LLAVA = ("LlavaForConditionalGeneration",)
+_LLAVA = (
+    "LlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
+)
 _MROPE = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
 
 
@@ -48,10 +52,10 @@ class StreamSession:
     tokens exceed ``max_tokens``, the frame most similar to its predecessor is folded into it; if no pair is
     redundant, the oldest frame is evicted. ``ask`` answers from the held frames (frames-as-images), in order.
 
-    Supported: LLaVA-1.5-style models (``LlavaForConditionalGeneration``, e.g. the embedded default; held tokens are
-    numbered consecutively) and Qwen2-VL / Qwen2.5-VL / Qwen3-VL (every held token keeps the M-RoPE position, and
-    for Qwen3-VL the deepstack features, it has in its frame, exactly as if the frames were passed as images and
-    pruned by :func:`vlm_accel.accelerate`).
+    Supported: LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision (e.g. the embedded default; each frame is an image, anyres
+    crops included, and held tokens are numbered consecutively) and Qwen2-VL / Qwen2.5-VL / Qwen3-VL (every held
+    token keeps the M-RoPE position, and for Qwen3-VL the deepstack features, it has in its frame, exactly as if the
+    frames were passed as images and pruned by :func:`vlm_accel.accelerate`).
     """
 
     def __init__(
@@ -92,8 +96,9 @@ class StreamSession:
         inputs = self.processor.image_processor(images=load_image(image), return_tensors="pt")
         pixels = inputs["pixel_values"].to(self.model.device, self.model.dtype)
         vision = {"pixel_values": pixels}
-        if self.mrope:
-            vision["image_grid_thw"] = inputs["image_grid_thw"].to(self.model.device)
+        for key in ("image_grid_thw", "image_sizes"):  # Qwen grids, anyres sizes
+            if key in inputs:
+                vision[key] = inputs[key].to(self.model.device)
         self.stats.frames_seen += 1
         last = self.entries[-1] if self.entries else None
         if (
