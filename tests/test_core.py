@@ -24,11 +24,13 @@ def test_full_budget_is_bit_identical(models, family, kind, attn):
             out = model(**inputs).logits
             gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
             beams = model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2)
+            static = model.generate(**inputs, max_new_tokens=3, do_sample=False, cache_implementation="static")
         ref_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         ref_beams = model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2)
     assert torch.equal(ref, out)
     assert torch.equal(gen, ref_gen)
     assert torch.equal(beams, ref_beams)
+    assert torch.equal(static, ref_gen[:, :-1])
     assert sess.stats.visual_tokens_kept == sess.stats.visual_tokens_in > 0
 
 
@@ -60,16 +62,23 @@ def test_oracle_prefill(models, family, kind, method, dtype):
     torch.testing.assert_close(logits[v], ref[v], **tol)
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("family,kind", tiny.CASES)
-def test_oracle_generate(models, family, kind):
-    """Every greedy decode step equals the unpatched LM run without cache on kept prompt + generated tokens."""
+def test_oracle_generate(models, family, kind, cache):
+    """Every greedy decode step equals the unpatched LM run without cache on kept prompt + generated tokens (also
+    with a static cache, whose masks ``generate`` prepares as 4-D tensors)."""
     model = models(family)
     inputs = tiny.inputs_for(model, family, kind, batch=2)
     full = oracle.lm_inputs(model, inputs)
     steps = 4
     with vlm_accel.accelerate(model, budget=0.25, method="divprune") as sess, torch.no_grad():
         out = model.generate(
-            **inputs, max_new_tokens=steps, do_sample=False, output_scores=True, return_dict_in_generate=True
+            **inputs,
+            max_new_tokens=steps,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            cache_implementation=cache,
         )
     tr = sess.trace
     seq = inputs["input_ids"].shape[1]

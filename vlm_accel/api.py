@@ -338,7 +338,9 @@ class Session:
         keep = ~mask
         merges = []
         for m in modalities:
-            self._select(embeds, masks[m], pending.infos[m], kwargs.get("attention_mask"), keep, merges)
+            self._select(
+                embeds, masks[m], pending.infos[m], _padding_mask(kwargs.get("attention_mask"), seq), keep, merges
+            )
         self.stats = Stats(visual_tokens_in=n_vis, seq_len_in=bsz * seq)
         if self.frame_cache is not None:
             self.stats.frames_in = self.frame_cache.stats.frames_in
@@ -364,10 +366,8 @@ class Session:
 
         kw = dict(kwargs)
         kw["inputs_embeds"] = take(_apply_merges(embeds, merges))
-        attn = kwargs.get("attention_mask")
+        attn = _padding_mask(kwargs.get("attention_mask"), seq)
         attn = torch.ones(bsz, seq, dtype=torch.long, device=embeds.device) if attn is None else attn
-        if attn.dim() != 2:
-            raise ValueError("vlm_accel needs a 2-D attention_mask (or none); got a prepared 4-D mask")
         kw["attention_mask"] = take(attn) * valid.to(attn.dtype)
         pos = kwargs.get("position_ids")
         if pos is None:
@@ -388,7 +388,7 @@ class Session:
         self.stats.selection_ms = (time.perf_counter() - t0) * 1e3
         extra = {k: kw[k] for k in ("visual_pos_masks", "deepstack_visual_embeds") if k in kw}
         self.trace = Trace(index, valid, kw["inputs_embeds"], kw["position_ids"], kw["attention_mask"], extra)
-        out = orig(**kw)
+        out = orig(**dict(kw, attention_mask=_fit_to(kw["attention_mask"], kwargs.get("attention_mask"))))
         self._decode = _Decode(seq, kw["attention_mask"])
         self._record_cache(out)
         return out
@@ -504,20 +504,50 @@ class Session:
     def _translate_decode(self, kwargs: dict, past: int) -> dict:
         st = self._decode
         kw = dict(kwargs)
+        q = (
+            kwargs["inputs_embeds"].shape[1]
+            if kwargs.get("inputs_embeds") is not None
+            else kwargs["input_ids"].shape[1]
+        )
         attn = kwargs.get("attention_mask")
-        if attn is not None and attn.dim() == 2 and attn.shape[1] >= st.full_len:
+        if attn is not None and not (torch.is_tensor(attn) and attn.dim() == 2):
+            # prepared for a static cache (from the reduced cache length): rebuild it; new tokens are never padding
+            new = st.prefix_mask.new_ones(st.prefix_mask.shape[0], int(past) + q - st.prefix_mask.shape[1])
+            kw["attention_mask"] = _fit_to(torch.cat([st.prefix_mask, new], dim=1), attn)
+        elif attn is not None and attn.shape[1] >= st.full_len:
             kw["attention_mask"] = torch.cat([st.prefix_mask.to(attn.dtype), attn[:, st.full_len :]], dim=1)
         if kwargs.get("position_ids") is None:
-            q = (
-                kwargs["inputs_embeds"].shape[1]
-                if kwargs.get("inputs_embeds") is not None
-                else kwargs["input_ids"].shape[1]
-            )
             dev = st.prefix_mask.device
             kw["position_ids"] = (torch.arange(q, device=dev) + past + st.delta)[None].expand(
                 st.prefix_mask.shape[0], q
             )
         return kw
+
+
+def _padding_mask(mask, length: int) -> torch.Tensor | None:
+    """The ``[B, length]`` 0/1 key mask of a prefill, from a 2-D mask or from the 4-D / per-layer-type dict masks
+    ``generate`` prepares for static caches (the last query row sees every earlier key that is not padding).
+    ``None`` stays ``None``."""
+    if mask is None or (torch.is_tensor(mask) and mask.dim() == 2):
+        return mask
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next((m for m in mask.values() if m is not None), None))
+        if mask is None:
+            return None
+    if not torch.is_tensor(mask) or mask.dim() != 4:
+        raise ValueError(f"vlm_accel: unsupported attention_mask {type(mask).__name__}; pass a 2-D [B, L] mask")
+    row = mask[:, 0, -1, :length]
+    return (row if row.dtype == torch.bool else row == 0).long()
+
+
+def _fit_to(mask: torch.Tensor, prepared) -> torch.Tensor:
+    """A reduced 2-D mask, zero-padded to the key length of the 4-D / dict mask ``generate`` prepared for a static
+    cache (the LM builds its own mask from it; static caches need it as long as the cache)."""
+    if isinstance(prepared, dict):
+        prepared = next((m for m in prepared.values() if m is not None), None)
+    if not torch.is_tensor(prepared) or prepared.dim() != 4 or prepared.shape[-1] <= mask.shape[1]:
+        return mask
+    return torch.nn.functional.pad(mask, (0, prepared.shape[-1] - mask.shape[1]))
 
 
 def _apply_merges(x: torch.Tensor, merges) -> torch.Tensor:
