@@ -230,14 +230,15 @@ def make_video_inputs(
     return out
 
 
-# image: one image per row; multi: two images in the first row, one in the second; video: one clip per row
-CASES = [(f, k) for k in ("image", "multi") for f in FAMILIES] + [(f, "video") for f in VIDEO_FAMILIES]
+# image: one image per row; multi: two images in the first row, one in the second; mixed: an image in the first row,
+# text only in the second; video: one clip per row
+CASES = [(f, k) for k in ("image", "multi", "mixed") for f in FAMILIES] + [(f, "video") for f in VIDEO_FAMILIES]
 
 
 def inputs_for(model, family: str, kind: str, batch: int = 1, seed: int = 0, dtype=torch.float32) -> dict:
     if kind == "video":
         return make_video_inputs(model, family, batch=batch, seed=seed, dtype=dtype)
-    per_row = (2, 1)[:batch] if kind == "multi" else None
+    per_row = {"multi": (2, 1), "mixed": (1, 0)}.get(kind, (1, 1))[:batch]
     return make_inputs(model, family, batch=batch, seed=seed, dtype=dtype, per_row=per_row)
 
 

@@ -335,26 +335,28 @@ class Session:
                 return orig(**kwargs)
             pending.infos[m] = infos
         t0 = time.perf_counter()
+        attn = _padding_mask(kwargs.get("attention_mask"), seq)
         keep = ~mask
         merges = []
         for m in modalities:
-            self._select(
-                embeds, masks[m], pending.infos[m], _padding_mask(kwargs.get("attention_mask"), seq), keep, merges
-            )
-        self.stats = Stats(visual_tokens_in=n_vis, seq_len_in=bsz * seq)
+            self._select(embeds, masks[m], pending.infos[m], attn, keep, merges)
+        n_in = bsz * seq if attn is None else int(attn.sum())
+        self.stats = Stats(visual_tokens_in=n_vis, seq_len_in=n_in)
         if self.frame_cache is not None:
             self.stats.frames_in = self.frame_cache.stats.frames_in
             self.stats.frames_encoded = self.frame_cache.stats.frames_encoded
         if bool(keep.all()):  # nothing dropped: the model runs exactly as unpatched
             self.stats.visual_tokens_kept = n_vis
-            self.stats.seq_len_kept = bsz * seq
+            self.stats.seq_len_kept = n_in
             self.stats.selection_ms = (time.perf_counter() - t0) * 1e3
             out = orig(**kwargs)
             self._decode = None
             self._record_cache(out)
             return out
 
-        # reduced layout: per row, kept tokens in order, left-padded to the longest row
+        # reduced layout: per row, kept tokens in order (padding dropped too), left-padded to the longest row
+        if attn is not None:
+            keep &= attn.bool()
         new_len = int(keep.sum(1).max())
         index = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, seq - new_len :]
         valid = keep.gather(1, index)
@@ -366,7 +368,6 @@ class Session:
 
         kw = dict(kwargs)
         kw["inputs_embeds"] = take(_apply_merges(embeds, merges))
-        attn = _padding_mask(kwargs.get("attention_mask"), seq)
         attn = torch.ones(bsz, seq, dtype=torch.long, device=embeds.device) if attn is None else attn
         kw["attention_mask"] = take(attn) * valid.to(attn.dtype)
         pos = kwargs.get("position_ids")
