@@ -15,7 +15,9 @@ def test_method_contract(name, k, grid):
     n = grid[0] * grid[1]
     k = min(k, n - 1)
     x = torch.randn(n, 16, generator=torch.Generator().manual_seed(k))
-    ctx = Context(grid=grid, importance=torch.rand(n), generator=torch.Generator().manual_seed(0))
+    ctx = Context(
+        grid=grid, importance=torch.rand(n), query=torch.randn(5, 16), generator=torch.Generator().manual_seed(0)
+    )
     red = get(name)(x, k, ctx)
     assert red.keep.shape == (k,) and red.keep.dtype == torch.long
     assert bool((red.keep.diff() > 0).all()) and 0 <= int(red.keep.min()) and int(red.keep.max()) < n
@@ -48,6 +50,28 @@ def test_divprune_picks_distinct_clusters():
     x = centers.repeat_interleave(5, 0) + 0.01 * torch.randn(20, 4)
     red = get("divprune")(x, 4, Context())
     assert sorted((red.keep // 5).tolist()) == [0, 1, 2, 3]
+
+
+def test_relevance_keeps_question_tokens_then_covers_the_rest():
+    """Tokens matching the question's words come first; the rest of the quota covers the other clusters."""
+    centers = torch.eye(6) * 10
+    x = centers.repeat_interleave(5, 0) + 0.01 * torch.randn(30, 6)  # 6 clusters of 5 tokens
+    query = torch.stack([centers[4], torch.randn(6) * 0.01])  # the question names cluster 4
+    red = get("relevance")(x, 6, Context(query=query))
+    clusters = (red.keep // 5).tolist()
+    assert clusters.count(4) == 3  # half the quota: the relevant cluster
+    assert len(set(clusters) - {4}) == 3  # the other half: three different clusters
+    without = get("relevance")(x, 6, Context())  # no question: pure diversity
+    assert sorted((without.keep // 5).tolist()) == [0, 1, 2, 3, 4, 5]
+
+
+def test_max_min_diverse_from_a_seed_set():
+    from vlm_accel.methods.diversity import max_min_diverse
+
+    x = torch.eye(4).repeat_interleave(3, 0) + 0.01 * torch.randn(12, 4)
+    init = torch.tensor([0, 1, 2])  # cluster 0 already chosen
+    extra = max_min_diverse(x, 3, init=init)
+    assert not set(extra.tolist()) & {0, 1, 2} and sorted((extra // 3).tolist()) == [1, 2, 3]
 
 
 def test_tome_merges_duplicates_size_weighted():

@@ -7,18 +7,24 @@ import torch
 from .base import Context, Reduction, cosine_sim, register
 
 
-def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
+def max_min_diverse(x: torch.Tensor, k: int, init: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy farthest-point selection. ``x`` ``[N, D]`` -> ``[k]`` indices (in selection order).
 
-    Starts from the token with the largest mean cosine distance, then repeatedly adds the token whose distance to
-    its nearest selected token is largest.
+    Starts from ``init`` (indices already chosen, not counted in ``k``) or else from the token with the largest mean
+    cosine distance, then repeatedly adds the token whose distance to its nearest chosen token is largest.
     """
     dist = 1.0 - cosine_sim(x)  # [N, N]
     chosen = torch.empty(k, dtype=torch.long, device=x.device)
-    chosen[0] = dist.mean(1).argmax()
-    min_d = dist[chosen[0]].clone()
-    min_d[chosen[0]] = -torch.inf  # chosen tokens stay at -inf: min() never lifts them
-    for i in range(1, k):
+    if init is not None and init.numel():
+        min_d = dist[init].min(0).values
+        min_d[init] = -torch.inf
+        start = 0
+    else:
+        chosen[0] = dist.mean(1).argmax()
+        min_d = dist[chosen[0]].clone()
+        min_d[chosen[0]] = -torch.inf  # chosen tokens stay at -inf: min() never lifts them
+        start = 1
+    for i in range(start, k):
         chosen[i] = min_d.argmax()
         min_d = torch.minimum(min_d, dist[chosen[i]])
         min_d[chosen[i]] = -torch.inf
