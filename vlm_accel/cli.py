@@ -1,10 +1,11 @@
-"""``vlm-accel`` command line: ``ask``, ``methods``, ``bench speed``, ``bench vqa``."""
+"""``vlm-accel`` command line: ``ask`` (image or video), ``methods``, ``bench speed|vqa|videoqa|video``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +24,6 @@ def load_model(path: str | None):
 
     if path is None:
         return zoo.load_default()
-    from pathlib import Path
-
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if not (Path(path) / "config.json").is_file():
@@ -33,11 +32,16 @@ def load_model(path: str | None):
     return model, AutoProcessor.from_pretrained(path, local_files_only=True)
 
 
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+
+
 def cmd_ask(a) -> int:
     import vlm_accel
 
     from . import zoo
 
+    if Path(a.image).suffix.lower() in VIDEO_SUFFIXES:
+        return _ask_video(a)
     image = zoo.load_image(a.image)  # clear ValueError before loading any model
     model, processor = load_model(a.model)
     if a.budget is not None and a.budget != 1.0:
@@ -46,6 +50,32 @@ def cmd_ask(a) -> int:
         logger.info("visual tokens kept: %d of %d", sess.stats.visual_tokens_kept, sess.stats.visual_tokens_in)
     else:
         answer = zoo.ask(model, processor, image, a.question, max_new_tokens=a.max_new_tokens)
+    print(answer)  # noqa: T201
+    return 0
+
+
+def _ask_video(a) -> int:
+    """Video: ``--frames`` frames sampled uniformly, streamed as images (each reduced to ``--budget``) into a stream
+    bounded at half the language model's context, then the question."""
+    import vlm_accel
+
+    from .video import load
+
+    clip = load(a.image, num_frames=a.frames)  # clear ValueError before loading any model
+    model, processor = load_model(a.model)
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", 8192)
+    budget = 1.0 if a.budget is None else a.budget
+    with vlm_accel.stream(model, processor, budget=budget, method=a.method, max_tokens=max(1, context // 2)) as live:
+        for frame, t in zip(clip.frames, clip.timestamps, strict=True):
+            live.add_frame(frame, float(t))
+        answer = live.ask(a.question, max_new_tokens=a.max_new_tokens)
+        logger.info(
+            "frames: %d sampled, %d encoded, %d held (%d tokens)",
+            len(clip),
+            live.stats.frames_encoded,
+            live.stats.frames_held,
+            live.stats.tokens_held,
+        )
     print(answer)  # noqa: T201
     return 0
 
@@ -63,13 +93,16 @@ def main(argv=None) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    q = sub.add_parser("ask", help="answer a question about an image (the answer is the last line of stdout)")
-    q.add_argument("image")
+    q = sub.add_parser(
+        "ask", help="answer a question about an image or a video (the answer is the last line of stdout)"
+    )
+    q.add_argument("image", help="image file, or video file (.mp4, .avi, .mov, .mkv, .webm)")
     q.add_argument("question")
     q.add_argument("--budget", type=_budget, default=None, help="fraction (0, 1] or tokens per image")
     q.add_argument("--method", default="auto")
     q.add_argument("--model", default=None, help="local model directory (default: the embedded model)")
     q.add_argument("--max-new-tokens", type=int, default=8)
+    q.add_argument("--frames", type=int, default=8, help="video: frames sampled uniformly")
     q.set_defaults(fn=cmd_ask)
 
     m = sub.add_parser("methods", help="list the registered token-reduction methods")

@@ -1,0 +1,41 @@
+"""`vlm-accel ask` on the embedded model: images and videos, answer on the last stdout line, clear errors."""
+
+import logging
+
+import pytest
+
+from vlm_accel import cli, zoo
+
+
+def test_ask_image_prints_the_answer_last(capsys):
+    s = zoo.samples()[0]
+    assert cli.main(["ask", str(s["path"]), s["question"], "--budget", "0.33"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == s["answer"]
+
+
+@pytest.mark.parametrize("name", ["missing.png", "missing.mp4"])
+def test_ask_missing_file_is_a_clear_error(tmp_path, capsys, name):
+    assert cli.main(["ask", str(tmp_path / name), "What shape is in the image?"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_ask_corrupt_image(tmp_path, capsys):
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot a png")
+    assert cli.main(["ask", str(bad), "What shape is in the image?"]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+
+
+def test_ask_video_streams_the_sampled_frames(tmp_path, capsys, caplog):
+    pytest.importorskip("av")
+    from vlm_accel.video.synthetic import write_clips
+
+    write_clips(tmp_path, n=1, frames=6)
+    clip = tmp_path / "clip_0000.mp4"
+    with caplog.at_level(logging.INFO, logger="vlm_accel.cli"):
+        rc = cli.main(["ask", str(clip), "What color is the shape?", "--frames", "4", "--budget", "16"])
+    assert rc == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1]  # an answer (the default model never saw videos)
+    (msg,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("frames:")]
+    held = int(msg.split("(")[1].split()[0])
+    assert msg.startswith("frames: 4 sampled") and held % 16 == 0 and 16 <= held <= 64
