@@ -110,12 +110,9 @@ def _as_images(model, proc, frames, question: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
-def test_anyres_stream_equals_frames_as_images(models, family):
-    """Full budget: streaming LLaVA-NeXT / OneVision = the unpatched model on the frames as (anyres) images."""
-    model, proc, q = models(family), tiny.stream_processor(family), "w5 w6 w9"
-    rng = np.random.default_rng(0)
-    frames = [Image.fromarray(rng.integers(0, 255, (60, 100, 3), dtype=np.uint8)) for _ in range(2)]
+def _check_full_budget(model, proc, frames, q: str) -> dict:
+    """At full budget the stream's prefill logits and greedy answer are the unpatched model's on the frames as images;
+    returns those full inputs."""
     full = _as_images(model, proc, frames, q)
     with torch.no_grad():
         ref_logits = model(**full).logits
@@ -127,6 +124,16 @@ def test_anyres_stream_equals_frames_as_images(models, family):
         answer = s.ask(q, max_new_tokens=3)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     assert answer == proc.decode(ref_gen, skip_special_tokens=True).strip()
+    return full
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_anyres_stream_equals_frames_as_images(models, family):
+    """Full budget: streaming LLaVA-NeXT / OneVision = the unpatched model on the frames as (anyres) images."""
+    model, proc, q = models(family), tiny.stream_processor(family), "w5 w6 w9"
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 255, (60, 100, 3), dtype=np.uint8)) for _ in range(2)]
+    full = _check_full_budget(model, proc, frames, q)
     with vlm_accel.stream(model, proc, budget=8, max_tokens=10_000) as s:
         s.add_frame(frames[0])
         assert s.tokens_held < full["input_ids"].shape[1] // 2 and isinstance(s.ask(q, max_new_tokens=2), str)
@@ -138,17 +145,7 @@ def test_qwen_stream_equals_frames_as_images(models, family):
     Pruned: = the unpatched LM on the kept tokens at their original M-RoPE positions."""
     model, proc, q = models(family), tiny.stream_processor(), "w5 w6 w9"
     frames = _qwen_frames(0)
-    full = _as_images(model, proc, frames, q)
-    with torch.no_grad():
-        ref_logits = model(**full).logits
-        ref_gen = model.generate(**full, max_new_tokens=3, do_sample=False)[0, full["input_ids"].shape[1] :]
-    with vlm_accel.stream(model, proc, budget=1.0, max_tokens=10_000, frame_cache=None) as s:
-        for f in frames:
-            s.add_frame(f)
-        logits = s.logits(q)
-        answer = s.ask(q, max_new_tokens=3)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
-    assert answer == proc.decode(ref_gen, skip_special_tokens=True).strip()
+    full = _check_full_budget(model, proc, frames, q)
 
     lm_in = oracle.lm_inputs(model, full)
     with vlm_accel.stream(model, proc, budget=0.5, method="divprune", max_tokens=10_000, frame_cache=None) as s:
