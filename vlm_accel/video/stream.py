@@ -70,9 +70,7 @@ class StreamSession:
         from ..api import accelerate
 
         if type(model).__name__ not in _LLAVA + _MROPE:
-            raise TypeError(
-                f"streaming supports {', '.join(_LLAVA + _MROPE)} models for now, not {type(model).__name__}"
-            )
+            raise TypeError(f"streaming supports {', '.join(_LLAVA + _MROPE)}, not {type(model).__name__}")
         self.mrope = type(model).__name__ in _MROPE
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
