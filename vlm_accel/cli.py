@@ -1,4 +1,4 @@
-"""``vlm-accel`` command line: ``ask`` (image or video), ``methods``, ``bench speed|vqa|videoqa|video``."""
+"""``vlm-accel`` command line: ``ask`` (image or video), ``demo``, ``methods``, ``bench speed|vqa|videoqa|video``."""
 
 from __future__ import annotations
 
@@ -55,27 +55,19 @@ def cmd_ask(a) -> int:
 
 
 def _ask_video(a) -> int:
-    """Video: ``--frames`` frames sampled uniformly, streamed as images (each reduced to ``--budget``) into a stream
-    bounded at half the language model's context, then the question."""
-    import vlm_accel
+    from .video import ask_video, load
 
-    from .video import load
-
-    clip = load(a.image, num_frames=a.frames)  # clear ValueError before loading any model
+    load(a.image, num_frames=1)  # clear ValueError before loading any model
     model, processor = load_model(a.model)
-    context = getattr(model.config.get_text_config(), "max_position_embeddings", 8192)
     budget = 1.0 if a.budget is None else a.budget
-    with vlm_accel.stream(model, processor, budget=budget, method=a.method, max_tokens=max(1, context // 2)) as live:
-        for frame, t in zip(clip.frames, clip.timestamps, strict=True):
-            live.add_frame(frame, float(t))
-        answer = live.ask(a.question, max_new_tokens=a.max_new_tokens)
-        logger.info(
-            "frames: %d sampled, %d encoded, %d held (%d tokens)",
-            len(clip),
-            live.stats.frames_encoded,
-            live.stats.frames_held,
-            live.stats.tokens_held,
-        )
+    answer, st = ask_video(model, processor, a.image, a.question, budget, a.method, a.frames, a.max_new_tokens)
+    logger.info(
+        "frames: %d sampled, %d encoded, %d held (%d tokens)",
+        st.frames_seen,
+        st.frames_encoded,
+        st.frames_held,
+        st.tokens_held,
+    )
     print(answer)  # noqa: T201
     return 0
 
@@ -104,6 +96,12 @@ def main(argv=None) -> int:
     q.add_argument("--max-new-tokens", type=int, default=8)
     q.add_argument("--frames", type=int, default=8, help="video: frames sampled uniformly")
     q.set_defaults(fn=cmd_ask)
+
+    from . import demo
+
+    d = sub.add_parser("demo", help="start the Gradio app: image and video Q&A, full vs accelerated")
+    demo.add_arguments(d)
+    d.set_defaults(fn=lambda a: demo.launch(a.model, a.port, a.share))
 
     m = sub.add_parser("methods", help="list the registered token-reduction methods")
     m.set_defaults(fn=cmd_methods)

@@ -1,6 +1,6 @@
 """Video: loading (decord, PyAV fallback), frame cache and streaming sessions."""
 
 from .io import Video, load, sample_indices
-from .stream import StreamSession, stream
+from .stream import StreamSession, ask_video, stream
 
-__all__ = ["StreamSession", "Video", "load", "sample_indices", "stream"]
+__all__ = ["StreamSession", "Video", "ask_video", "load", "sample_indices", "stream"]

@@ -269,3 +269,29 @@ def _greedy_mrope(model, inputs: dict, max_new_tokens: int) -> list[int]:
         }
         logits, out = _lm(model, step_in, **{cache_kw: getattr(out, cache_kw)})
     return tokens
+
+
+def ask_video(
+    model,
+    processor,
+    path,
+    question: str,
+    budget=1.0,
+    method: str = "auto",
+    frames: int = 8,
+    max_new_tokens: int = 16,
+) -> tuple[str, StreamStats]:
+    """Answer ``question`` about the video file ``path``: ``frames`` frames sampled uniformly are streamed as images
+    (each reduced to ``budget``) into a stream bounded at half the language model's context.
+
+    Returns ``(answer, stats)``. Raises ``ValueError`` for a missing or unreadable video."""
+    from .io import load
+
+    clip = load(path, num_frames=frames)
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", 8192)
+    with stream(model, processor, budget=budget, method=method, max_tokens=max(1, context // 2)) as live:
+        for frame, t in zip(clip.frames, clip.timestamps, strict=True):
+            live.add_frame(frame, float(t))
+        answer = live.ask(question, max_new_tokens=max_new_tokens)
+        stats = StreamStats(**vars(live.stats))
+    return answer, stats
