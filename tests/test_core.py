@@ -179,6 +179,30 @@ def test_oracle_beam_search(models, family, kind, method):
     torch.testing.assert_close(out.sequences_scores, (logp * alive).sum(1), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family,kind", tiny.CASES)
+def test_generate_without_cache_matches_cached(models, family, kind):
+    """``use_cache=False`` re-runs prompt + generated tokens every step with the images encoded once: every step
+    reuses the first step's choice (even ``random``'s), so it equals cached generation."""
+    model = models(family)
+    inputs = tiny.inputs_for(model, family, kind, batch=2)
+    outs = []
+    for use_cache in (True, False):
+        with vlm_accel.accelerate(model, budget=0.25, method="random") as sess, torch.no_grad():
+            outs.append(
+                model.generate(
+                    **inputs,
+                    max_new_tokens=3,
+                    do_sample=False,
+                    use_cache=use_cache,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                )
+            )
+        assert sess.stats.visual_tokens_kept < sess.stats.visual_tokens_in  # the last step was reduced too
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    torch.testing.assert_close(torch.stack(outs[1].scores), torch.stack(outs[0].scores), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_manual_decode_loop_without_mask(models, family):
     """A hand-written greedy loop that passes only the new token and the cache equals ``generate``."""

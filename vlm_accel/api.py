@@ -73,6 +73,25 @@ class _Decode:
 
 
 @dataclass
+class _Replay:
+    """The last prefill's choice, for forwards that re-run its prompt without re-encoding the images."""
+
+    mask: torch.Tensor  # [B, L] visual placeholders
+    keep: torch.Tensor  # [B, L] kept positions (padding not yet dropped)
+    merges: list
+    feats: torch.Tensor  # [N, D] the visual embeddings it chose among
+
+    def matches(self, mask: torch.Tensor, embeds: torch.Tensor) -> bool:
+        """Same rows, same placeholders first, no new ones after, same visual embeddings."""
+        b, n = self.mask.shape
+        if mask.shape[0] != b or mask.shape[1] < n or bool(mask[:, n:].any()):
+            return False
+        if not torch.equal(mask[:, :n], self.mask.to(mask.device)):
+            return False
+        return torch.equal(embeds[:, :n][self.mask.to(embeds.device)], self.feats.to(embeds.device))
+
+
+@dataclass
 class _Pending:
     """What the vision side of one forward reported: per modality (``"image"``, ``"video"``) the layouts of its
     inputs in placeholder order and the ``[B, L]`` placeholder mask."""
@@ -141,6 +160,7 @@ class Session:
         self._patched: list[tuple[object, str, object]] = []  # (object, attribute, previous instance value)
         self._pending = _Pending()
         self._decode: _Decode | None = None
+        self._replay: _Replay | None = None
         self._encoding = False
         self.frame_cache = None
         if frame_cache is not None:
@@ -193,6 +213,7 @@ class Session:
             delattr(self.model, _SESSION_ATTR)
         self._pending = _Pending()
         self._decode = None
+        self._replay = None
 
     @property
     def active(self) -> bool:
@@ -267,6 +288,8 @@ class Session:
             elif past and self._decode is not None and self._decode.cache is not None:
                 if self._decode.cache() is cache:
                     return orig(**self._translate_decode(kwargs, past))
+            if not past and pending.masks and self._replay is not None:
+                return self._prefill(orig, kwargs, pending, replay=self._replay)
             if not past:
                 self._decode = None
             return orig(**kwargs)
@@ -321,14 +344,20 @@ class Session:
         return loss_function
 
     # --- prefill ----------------------------------------------------------------------------------------------
-    def _prefill(self, orig, kwargs: dict, pending: _Pending):
+    def _prefill(self, orig, kwargs: dict, pending: _Pending, replay: _Replay | None = None):
+        """Reduce and run a prefill. ``replay``: a forward whose images were encoded earlier (``generate`` without
+        cache re-runs the whole prompt + generated tokens): the last prefill's choice, if the same visual tokens come
+        first, extended by the new tokens; anything else runs unreduced."""
         embeds = kwargs["inputs_embeds"]
-        modalities = pending.ready()
+        modalities = list(pending.masks) if replay is not None else pending.ready()
         masks = {m: pending.masks[m].to(embeds.device) for m in modalities}
         mask = torch.stack(list(masks.values())).any(0)
         bsz, seq = mask.shape
         n_vis = int(mask.sum())
-        for m in modalities:
+        if replay is not None and not replay.matches(mask, embeds):
+            self._decode = None
+            return orig(**kwargs)
+        for m in modalities if replay is None else ():
             infos = _expand_infos(pending.infos[m], masks[m])
             if infos is None:
                 logger.warning("vlm_accel: %s features and placeholders disagree; running unreduced", m)
@@ -338,8 +367,13 @@ class Session:
         attn = _padding_mask(kwargs.get("attention_mask"), seq)
         keep = ~mask
         merges = []
-        for m in modalities:
-            self._select(embeds, masks[m], pending.infos[m], attn, keep, merges)
+        if replay is None:
+            for m in modalities:
+                self._select(embeds, masks[m], pending.infos[m], attn, keep, merges)
+            self._replay = _Replay(mask, keep.clone(), merges, embeds[mask])
+        else:
+            keep[:, : replay.keep.shape[1]] = replay.keep
+            merges = replay.merges
         n_in = bsz * seq if attn is None else int(attn.sum())
         self.stats = Stats(visual_tokens_in=n_vis, seq_len_in=n_in)
         if self.frame_cache is not None:
