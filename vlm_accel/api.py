@@ -79,7 +79,7 @@ class _Replay:
     mask: torch.Tensor  # [B, L] visual placeholders
     keep: torch.Tensor  # [B, L] kept positions (padding not yet dropped)
     merges: list
-    feats: torch.Tensor  # [N, D] the visual embeddings it chose among
+    embeds: torch.Tensor  # [B, L, D] the prefill's embeddings (detached reference, compared only on replay)
 
     def matches(self, mask: torch.Tensor, embeds: torch.Tensor) -> bool:
         """Same rows, same placeholders first, no new ones after, same visual embeddings."""
@@ -88,7 +88,8 @@ class _Replay:
             return False
         if not torch.equal(mask[:, :n], self.mask.to(mask.device)):
             return False
-        return torch.equal(embeds[:, :n][self.mask.to(embeds.device)], self.feats.to(embeds.device))
+        vis = self.mask.to(embeds.device)
+        return torch.equal(embeds[:, :n][vis], self.embeds.to(embeds.device)[vis])
 
 
 @dataclass
@@ -357,12 +358,13 @@ class Session:
         if replay is not None and not replay.matches(mask, embeds):
             self._decode = None
             return orig(**kwargs)
-        for m in modalities if replay is None else ():
-            infos = _expand_infos(pending.infos[m], masks[m])
-            if infos is None:
-                logger.warning("vlm_accel: %s features and placeholders disagree; running unreduced", m)
-                return orig(**kwargs)
-            pending.infos[m] = infos
+        if replay is None:
+            for m in modalities:
+                infos = _expand_infos(pending.infos[m], masks[m])
+                if infos is None:
+                    logger.warning("vlm_accel: %s features and placeholders disagree; running unreduced", m)
+                    return orig(**kwargs)
+                pending.infos[m] = infos
         t0 = time.perf_counter()
         attn = _padding_mask(kwargs.get("attention_mask"), seq)
         keep = ~mask
@@ -370,7 +372,7 @@ class Session:
         if replay is None:
             for m in modalities:
                 self._select(embeds, masks[m], pending.infos[m], attn, keep, merges)
-            self._replay = _Replay(mask, keep.clone(), merges, embeds[mask])
+            self._replay = _Replay(mask, keep.clone(), merges, embeds.detach())
         else:
             keep[:, : replay.keep.shape[1]] = replay.keep
             merges = replay.merges
@@ -503,12 +505,9 @@ class Session:
             else:
                 kept = torch.cat([k for _, k, _ in parts])
                 order = kept.argsort()
-
-                def reduce(x: torch.Tensor, parts=parts, order=order) -> torch.Tensor:  # [n, D] -> [K, D]
-                    vals = [x[k] if w is None else (w.float() @ x[i].float()).to(x.dtype) for i, k, w in parts]
-                    return torch.cat(vals)[order]
-
-                enc = Encoded(reduce(f), kept[order], [reduce(d[j]) for d in deep])
+                enc = Encoded(
+                    _take_parts(f, parts, order), kept[order], [_take_parts(d[j], parts, order) for d in deep]
+                )
             result.append(enc if detailed else enc.features)
         return result
 
@@ -559,16 +558,22 @@ class Session:
         return kw
 
 
+def _prepared(mask):
+    """The 4-D mask out of ``generate``'s per-layer-type dict (the full-attention one: the longest keys)."""
+    if isinstance(mask, dict):
+        return mask.get("full_attention", next((m for m in mask.values() if m is not None), None))
+    return mask
+
+
 def _padding_mask(mask, length: int) -> torch.Tensor | None:
     """The ``[B, length]`` 0/1 key mask of a prefill, from a 2-D mask or from the 4-D / per-layer-type dict masks
     ``generate`` prepares for static caches (the last query row sees every earlier key that is not padding).
     ``None`` stays ``None``."""
     if mask is None or (torch.is_tensor(mask) and mask.dim() == 2):
         return mask
-    if isinstance(mask, dict):
-        mask = mask.get("full_attention", next((m for m in mask.values() if m is not None), None))
-        if mask is None:
-            return None
+    mask = _prepared(mask)
+    if mask is None:
+        return None
     if not torch.is_tensor(mask) or mask.dim() != 4:
         raise ValueError(f"vlm_accel: unsupported attention_mask {type(mask).__name__}; pass a 2-D [B, L] mask")
     row = mask[:, 0, -1, :length]
@@ -578,11 +583,17 @@ def _padding_mask(mask, length: int) -> torch.Tensor | None:
 def _fit_to(mask: torch.Tensor, prepared) -> torch.Tensor:
     """A reduced 2-D mask, zero-padded to the key length of the 4-D / dict mask ``generate`` prepared for a static
     cache (the LM builds its own mask from it; static caches need it as long as the cache)."""
-    if isinstance(prepared, dict):
-        prepared = next((m for m in prepared.values() if m is not None), None)
+    prepared = _prepared(prepared)
     if not torch.is_tensor(prepared) or prepared.dim() != 4 or prepared.shape[-1] <= mask.shape[1]:
         return mask
     return torch.nn.functional.pad(mask, (0, prepared.shape[-1] - mask.shape[1]))
+
+
+def _take_parts(x: torch.Tensor, parts, order: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[n, D]`` (one input's tokens, or a per-token tensor beside them) -> ``[K, D]``: what
+    :meth:`Session._reduce` ``parts`` keep or merge, in original token order (``order`` sorts the kept indices)."""
+    vals = [x[k] if w is None else (w.float() @ x[i].float()).to(x.dtype) for i, k, w in parts]
+    return torch.cat(vals)[order]
 
 
 def _apply_merges(x: torch.Tensor, merges) -> torch.Tensor:

@@ -57,10 +57,10 @@ def cmd_ask(a) -> int:
 def _ask_video(a) -> int:
     from .video import ask_video, load
 
-    load(a.image, num_frames=1)  # clear ValueError before loading any model
+    clip = load(a.image, num_frames=a.frames)  # decoded once; a clear ValueError before loading any model
     model, processor = load_model(a.model)
     budget = 1.0 if a.budget is None else a.budget
-    answer, st = ask_video(model, processor, a.image, a.question, budget, a.method, a.frames, a.max_new_tokens)
+    answer, st = ask_video(model, processor, clip, a.question, budget, a.method, max_new_tokens=a.max_new_tokens)
     logger.info(
         "frames: %d sampled, %d encoded, %d held (%d tokens)",
         st.frames_seen,

@@ -274,20 +274,21 @@ def _greedy_mrope(model, inputs: dict, max_new_tokens: int) -> list[int]:
 def ask_video(
     model,
     processor,
-    path,
+    video,
     question: str,
     budget=1.0,
     method: str = "auto",
     frames: int = 8,
     max_new_tokens: int = 16,
 ) -> tuple[str, StreamStats]:
-    """Answer ``question`` about the video file ``path``: ``frames`` frames sampled uniformly are streamed as images
-    (each reduced to ``budget``) into a stream bounded at half the language model's context.
+    """Answer ``question`` about ``video`` (a file path, of which ``frames`` frames are sampled uniformly, or a loaded
+    :class:`~vlm_accel.video.Video`): its frames are streamed as images (each reduced to ``budget``) into a stream
+    bounded at half the language model's context.
 
     Returns ``(answer, stats)``. Raises ``ValueError`` for a missing or unreadable video."""
-    from .io import load
+    from .io import Video, load
 
-    clip = load(path, num_frames=frames)
+    clip = video if isinstance(video, Video) else load(video, num_frames=frames)
     context = getattr(model.config.get_text_config(), "max_position_embeddings", 8192)
     with stream(model, processor, budget=budget, method=method, max_tokens=max(1, context // 2)) as live:
         for frame, t in zip(clip.frames, clip.timestamps, strict=True):
