@@ -8,7 +8,7 @@ import math
 import torch
 
 from .base import Context, Reduction, register
-from .diversity import max_min_diverse
+from .diversity import divprune, max_min_diverse
 
 RELEVANT_SHARE = 0.5  # of the quota chosen by relevance; the rest by max-min diversity around them
 
@@ -26,7 +26,7 @@ def relevance(x: torch.Tensor, k: int, ctx: Context) -> Reduction:
     """``x`` ``[N, D]`` -> ``k`` tokens: ``ceil(k * RELEVANT_SHARE)`` by :func:`question_relevance` to the prompt's
     text tokens (``ctx.query``), the rest max-min diverse given those. Without a query: all by diversity."""
     if ctx.query is None or ctx.query.numel() == 0:
-        return Reduction(max_min_diverse(x, k).sort().values)
+        return divprune(x, k, ctx)
     k_rel = min(k, math.ceil(k * RELEVANT_SHARE))
     rel = question_relevance(x, ctx.query).topk(k_rel).indices
     if k_rel == k:
