@@ -1,0 +1,726 @@
+"""KIVI-style quantized KV cache and a mixed-precision (MiKV / ZipVL style) variant for transformers' Cache API.
+
+Storage of one layer (all tensors ``[B, H_kv, ...]``):
+
+- a full-precision window ``layer.keys`` / ``layer.values`` ``[B, H, n_fp, D]`` in the model dtype (the most recent
+  entries, as in KIVI and transformers' ``QuantizedLayer``);
+- quantized blocks holding the older entries: codes packed into ``uint8`` (8 bits: 1 per byte, 4 bits: 2 per byte,
+  2 bits: 4 per byte) with a scale and a zero point per group, asymmetric min/max quantization.
+  **Keys per channel**: one (scale, zero) per channel and group of ``group_size`` consecutive tokens
+  (``[B, H, ceil(n / group_size), D]``). **Values per token**: one (scale, zero) per token and group of
+  ``group_size`` consecutive channels (``[B, H, n, ceil(D / group_size)]``). Scales / zero points are float16 by
+  default (float32 for a block whose statistics overflow float16, or with ``stats_dtype=torch.float32``).
+
+Error bound: a group with range ``[min, max]`` is stored with ``zero <= min`` (rounded down to the statistics dtype)
+and ``scale = (max - zero) / (2**bits - 1)`` (rounded up), so every element dequantizes to within ``scale / 2`` of
+its value, i.e. half a quantization step ``(max - min) / (2**bits - 1) / 2`` (times ``1 + 2**-10`` for float16
+statistics) plus float32 rounding.
+
+**When entries are quantized (lazily).** ``update`` first moves the overflow of the window *held before this call*
+into quantized blocks (whole groups of ``group_size`` entries, keeping at least ``residual`` entries at full
+precision), then appends the new entries at full precision. So the prompt's entries stay at full precision until the
+first decoding step (or an explicit ``flush()``): a press can evict them (``keep``) and score them
+(``set_important``) right after prefill, exactly, before anything is quantized. The attention of every step sees the
+dequantized older entries plus the exact window. The window holds between ``residual`` and
+``residual + group_size - 1`` entries once the sequence is longer than that.
+
+``bits=16`` never quantizes: the layer is then a plain ``DynamicLayer`` (generate is bit-identical to DynamicCache).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+logger = logging.getLogger(__name__)
+
+QUANT_BITS = (2, 4, 8)
+ALLOWED_BITS = (2, 4, 8, 16)  # 16 = no quantization (the model dtype)
+ALLOWED_HIGH_BITS = (8, 16)
+STATS_DTYPES = (torch.float16, torch.float32)
+
+__all__ = [
+    "ALLOWED_BITS",
+    "MixedPrecisionKVCache",
+    "MixedPrecisionKVLayer",
+    "QuantizedKVCache",
+    "QuantizedKVLayer",
+    "dense_nbytes",
+    "dequantize",
+    "entries",
+    "keep_entries",
+    "layer_stats",
+    "nbytes",
+    "pack",
+    "quantize",
+    "topk_mask",
+    "unpack",
+]
+
+
+# --------------------------------------------------------------------------------------------------- pure functions
+def _check_bits(bits, allowed=QUANT_BITS, name="bits") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in allowed:
+        raise ValueError(f"{name}={bits!r} is not supported; allowed: {', '.join(map(str, allowed))}")
+    return bits
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes ``[..., N]`` (values in ``[0, 2**bits)``) along the last dim into ``uint8``
+    ``[..., ceil(N * bits / 8)]``: element ``j`` of a byte group sits in bits ``j*bits .. j*bits+bits-1``."""
+    _check_bits(bits)
+    codes = codes.to(torch.uint8)
+    per = 8 // bits
+    if per == 1:
+        return codes.contiguous()
+    n = codes.shape[-1]
+    pad = -n % per
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    codes = codes.reshape(*codes.shape[:-1], -1, per)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (codes << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``uint8 [..., ceil(n * bits / 8)]`` -> codes ``uint8 [..., n]``."""
+    _check_bits(bits)
+    per = 8 // bits
+    if per == 1:
+        return packed[..., :n]
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+def _round_stats(mn: torch.Tensor, mx: torch.Tensor, levels: int, dtype: torch.dtype):
+    """``zero <= mn`` and ``scale >= (mx - zero) / levels`` representable in ``dtype`` (float32 inputs)."""
+    zero = mn.to(dtype)
+    if dtype != torch.float32:
+        zero = torch.where(zero.float() > mn, torch.nextafter(zero, torch.full_like(zero, -math.inf)), zero)
+    step = (mx - zero.float()) / levels
+    scale = step.to(dtype)
+    if dtype != torch.float32:
+        scale = torch.where(scale.float() < step, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
+    return scale, zero
+
+
+def quantize(x: torch.Tensor, bits: int, group_size: int, dim: int, stats_dtype: torch.dtype = torch.float16):
+    """Group-wise asymmetric quantization of ``x [B, H, L, D]``; statistics over groups of ``group_size`` consecutive
+    elements along ``dim`` (``-2``: per channel over token groups, KIVI keys; ``-1``: per token over channel groups,
+    KIVI values), the last group possibly partial.
+
+    Returns ``(packed uint8 [B, H, L, ceil(D * bits / 8)], scale, zero)`` with ``scale`` / ``zero``
+    ``[B, H, ceil(L / g), D]`` (``dim=-2``) or ``[B, H, L, ceil(D / g)]`` (``dim=-1``)."""
+    _check_bits(bits)
+    if x.dim() != 4:
+        raise ValueError(f"quantize expects [B, H, L, D] states; got shape {tuple(x.shape)}")
+    d = dim % 4
+    if d not in (2, 3):
+        raise ValueError(f"quantize groups along dim -2 (tokens) or -1 (channels); got dim={dim}")
+    levels = (1 << bits) - 1
+    xf = x.float()
+    size = xf.shape[d]
+    n_groups = -(-size // group_size)
+    pad = n_groups * group_size - size
+    xp = xf
+    if pad:
+        edge = xf.narrow(d, size - 1, 1)
+        xp = torch.cat([xf, edge.expand(*[pad if i == d else s for i, s in enumerate(edge.shape)])], dim=d)
+    shape = list(xp.shape)
+    grouped = xp.reshape(shape[:d] + [n_groups, group_size] + shape[d + 1 :])
+    mn, mx = grouped.amin(d + 1), grouped.amax(d + 1)
+    scale, zero = _round_stats(mn, mx, levels, stats_dtype)
+    if stats_dtype != torch.float32 and not (torch.isfinite(scale).all() and torch.isfinite(zero).all()):
+        logger.debug("KV statistics overflow %s; this block keeps float32 statistics", stats_dtype)
+        scale, zero = _round_stats(mn, mx, levels, torch.float32)
+    s, z = _expand(scale, group_size, d, size).float(), _expand(zero, group_size, d, size).float()
+    codes = torch.round((xf - z) / torch.where(s > 0, s, torch.ones_like(s))).clamp_(0, levels)
+    return pack(codes.to(torch.uint8), bits), scale, zero
+
+
+def _expand(stat: torch.Tensor, group_size: int, d: int, size: int) -> torch.Tensor:
+    return stat.repeat_interleave(group_size, dim=d).narrow(d, 0, size)
+
+
+def dequantize(packed, scale, zero, bits: int, group_size: int, dim: int, shape, dtype=torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize`: ``[B, H, L, D]`` of ``shape`` in ``dtype``."""
+    d = dim % 4
+    codes = unpack(packed, bits, shape[-1]).float()
+    s, z = _expand(scale, group_size, d, shape[d]).float(), _expand(zero, group_size, d, shape[d]).float()
+    return (codes * s + z).to(dtype)
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``bool [B, H, L]``: True at the ``k`` highest ``scores [B, H, L]`` of every (row, head) — the usual way to turn
+    a press's scores into the ``set_important`` mask of :class:`MixedPrecisionKVLayer`."""
+    k = max(0, min(int(k), scores.shape[-1]))
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k:
+        mask.scatter_(-1, scores.topk(k, dim=-1).indices, True)
+    return mask
+
+
+def _nb(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------- blocks
+class _QBlock:
+    """``n`` entries quantized at ``bits``: keys per channel (token groups), values per token (channel groups)."""
+
+    def __init__(self, parts, bits: int, group_size: int, n: int, head_dim: int):
+        self.parts = parts  # (k_packed, k_scale, k_zero, v_packed, v_scale, v_zero)
+        self.bits, self.group_size, self.n, self.head_dim = bits, group_size, n, head_dim
+
+    @classmethod
+    def make(cls, k, v, bits, group_size, stats_dtype):
+        parts = quantize(k, bits, group_size, -2, stats_dtype) + quantize(v, bits, group_size, -1, stats_dtype)
+        return cls(parts, bits, group_size, k.shape[-2], k.shape[-1])
+
+    def dequantize(self, dtype):
+        kp, ks, kz, vp, vs, vz = self.parts
+        shape = (*kp.shape[:2], self.n, self.head_dim)
+        g, b = self.group_size, self.bits
+        return dequantize(kp, ks, kz, b, g, -2, shape, dtype), dequantize(vp, vs, vz, b, g, -1, shape, dtype)
+
+    def flags(self):
+        return None
+
+    def nbytes(self) -> int:
+        return _nb(*self.parts)
+
+    def map_batch(self, fn):
+        return _QBlock(tuple(fn(t) for t in self.parts), self.bits, self.group_size, self.n, self.head_dim)
+
+    def truncate(self, n: int):
+        """The first ``n`` entries (exact: the kept codes keep their groups' statistics)."""
+        kp, ks, kz, vp, vs, vz = self.parts
+        ng = -(-n // self.group_size)
+        parts = (kp[:, :, :n], ks[:, :, :ng], kz[:, :, :ng], vp[:, :, :n], vs[:, :, :n], vz[:, :, :n])
+        return _QBlock(parts, self.bits, self.group_size, n, self.head_dim)
+
+    def can_append(self, other) -> bool:
+        return (
+            isinstance(other, _QBlock)
+            and other.bits == self.bits
+            and self.n % self.group_size == 0
+            and all(a.dtype == b.dtype for a, b in zip(self.parts, other.parts, strict=True))
+        )
+
+    def append(self, other):
+        parts = tuple(torch.cat([a, b], dim=2) for a, b in zip(self.parts, other.parts, strict=True))
+        return _QBlock(parts, self.bits, self.group_size, self.n + other.n, self.head_dim)
+
+
+class _RawBlock:
+    """``n`` entries kept in the model dtype (the 16-bit "high precision" of a mixed layer)."""
+
+    def __init__(self, k, v):
+        self.k, self.v, self.n = k, v, k.shape[-2]
+
+    def dequantize(self, dtype):
+        return self.k.to(dtype), self.v.to(dtype)
+
+    def flags(self):
+        return None
+
+    def nbytes(self) -> int:
+        return _nb(self.k, self.v)
+
+    def map_batch(self, fn):
+        return _RawBlock(fn(self.k), fn(self.v))
+
+    def truncate(self, n: int):
+        return _RawBlock(self.k[:, :, :n], self.v[:, :, :n])
+
+    def can_append(self, other) -> bool:
+        return False
+
+
+class _MixedBlock:
+    """``n`` entries in their order, those flagged important in ``high`` and the others in ``low`` (each holding, per
+    (row, head), its entries in order, padded to the largest count over rows / heads with a copy of a real entry).
+    The flags are kept packed, one bit per entry."""
+
+    def __init__(self, flag_bits, high, low, n: int):
+        self.flag_bits, self.high, self.low, self.n = flag_bits, high, low, n
+
+    @staticmethod
+    def make(k, v, flags, make_high, make_low):
+        """``k, v [B, H, n, D]``, ``flags bool [B, H, n]``; ``make_high`` / ``make_low``: ``(k, v) -> block``."""
+        n, d = k.shape[-2], k.shape[-1]
+        count = flags.sum(-1, keepdim=True)  # [B, H, 1]
+        order = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True)  # important first, each in order
+        n_hi, n_lo = int(count.max()), int((n - count).max())
+        hi = torch.arange(n_hi, device=k.device).expand(*count.shape[:2], n_hi)
+        hi = order.gather(-1, torch.minimum(hi, (count - 1).clamp(min=0)))
+        lo = torch.arange(n_lo, device=k.device).expand(*count.shape[:2], n_lo)
+        lo = order.gather(-1, (count + lo).clamp(max=n - 1))
+
+        def take(x, idx):
+            return x.gather(2, idx.unsqueeze(-1).expand(*idx.shape, d))
+
+        high = make_high(take(k, hi), take(v, hi))
+        low = make_low(take(k, lo), take(v, lo))
+        return _MixedBlock(_pack_flags(flags), high, low, n)
+
+    def flags(self):
+        return _unpack_flags(self.flag_bits, self.n)
+
+    def dequantize(self, dtype):
+        flags = self.flags()
+        hk, hv = self.high.dequantize(dtype)
+        lk, lv = self.low.dequantize(dtype)
+        d = hk.shape[-1]
+        r_hi = (flags.long().cumsum(-1) - 1).clamp(min=0).unsqueeze(-1).expand(*flags.shape, d)
+        r_lo = ((~flags).long().cumsum(-1) - 1).clamp(min=0).unsqueeze(-1).expand(*flags.shape, d)
+        sel = flags.unsqueeze(-1)
+
+        def merge(h, lo):
+            if h.shape[2] == 0:
+                return lo.gather(2, r_lo)
+            if lo.shape[2] == 0:
+                return h.gather(2, r_hi)
+            return torch.where(sel, h.gather(2, r_hi), lo.gather(2, r_lo))
+
+        return merge(hk, lk), merge(hv, lv)
+
+    def nbytes(self) -> int:
+        return _nb(self.flag_bits) + self.high.nbytes() + self.low.nbytes()
+
+    def map_batch(self, fn):
+        return _MixedBlock(fn(self.flag_bits), self.high.map_batch(fn), self.low.map_batch(fn), self.n)
+
+    def can_append(self, other) -> bool:
+        return False
+
+
+def _pack_flags(flags: torch.Tensor) -> torch.Tensor:
+    """``bool [..., n]`` -> ``uint8 [..., ceil(n / 8)]``."""
+    n = flags.shape[-1]
+    f = torch.nn.functional.pad(flags.to(torch.uint8), (0, -n % 8)).reshape(*flags.shape[:-1], -1, 8)
+    return (f << torch.arange(8, dtype=torch.uint8, device=f.device)).sum(-1, dtype=torch.uint8)
+
+
+def _unpack_flags(bits: torch.Tensor, n: int) -> torch.Tensor:
+    f = (bits.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=bits.device)) & 1
+    return f.reshape(*bits.shape[:-1], -1)[..., :n].bool()
+
+
+# ---------------------------------------------------------------------------------------------------------- layers
+def _check_common(group_size, residual, stats_dtype):
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} must be an int >= 1 (e.g. 32, KIVI's default)")
+    if isinstance(residual, bool) or not isinstance(residual, int) or residual < 0:
+        raise ValueError(
+            f"residual={residual!r} must be an int >= 0: the number of most recent entries kept at full precision"
+        )
+    if stats_dtype not in STATS_DTYPES:
+        raise ValueError(f"stats_dtype={stats_dtype!r} is not supported; allowed: torch.float16, torch.float32")
+
+
+class QuantizedKVLayer(DynamicLayer):
+    """One decoder layer's KV cache quantized KIVI-style at ``bits`` (2, 4 or 8; 16 = no quantization), see the
+    module docstring for the layout, the error bound and when entries get quantized.
+
+    Args:
+        bits: 2, 4, 8 or 16.
+        group_size: entries per group: tokens per key statistic, channels per value statistic (KIVI: 32).
+        residual: most recent entries always kept at full precision (>= 0; KIVI: 32-128).
+        stats_dtype: ``torch.float16`` (default) or ``torch.float32`` for scales and zero points.
+
+    ``keys`` / ``values`` hold only the full-precision window ``[B, H, n_fp, D]``; :meth:`materialize` returns all
+    entries ``[B, H, L, D]``. Methods for presses: :meth:`keep` (evict), :meth:`flush` (quantize now),
+    :meth:`nbytes` (bytes held)."""
+
+    def __init__(self, bits: int = 4, group_size: int = 32, residual: int = 128, stats_dtype=torch.float16):
+        super().__init__()
+        self.bits = _check_bits(bits, ALLOWED_BITS)
+        _check_common(group_size, residual, stats_dtype)
+        self.group_size, self.residual, self.stats_dtype = group_size, residual, stats_dtype
+        self.is_croppable = bits == 16  # a flush during draft verification cannot be undone exactly
+        self._blocks: list = []
+        self._flags: torch.Tensor | None = None  # importance of the window's entries (mixed layers)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(bits={self.bits}, group_size={self.group_size}, residual={self.residual})"
+
+    # --- state -------------------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.dtype = key_states.dtype
+
+    def _n_fp(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
+
+    def get_seq_length(self) -> int:
+        """Entries held per (row, head): quantized + full precision."""
+        return sum(b.n for b in self._blocks) + self._n_fp()
+
+    def reset(self) -> None:
+        super().reset()
+        self._blocks, self._flags = [], None
+
+    # --- quantization -------------------------------------------------------------------------------------------
+    def _make_block(self, k, v, flags):
+        return _QBlock.make(k, v, self.bits, self.group_size, self.stats_dtype)
+
+    def _add_block(self, block) -> None:
+        if self._blocks and self._blocks[-1].can_append(block):
+            self._blocks[-1] = self._blocks[-1].append(block)
+        else:
+            self._blocks.append(block)
+
+    def flush(self) -> None:
+        """Quantize now what ``update`` would quantize at its next call: the oldest whole groups of ``group_size``
+        entries of the window beyond ``residual``. No-op at 16 bits."""
+        n_fp = self._n_fp()
+        n = (n_fp - self.residual) // self.group_size * self.group_size
+        if self.bits == 16 or n <= 0:
+            return
+        flags = None if self._flags is None else self._flags[..., :n]
+        self._add_block(self._make_block(self.keys[:, :, :n], self.values[:, :, :n], flags))
+        self.keys, self.values = self.keys[:, :, n:].contiguous(), self.values[:, :, n:].contiguous()
+        if self._flags is not None:
+            self._flags = self._flags[..., n:].contiguous()
+
+    def update(self, key_states, value_states, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``key_states`` / ``value_states [B, H, q, D]``; return all keys / values ``[B, H, L, D]``
+        (dequantized older entries, then the exact window). Quantizes the window held before this call first."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.flush()
+        if self._flags is not None:
+            new = torch.zeros(*key_states.shape[:2], key_states.shape[-2], dtype=torch.bool, device=self._flags.device)
+            self._flags = torch.cat([self._flags, new], dim=-1)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        if not self._blocks:
+            return self.keys, self.values
+        k, v = self._dequantize_blocks()
+        return torch.cat([k, self.keys], dim=-2), torch.cat([v, self.values], dim=-2)
+
+    def _dequantize_blocks(self):
+        parts = [b.dequantize(self.dtype) for b in self._blocks]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts], dim=-2), torch.cat([p[1] for p in parts], dim=-2)
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All held entries ``(keys, values) [B, H, L, D]`` in the model dtype (older ones dequantized)."""
+        if not self.is_initialized:
+            raise ValueError("this cache layer holds nothing yet: run a forward pass with the cache first")
+        if not self._blocks:
+            return self.keys, self.values
+        k, v = self._dequantize_blocks()
+        return torch.cat([k, self.keys], dim=-2), torch.cat([v, self.values], dim=-2)
+
+    def _all_flags(self) -> torch.Tensor | None:
+        """Importance of every held entry ``bool [B, H, L]``, or None when nothing is flagged."""
+        if self._flags is None and all(b.flags() is None for b in self._blocks):
+            return None
+        b, h = self.keys.shape[:2]
+        parts = [
+            f if (f := blk.flags()) is not None else torch.zeros(b, h, blk.n, dtype=torch.bool, device=self.device)
+            for blk in self._blocks
+        ]
+        fp = self._flags
+        if fp is None:
+            fp = torch.zeros(b, h, self._n_fp(), dtype=torch.bool, device=self.device)
+        return torch.cat(parts + [fp], dim=-1)
+
+    def _rebuild(self, k, v, flags, quantize_now: bool) -> None:
+        """Replace the content by ``k, v [B, H, L, D]`` (window) and ``flags``; quantize now if asked."""
+        self._blocks = []
+        self.keys, self.values = k.contiguous(), v.contiguous()
+        self._flags = None if flags is None or not bool(flags.any()) else flags.contiguous()
+        if quantize_now:
+            self.flush()
+
+    # --- eviction / beams ---------------------------------------------------------------------------------------
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the entries ``index [B, H, K]`` (long; per row and KV head, positions in ``[0, L)``; their order
+        becomes the new order, as ``keys.gather(2, index)``). Exact while nothing is quantized yet (right after
+        prefill: quantization is lazy). On already quantized entries the kept entries are re-quantized from their
+        dequantized values (immediately): their error can grow to the sum of both half steps."""
+        if not self.is_initialized:
+            raise ValueError("keep() needs a filled cache layer: run the prefill with this cache first")
+        b, h = self.keys.shape[:2]
+        if index.dim() != 3 or tuple(index.shape[:2]) != (b, h):
+            raise ValueError(f"keep() expects an index [B={b}, H_kv={h}, K]; got shape {tuple(index.shape)}")
+        n = self.get_seq_length()
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
+            raise ValueError(f"keep() index out of range: entries are numbered 0..{n - 1}")
+        index = index.to(self.device, torch.long)
+        quantized = bool(self._blocks)
+        flags = self._all_flags()
+        k, v = self.materialize()
+        idx = index.unsqueeze(-1).expand(*index.shape, k.shape[-1])
+        kept_flags = None if flags is None else flags.gather(2, index)
+        self._rebuild(k.gather(2, idx), v.gather(2, idx), kept_flags, quantize_now=quantized)
+
+    def _map_batch(self, fn) -> None:
+        if self.get_seq_length() == 0:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self._blocks = [b.map_batch(fn) for b in self._blocks]
+        if self._flags is not None:
+            self._flags = fn(self._flags)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: rows ``beam_idx`` (exact on quantized blocks: codes and statistics are reordered)."""
+        if self.get_seq_length() > 0:
+            idx = beam_idx.to(self.device)
+            self._map_batch(lambda t: t.index_select(0, idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self._map_batch(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` entries (negative, as ``DynamicLayer.crop``). Exact for the window and
+        uniform blocks; a mixed-precision block cut in the middle is re-quantized."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative count of entries to remove")
+        drop = -tokens_to_remove
+        if drop == 0 or not self.is_initialized:
+            return
+        n_fp = self._n_fp()
+        cut = min(drop, n_fp)
+        if cut:
+            self.keys, self.values = self.keys[:, :, : n_fp - cut], self.values[:, :, : n_fp - cut]
+            if self._flags is not None:
+                self._flags = self._flags[..., : n_fp - cut]
+        drop -= cut
+        while drop and self._blocks:
+            blk = self._blocks.pop()
+            if blk.n <= drop:
+                drop -= blk.n
+                continue
+            if isinstance(blk, _MixedBlock):
+                k, v = blk.dequantize(self.dtype)
+                f = blk.flags()[..., : blk.n - drop]
+                self._add_block(self._make_block(k[:, :, : blk.n - drop], v[:, :, : blk.n - drop], f))
+            else:
+                self._add_block(blk.truncate(blk.n - drop))
+            drop = 0
+
+    # --- accounting ---------------------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes really held: packed codes + scales + zero points (+ importance bits) + the full-precision window."""
+        window = _nb(self.keys, self.values) if self.is_initialized else 0
+        return window + sum(b.nbytes() for b in self._blocks) + (_nb(self._flags) if self._flags is not None else 0)
+
+    def dense_nbytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes the same entries would take unquantized (keys + values in ``dtype``, default the model dtype)."""
+        if not self.is_initialized or self.keys.dim() != 4:
+            return 0
+        b, h, _, d = self.keys.shape
+        size = torch.empty((), dtype=dtype or self.dtype).element_size()
+        return 2 * b * h * self.get_seq_length() * d * size
+
+
+class MixedPrecisionKVLayer(QuantizedKVLayer):
+    """Mixed precision (MiKV / ZipVL style): entries flagged important are stored at ``high_bits`` (8, or 16 = the
+    model dtype), the rest at ``bits`` (2 or 4, default 2); recent ``residual`` entries at full precision.
+
+    Drive it from a press's scores right after prefill (while everything is still full precision)::
+
+        layer.keep(index)                          # optional eviction first, index [B, H_kv, K]
+        layer.set_important(topk_mask(scores, k))  # scores [B, H_kv, L] -> bool mask [B, H_kv, L]
+
+    Entries appended later (decoding) are not important unless ``set_important`` is called again (on all held
+    entries). Flags travel with the entries through ``keep`` / beam reordering. Rows / heads may flag different
+    counts: the high / low stores are padded to the largest count (the padding is counted in :meth:`nbytes`)."""
+
+    def __init__(
+        self, bits: int = 2, high_bits: int = 8, group_size: int = 32, residual: int = 128, stats_dtype=torch.float16
+    ):
+        _check_bits(bits, (2, 4), "bits (low precision of a mixed layer)")
+        _check_bits(high_bits, ALLOWED_HIGH_BITS, "high_bits")
+        super().__init__(bits=bits, group_size=group_size, residual=residual, stats_dtype=stats_dtype)
+        self.high_bits = high_bits
+
+    def __repr__(self):
+        return (
+            f"{type(self).__name__}(bits={self.bits}, high_bits={self.high_bits}, group_size={self.group_size}, "
+            f"residual={self.residual})"
+        )
+
+    def _make_block(self, k, v, flags):
+        def low(k, v):
+            return _QBlock.make(k, v, self.bits, self.group_size, self.stats_dtype)
+
+        def high(k, v):
+            if self.high_bits == 16:
+                return _RawBlock(k.contiguous(), v.contiguous())
+            return _QBlock.make(k, v, self.high_bits, self.group_size, self.stats_dtype)
+
+        if flags is None or not bool(flags.any()):
+            return low(k, v)
+        return _MixedBlock.make(k, v, flags, high, low)
+
+    def set_important(self, mask: torch.Tensor) -> None:
+        """Flag the held entries ``mask bool [B, H_kv, L]`` (``L = get_seq_length()``, in the cache's entry order)
+        as important. Exact when called before anything is quantized (right after prefill); entries already
+        quantized keep their dequantized values (re-quantized at once at their new precision)."""
+        if not self.is_initialized:
+            raise ValueError("set_important() needs a filled cache layer: run the prefill with this cache first")
+        b, h = self.keys.shape[:2]
+        n = self.get_seq_length()
+        if mask.dtype != torch.bool or tuple(mask.shape) != (b, h, n):
+            raise ValueError(
+                f"set_important() expects a bool mask [B={b}, H_kv={h}, L={n}]; got {mask.dtype} {tuple(mask.shape)}"
+            )
+        mask = mask.to(self.device)
+        if not self._blocks:
+            self._flags = mask.clone() if bool(mask.any()) else None
+            return
+        k, v = self.materialize()
+        self._rebuild(k, v, mask, quantize_now=True)
+
+    def important(self) -> torch.Tensor:
+        """``bool [B, H_kv, L]``: which held entries are flagged important."""
+        flags = self._all_flags()
+        if flags is None:
+            b, h = self.keys.shape[:2]
+            return torch.zeros(b, h, self.get_seq_length(), dtype=torch.bool, device=self.device)
+        return flags
+
+
+# ---------------------------------------------------------------------------------------------------------- caches
+def _decoder_layers(config) -> int | None:
+    if config is None:
+        return None
+    text = config.get_text_config(decoder=True)
+    types = getattr(text, "layer_types", None) or []
+    bad = sorted(set(types) - {"full_attention"})
+    if bad:
+        raise ValueError(f"quantized KV caches support full-attention layers only; this model also has {bad}")
+    return text.num_hidden_layers
+
+
+class QuantizedKVCache(Cache):
+    """A ``Cache`` of :class:`QuantizedKVLayer` for ``model.generate(cache=...)`` (or ``past_key_values=``).
+
+    Args:
+        bits: 2, 4, 8 or 16 (16: no quantization, identical to ``DynamicCache``).
+        group_size, residual, stats_dtype: see :class:`QuantizedKVLayer` (defaults: 32, 128, float16).
+        config: the model config (optional): layers are then built up front and sliding-window models refused;
+            without it they are added lazily, one per decoder layer."""
+
+    layer_type = QuantizedKVLayer
+
+    def __init__(
+        self, bits: int = 4, group_size: int = 32, residual: int = 128, stats_dtype=torch.float16, config=None
+    ):
+        factory = functools.partial(
+            self.layer_type, bits=bits, group_size=group_size, residual=residual, stats_dtype=stats_dtype
+        )
+        self._init(factory, config)
+
+    def _init(self, factory, config):
+        factory()  # validates the arguments now, not at the first forward
+        n = _decoder_layers(config)
+        if n is None:
+            super().__init__(layer_class_to_replicate=factory)
+        else:
+            super().__init__(layers=[factory() for _ in range(n)])
+
+    def flush(self) -> None:
+        """Quantize now what the next decoding step would (see :meth:`QuantizedKVLayer.flush`)."""
+        for layer in self.layers:
+            layer.flush()
+
+
+class MixedPrecisionKVCache(QuantizedKVCache):
+    """A ``Cache`` of :class:`MixedPrecisionKVLayer`: ``bits`` (2 or 4) for ordinary entries, ``high_bits`` (8 or 16)
+    for those flagged with ``cache.layers[i].set_important(mask)`` / :meth:`set_important`."""
+
+    layer_type = MixedPrecisionKVLayer
+
+    def __init__(
+        self,
+        bits: int = 2,
+        high_bits: int = 8,
+        group_size: int = 32,
+        residual: int = 128,
+        stats_dtype=torch.float16,
+        config=None,
+    ):
+        factory = functools.partial(
+            self.layer_type,
+            bits=bits,
+            high_bits=high_bits,
+            group_size=group_size,
+            residual=residual,
+            stats_dtype=stats_dtype,
+        )
+        self._init(factory, config)
+
+    def set_important(self, layer_idx: int, mask: torch.Tensor) -> None:
+        self.layers[layer_idx].set_important(mask)
+
+
+# ------------------------------------------------------------------------------------------------------ accounting
+def _layer_nbytes(layer) -> int:
+    if hasattr(layer, "nbytes") and callable(layer.nbytes):
+        return layer.nbytes()
+    held = [getattr(layer, "keys", None), getattr(layer, "values", None)]
+    return _nb(*[t for t in held if torch.is_tensor(t)])
+
+
+def nbytes(cache) -> int:
+    """Bytes of KV really held by ``cache`` (a ``Cache`` or one layer): for quantized layers packed codes + scales +
+    zero points + the full-precision window; for plain layers (``DynamicLayer``, ...) their keys and values."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return _layer_nbytes(cache)
+    return sum(_layer_nbytes(layer) for layer in layers)
+
+
+def entries(cache) -> list[int]:
+    """KV entries held per layer (per row and KV head)."""
+    return [layer.get_seq_length() for layer in cache.layers]
+
+
+def dense_nbytes(cache, dtype: torch.dtype | None = None) -> int:
+    """Bytes the entries of ``cache`` would take unquantized (keys + values in ``dtype``, default each layer's)."""
+    total = 0
+    for layer in cache.layers:
+        if hasattr(layer, "dense_nbytes"):
+            total += layer.dense_nbytes(dtype)
+        elif getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+            size = torch.empty((), dtype=dtype or layer.keys.dtype).element_size()
+            total += 2 * layer.keys.numel() * size
+    return total
+
+
+def layer_stats(cache) -> list[dict]:
+    """Per layer: ``entries`` (per row and head), ``bytes`` held, ``quantized`` / ``full_precision`` entries."""
+    out = []
+    for layer in cache.layers:
+        n = layer.get_seq_length()
+        fp = layer._n_fp() if isinstance(layer, QuantizedKVLayer) else n
+        out.append({"entries": n, "bytes": _layer_nbytes(layer), "quantized": n - fp, "full_precision": fp})
+    return out
+
+
+def keep_entries(layer, index: torch.Tensor) -> None:
+    """Keep the entries ``index [B, H_kv, K]`` of any cache layer: :meth:`QuantizedKVLayer.keep` for ours, a gather
+    of ``keys`` / ``values`` for a ``DynamicLayer``."""
+    if isinstance(layer, QuantizedKVLayer):
+        layer.keep(index)
+        return
+    idx = index.to(layer.keys.device, torch.long)
+    idx = idx.unsqueeze(-1).expand(*idx.shape, layer.keys.shape[-1])
+    layer.keys, layer.values = layer.keys.gather(2, idx), layer.values.gather(2, idx)
