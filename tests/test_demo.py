@@ -45,3 +45,13 @@ def test_answer_video(demo, tmp_path):
 def test_app_builds(demo):
     gr = pytest.importorskip("gradio")
     assert isinstance(build_app(demo), gr.Blocks)
+
+
+def test_answer_image_refuses_float_arrays_and_overlong_questions(demo):
+    """Clear ValueErrors (the app shows them as messages): a float array is not an image, and a question past the
+    model's context names both lengths instead of answering wrongly."""
+    with pytest.raises(ValueError, match="uint8"):
+        demo.answer_image(np.random.default_rng(0).random((64, 64, 3)), "What color is the circle?")
+    s = zoo.samples()[0]
+    with pytest.raises(ValueError, match="context is 1024 positions"):
+        demo.answer_image(s["path"], "Is there a red circle? " * 400)

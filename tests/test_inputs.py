@@ -2,11 +2,13 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import vlm_accel
 from vlm_accel import Budget
+from vlm_accel.loading import load_image
 
 import tiny
 
@@ -65,3 +67,66 @@ def test_budget_quota_rules():
     assert Budget(64).visual_quota(576) == 64
     assert Budget(64).visual_quota(576 * 4, units=4) == 256
     assert Budget(1000).visual_quota(576) == 576
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (np.float32(0.5), 0.5),
+        (np.float64(0.25), 0.25),
+        (np.int64(16), 16),
+        (np.int32(1), 1),
+        (torch.tensor(0.5), 0.5),
+        (torch.tensor(16), 16),
+        (np.array(0.25), 0.25),
+    ],
+)
+def test_numeric_scalar_budgets_are_accepted_as_what_they_hold(models, value, expected):
+    b = Budget.of(value)
+    assert b.visual == expected and type(b.visual) is type(expected)  # a float stays a fraction, an int a count
+    assert type(Budget(visual=value, kv=value if isinstance(expected, float) else 1.0).visual) is type(expected)
+    model = models("llava")
+    inputs = tiny.make_inputs(model, "llava", batch=1)
+    with torch.no_grad(), vlm_accel.accelerate(model, budget=value, method="divprune") as sess:
+        model(**inputs)
+    assert sess.stats.visual_tokens_kept == (16 if expected == 16 else Budget(expected).visual_quota(64))
+
+
+@pytest.mark.parametrize("bad", [np.bool_(True), torch.tensor(True), torch.tensor([0.5]), np.array([16])])
+def test_bool_and_non_scalar_budgets_are_refused(bad):
+    with pytest.raises(TypeError, match="budget"):
+        Budget.of(bad)
+
+
+@pytest.mark.parametrize("bad", [np.float32("nan"), np.float32(1.5), np.int64(0), torch.tensor(-1)])
+def test_numeric_scalar_budgets_are_range_checked(bad):
+    with pytest.raises(ValueError, match="budget"):
+        Budget.of(bad)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (np.random.default_rng(0).random((32, 32, 3)), "uint8"),  # float in [0, 1]
+        (np.random.default_rng(0).random((32, 32, 3)).astype(np.float32) * 255, "uint8"),
+        (np.zeros((3, 32, 32), np.uint8), "channel-first"),
+        (torch.zeros(3, 32, 32, dtype=torch.uint8), "channel-first"),
+        (torch.rand(32, 32, 3), "uint8"),
+        (np.zeros((32, 32, 5), np.uint8), "shape"),
+        (np.zeros((0, 32, 3), np.uint8), "empty"),
+        (12, "PIL image, a file path"),
+    ],
+)
+def test_image_arrays_that_are_not_uint8_hwc_are_a_value_error(bad, match):
+    """Float / channel-first arrays and tensors given as images: a ValueError saying what to pass (PIL used to raise
+    ``TypeError: Cannot handle this data type``)."""
+    with pytest.raises(ValueError, match=match):
+        load_image(bad)
+
+
+def test_uint8_hwc_arrays_and_tensors_are_images():
+    a = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    assert np.array_equal(np.asarray(load_image(a)), a)
+    assert np.array_equal(np.asarray(load_image(torch.from_numpy(a))), a)
+    gray = load_image(a[..., 0])
+    assert gray.mode == "RGB" and gray.size == (30, 20)

@@ -176,3 +176,61 @@ def test_qwen_stream_memory_bound(models):
         assert all(e.index.numel() == e.features.shape[0] == 6 for e in s.entries)
         assert isinstance(s.ask("w5 w6", max_new_tokens=2), str)
     assert not hasattr(model, "_vlm_accel_session")
+
+
+def test_stream_used_after_close_or_takeover_says_so(default_like):
+    """A stream whose session was closed, or taken over by another stream / accelerate, raises a RuntimeError that
+    says what happened (it used to fail with ``KeyError: 'image'``)."""
+    model, processor = default_like
+    s = vlm_accel.stream(model, processor, budget=8)
+    s.add_frame(frame(0))
+    s.close()
+    assert s.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        s.add_frame(frame(1))
+    with pytest.raises(RuntimeError, match="closed"):
+        s.ask("what color is the circle?")
+    s.close()  # closing twice is harmless
+
+    first = vlm_accel.stream(model, processor, budget=8)
+    first.add_frame(frame(0))
+    with vlm_accel.stream(model, processor, budget=8) as second:
+        with pytest.raises(RuntimeError, match="another"):
+            first.add_frame(frame(1))
+        second.add_frame(frame(2))  # the new stream works
+        assert second.tokens_held == 8
+    first.close()
+
+    third = vlm_accel.stream(model, processor, budget=8)
+    with vlm_accel.accelerate(model, budget=0.5):
+        with pytest.raises(RuntimeError, match="another"):
+            third.ask("what color is the circle?")
+    third.close()
+    assert not hasattr(model, "_vlm_accel_session")
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (np.random.default_rng(0).random((60, 80, 3)), "uint8"),  # float in [0, 1]
+        (np.zeros((3, 60, 80), np.uint8), "channel-first"),
+        (torch.zeros(3, 60, 80, dtype=torch.uint8), "channel-first"),
+        (torch.rand(60, 80, 3), "uint8"),
+    ],
+)
+def test_stream_frame_arrays_must_be_uint8_hwc(default_like, bad, match):
+    model, processor = default_like
+    with vlm_accel.stream(model, processor, budget=8) as s:
+        with pytest.raises(ValueError, match=match):
+            s.add_frame(bad)
+        s.add_frame(torch.zeros(60, 80, 3, dtype=torch.uint8))  # an [H, W, 3] uint8 tensor is a frame
+        assert s.stats.frames_encoded == 1
+
+
+def test_stream_question_past_the_context_names_both_lengths(default_like):
+    model, processor = default_like
+    context = model.config.text_config.max_position_embeddings
+    with vlm_accel.stream(model, processor, budget=8) as s:
+        s.add_frame(frame(0))
+        with pytest.raises(ValueError, match=rf"prompt is \d+ tokens.*context is {context} positions"):
+            s.ask("red " * (context + 10))

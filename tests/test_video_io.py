@@ -60,3 +60,31 @@ def test_bad_files(tmp_path, clip):
     text.write_text("this is not a video")
     with pytest.raises(ValueError, match="notes.mp4"):
         video.load(text)
+
+
+@pytest.mark.parametrize(
+    "kwargs,err,match",
+    [
+        ({"num_frames": 0}, ValueError, "num_frames must be >= 1"),
+        ({"num_frames": -3}, ValueError, "num_frames must be >= 1"),
+        ({"num_frames": 2.5}, TypeError, "whole number"),
+        ({"num_frames": True}, TypeError, "whole number"),
+        ({"fps": 0}, ValueError, "fps must be"),
+        ({"fps": -1.0}, ValueError, "fps must be"),
+        ({"fps": float("nan")}, ValueError, "fps must be"),
+    ],
+)
+def test_sampling_arguments_are_checked_before_the_file(tmp_path, kwargs, err, match):
+    """Bad sampling arguments are named (not silently replaced: ``num_frames=0`` used to mean 8, ``2.5`` to mean 3),
+    and before the file is touched: a missing file is not what the message blames."""
+    with pytest.raises(err, match=match):
+        video.load(tmp_path / "missing.mp4", **kwargs)
+
+
+def test_bad_sampling_arguments_do_not_blame_a_valid_file(clip):
+    with pytest.raises(ValueError, match="num_frames"):
+        video.load(clip, num_frames=0)
+    with pytest.raises(ValueError, match="fps must be") as e:
+        video.load(clip, fps=0)
+    assert "cannot read video" not in str(e.value)
+    assert len(video.load(clip, num_frames=np.int64(3))) == 3  # numpy integers are whole numbers

@@ -10,7 +10,7 @@ from vlm_accel import zoo
 from vlm_accel.zoo import render
 
 HAVE_WEIGHTS = (zoo.DEFAULT_DIR / "model.safetensors").is_file()
-needs_weights = pytest.mark.usefixtures()  # the weights are committed: a missing file must fail, not skip
+needs_weights = pytest.mark.usefixtures("default_model")  # committed weights: a missing file fails, not skips
 
 
 def test_weights_are_packaged():

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from . import methods as _methods
+from . import registry
 from .api import Session, Stats, accelerate
 from .budget import Budget
 
@@ -14,7 +15,10 @@ __version__ = "0.1.0"
 
 
 def methods() -> list[str]:
-    """Names of the registered token-reduction methods (``accelerate(..., method=name)``)."""
+    """Names of the registered token-reduction methods (``accelerate(..., method=name)``).
+
+    This function is what ``from vlm_accel import methods`` gives; the method registry itself (``register``, ``get``,
+    ``Context``, ``Reduction`` ...) is :mod:`vlm_accel.registry`."""
     return _methods.names()
 
 
@@ -39,4 +43,4 @@ def ask(*args, **kwargs):
     return _ask(*args, **kwargs)
 
 
-__all__ = ["Budget", "Session", "Stats", "accelerate", "ask", "load_default", "methods", "stream"]
+__all__ = ["Budget", "Session", "Stats", "accelerate", "ask", "load_default", "methods", "registry", "stream"]

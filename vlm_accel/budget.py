@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 
+def _as_number(value):
+    """A numeric scalar as the Python ``float`` / ``int`` it holds: numpy scalars, 0-d arrays and 0-d tensors
+    included; bools (also numpy / tensor bools) and everything else unchanged (then refused by the caller)."""
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):  # 0-d tensor / array, numpy scalar
+        value = value.item()
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
 def _check_fraction_or_count(name: str, value) -> float | int:
+    """``value`` as a Python ``float`` in (0, 1] or ``int`` >= 1 (numeric scalars of any library are accepted)."""
+    value = _as_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} budget must be a float in (0, 1] or an int >= 1; got {value!r}")
     if isinstance(value, float):
@@ -38,8 +55,8 @@ class Budget:
     video: str = "frame"
 
     def __post_init__(self):
-        _check_fraction_or_count("visual", self.visual)
-        _check_fraction_or_count("kv", self.kv)
+        object.__setattr__(self, "visual", _check_fraction_or_count("visual", self.visual))
+        object.__setattr__(self, "kv", _check_fraction_or_count("kv", self.kv))
         if self.video not in ("frame", "clip"):
             raise ValueError(f"Budget.video must be 'frame' or 'clip', got {self.video!r}")
 

@@ -3,33 +3,74 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
+from .loading import load_model  # noqa: F401  (the library function; still importable from here)
+
 logger = logging.getLogger(__name__)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``vlm-accel: error: ...``) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"vlm-accel: error: {message} (see: {self.prog} --help)\n")
+
+
 def _budget(text: str):
+    """``--budget``: a float in (0, 1] is a fraction of visual tokens, an integer a token count (as in the library:
+    ``1`` keeps one token per image / frame, ``1.0`` keeps them all)."""
+    import math
+
+    from .budget import Budget
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"budget must be a number, got {text!r}") from None
-    return int(value) if ("." not in text and "e" not in text.lower()) else value
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"budget must be a finite number, got {text!r}")
+    if "." not in text and "e" not in text.lower():
+        value = int(value)
+    try:
+        Budget.of(value)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
-def load_model(path: str | None):
-    """The embedded default (``path=None``) or any supported checkpoint directory, offline."""
-    from . import zoo
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
-    if path is None:
-        return zoo.load_default()
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if not (Path(path) / "config.json").is_file():
-        raise ValueError(f"--model {path}: not a model directory (no config.json)")
-    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True).eval()
-    return model, AutoProcessor.from_pretrained(path, local_files_only=True)
+def _method(text: str) -> str:
+    from .methods import names
+
+    if text != "auto" and text not in names():
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose auto or one of: {', '.join(names())}")
+    return text
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--budget -inf`` → ``--budget=-inf``: argparse would read a value starting with ``-`` as an option."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in ("--budget", "--frames") and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
@@ -39,12 +80,18 @@ def cmd_ask(a) -> int:
     import vlm_accel
 
     from . import zoo
+    from .loading import load_image
 
+    if a.budget == 1 and isinstance(a.budget, int):
+        logger.warning(
+            "--budget 1 keeps ONE visual token per image / frame (an integer is a token count); "
+            "pass --budget 1.0 to keep all of them"
+        )
     if Path(a.image).suffix.lower() in VIDEO_SUFFIXES:
         return _ask_video(a)
-    image = zoo.load_image(a.image)  # clear ValueError before loading any model
+    image = load_image(a.image)  # clear ValueError before loading any model
     model, processor = load_model(a.model)
-    if a.budget is not None and a.budget != 1.0:
+    if a.budget is not None and not (isinstance(a.budget, float) and a.budget == 1.0):
         with vlm_accel.accelerate(model, budget=a.budget, method=a.method) as sess:
             answer = zoo.ask(model, processor, image, a.question, max_new_tokens=a.max_new_tokens)
         logger.info("visual tokens kept: %d of %d", sess.stats.visual_tokens_kept, sess.stats.visual_tokens_in)
@@ -81,20 +128,25 @@ def cmd_methods(a) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vlm-accel", description="Make vision-language models fast with one line.")
+    p = _Parser(prog="vlm-accel", description="Make vision-language models fast with one line.")
     p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     q = sub.add_parser(
         "ask", help="answer a question about an image or a video (the answer is the last line of stdout)"
     )
     q.add_argument("image", help="image file, or video file (.mp4, .avi, .mov, .mkv, .webm)")
     q.add_argument("question")
-    q.add_argument("--budget", type=_budget, default=None, help="fraction (0, 1] or tokens per image")
-    q.add_argument("--method", default="auto")
+    q.add_argument(
+        "--budget",
+        type=_budget,
+        default=None,
+        help="fraction of visual tokens kept, e.g. 0.25 (1.0: all), or an integer count per image / frame (1: one)",
+    )
+    q.add_argument("--method", type=_method, default="auto", help="auto or a name from `vlm-accel methods`")
     q.add_argument("--model", default=None, help="local model directory (default: the embedded model)")
-    q.add_argument("--max-new-tokens", type=int, default=8)
-    q.add_argument("--frames", type=int, default=8, help="video: frames sampled uniformly")
+    q.add_argument("--max-new-tokens", type=_positive_int, default=8)
+    q.add_argument("--frames", type=_positive_int, default=8, help="video: frames sampled uniformly")
     q.set_defaults(fn=cmd_ask)
 
     from . import demo
@@ -107,7 +159,7 @@ def main(argv=None) -> int:
     m.set_defaults(fn=cmd_methods)
 
     b = sub.add_parser("bench", help="benchmarks")
-    bsub = b.add_subparsers(dest="bench", required=True)
+    bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     from .bench import speed
 
     s = bsub.add_parser("speed", help="prefill / end-to-end speed vs the token-count ideal")
@@ -125,13 +177,36 @@ def main(argv=None) -> int:
     video.add_arguments(vs)
     vs.set_defaults(fn=video.cli)
 
-    a = p.parse_args(argv)
+    a = p.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return a.fn(a) or 0
-    except (ValueError, FileNotFoundError) as e:
-        print(f"vlm-accel: error: {e}", file=sys.stderr)  # noqa: T201
+        with _quiet_transformers(a.verbose):
+            return a.fn(a) or 0
+    except (ValueError, TypeError, FileNotFoundError) as e:  # user errors: one line, no traceback
+        logger.debug("traceback", exc_info=True)
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"vlm-accel: error: {message}", file=sys.stderr)  # noqa: T201
         return 2
+
+
+@contextlib.contextmanager
+def _quiet_transformers(verbose: bool):
+    """Without ``-v``: no weight-loading progress bars or tokenizer warnings from transformers on stderr (restored
+    after the command)."""
+    if verbose:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 
 from .api import accelerate
+from .loading import load_image
 from .methods import names as _method_names
-from .zoo import ask, build_prompt, load_image
+from .zoo import ask, build_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def build_app(demo: Demo):
 
 def launch(model_dir: str | None = None, port: int = 7860, share: bool = False) -> None:
     """Load the model (default: the embedded one) and serve the app."""
-    from .cli import load_model
+    from .loading import load_model
 
     model, processor = load_model(model_dir)
     build_app(Demo(model, processor)).launch(server_port=port, share=share)

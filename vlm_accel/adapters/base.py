@@ -2,7 +2,7 @@
 
 An adapter knows one model family: where the vision tower and the language model are, how the image features of
 one image are laid out (segments, grids, structural tokens such as newlines), and how to read the placeholder mask.
-The patching machinery itself (:mod:`vlm_accel.patch`) is family-agnostic.
+The patching machinery itself (:mod:`vlm_accel.api`) is family-agnostic.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cli(a: argparse.Namespace) -> int:
-    from ..cli import load_model
+    from ..loading import load_model
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -12,6 +12,13 @@ def max_min_diverse(x: torch.Tensor, k: int, init: torch.Tensor | None = None) -
 
     Starts from ``init`` (indices already chosen, not counted in ``k``) or else from the token with the largest mean
     cosine distance, then repeatedly adds the token whose distance to its nearest chosen token is largest.
+
+    Deviation from DivPrune's code (same objective): its first pick is the token whose nearest neighbour is
+    farthest; ours is the token of largest mean distance, the one least like the image as a whole, which does not
+    hinge on a single nearest neighbour (two near-duplicate outliers would hide each other). Starting from their
+    first pick (``init``) reproduces their selection order exactly. Chosen tokens are excluded (``-inf``), so
+    duplicate tokens never give a repeated index, which DivPrune's can; and the running minimum distance is updated
+    incrementally, ``O(kN)`` per selection instead of ``O(k^2 N)``.
     """
     dist = 1.0 - cosine_sim(x)  # [N, N]
     chosen = torch.empty(k, dtype=torch.long, device=x.device)

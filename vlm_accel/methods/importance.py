@@ -27,6 +27,16 @@ def visionzip(x: torch.Tensor, k: int, ctx: Context) -> Reduction:
     Importance is the vision tower's CLS attention when the adapter provides it, else :func:`feature_attention`.
     Contextual tokens: evenly spaced targets among the remaining tokens; every other remaining token is averaged
     into its most similar target.
+
+    Deviations from the authors' code (a side-by-side run on the same 576 / 2,880 tokens selects the same dominant
+    set): (1) a contextual token is the *mean* of its group (target included, weights sum to 1); VisionZip adds the
+    target to its members' mean (weights sum to 2). (2) We merge the features *after* the projector, with cosine
+    similarity on those features; VisionZip merges CLIP hidden states before the projector, matching on attention
+    keys. Why: a reducer here is a pure function of what ``get_image_features`` returns, the same for every family
+    (Qwen's patch merger, anyres crops, DINOv2 towers have no common pre-projector hook or keys), and after the
+    projector a weight sum of 2 would give the merged token twice the norm of a real one, off the distribution the
+    LLM was trained on; the mean keeps it on the scale of the tokens it replaces. (3) Targets are spaced ``R / k_ctx``
+    apart over all ``R`` remaining tokens; VisionZip's ``R // k_ctx`` leaves the tail without targets.
     """
     n = x.shape[0]
     imp = ctx.importance if ctx.importance is not None else feature_attention(x)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,29 @@ class Video:
         return [Image.fromarray(f) for f in self.frames]
 
 
+def check_sampling(num_frames=None, fps=None) -> tuple[int | None, float | None]:
+    """Validate ``num_frames`` (an int >= 1, or ``None``) and ``fps`` (a finite number > 0, or ``None``) before any
+    file is touched; returns them as ``(int | None, float | None)``. ``ValueError`` / ``TypeError`` say what to pass."""
+    if num_frames is not None:
+        if isinstance(num_frames, (bool, np.bool_)) or not isinstance(num_frames, (int, np.integer)):
+            raise TypeError(f"num_frames must be a whole number >= 1, got {num_frames!r}")
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        num_frames = int(num_frames)
+    if fps is not None:
+        if isinstance(fps, (bool, np.bool_)) or not isinstance(fps, (int, float, np.integer, np.floating)):
+            raise TypeError(f"fps must be a number > 0 (frames sampled per second), got {fps!r}")
+        if not math.isfinite(fps) or fps <= 0:
+            raise ValueError(f"fps must be a finite number > 0 (frames sampled per second), got {fps}")
+        fps = float(fps)
+    return num_frames, fps
+
+
 def sample_indices(
     total: int, fps: float, num_frames: int | None = None, sample_fps: float | None = None
 ) -> np.ndarray:
     """Frame indices to decode: ``num_frames`` uniformly spaced (segment centres) or one every ``1 / sample_fps`` s."""
+    num_frames, sample_fps = check_sampling(num_frames, sample_fps)
     if total <= 0:
         raise ValueError("video has no frames")
     if sample_fps is not None:
@@ -52,7 +72,7 @@ def sample_indices(
         if num_frames is not None and len(idx) > num_frames:  # fps sampling capped at num_frames, uniformly
             idx = idx[np.linspace(0, len(idx) - 1, num_frames).round().astype(int)]
         return np.unique(idx.round().astype(int).clip(0, total - 1))
-    n = num_frames or 8
+    n = 8 if num_frames is None else num_frames
     if n <= 0:
         raise ValueError(f"num_frames must be >= 1, got {n}")
     return np.unique(((np.arange(n) + 0.5) * total / n).astype(int).clip(0, total - 1))
@@ -89,8 +109,11 @@ def load(path: str | os.PathLike, num_frames: int | None = None, fps: float | No
         fps: sample one frame every ``1 / fps`` seconds instead.
 
     Raises:
-        ValueError: the file is missing, empty, unreadable or not a video (the message names the file).
+        ValueError: the file is missing, empty, unreadable or not a video (the message names the file), or
+            ``num_frames`` < 1 / ``fps`` <= 0 (checked first).
+        TypeError: ``num_frames`` is not a whole number, or ``fps`` not a number.
     """
+    num_frames, fps = check_sampling(num_frames, fps)
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"video not found: {p}")

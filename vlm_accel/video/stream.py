@@ -82,13 +82,15 @@ class StreamSession:
         self.stats = StreamStats()
         self._clock = 0.0
         self._last_pixels: torch.Tensor | None = None  # the last encoded frame, for the frame cache
+        self._closed = False
 
     # --- frames -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def add_frame(self, image, t: float | None = None) -> None:
-        """Take one frame (PIL image, ``[H, W, 3]`` array or path) seen at time ``t`` seconds (default: +1 s)."""
-        from ..zoo import load_image
+        """Take one frame (PIL image, ``[H, W, 3]`` uint8 array or path) seen at time ``t`` seconds (default: +1 s)."""
+        from ..loading import load_image
 
+        self._check_open()
         t = self._clock + 1.0 if t is None else float(t)
         self._clock = t
         inputs = self.processor.image_processor(images=load_image(image), return_tensors="pt")
@@ -157,6 +159,7 @@ class StreamSession:
         Qwen3-VL, ``visual_pos_masks`` ``[1, L]`` + ``deepstack_visual_embeds`` (per layer ``[N_held, D]``)."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
+        self._check_open()
         if not self.entries:
             raise ValueError("no frames yet: call add_frame() first")
         proc, model = self.processor, self.model
@@ -182,6 +185,9 @@ class StreamSession:
             frame += 1
         if frame != len(self.entries):
             raise RuntimeError("the chat template did not place one image token per frame")
+        from ..loading import check_context
+
+        check_context(model, len(pieces))
         input_ids = torch.tensor([pieces], device=model.device)
         embeds = model.get_input_embeddings()(input_ids)
         feats = torch.cat([e.features for e in self.entries]).to(embeds.dtype)
@@ -215,8 +221,22 @@ class StreamSession:
         ).strip()
 
     # --- lifetime ---------------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this stream is closed; start a new one with vlm_accel.stream(model, processor, ...)")
+        if not self.session.active:
+            raise RuntimeError(
+                "this stream's model was re-configured by another vlm_accel.stream() / accelerate() (or its session "
+                "was restored), so this stream no longer holds it; start a new stream"
+            )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
-        """Restore the model and drop the held frames."""
+        """Restore the model and drop the held frames (closing twice is harmless)."""
+        self._closed = True
         self.session.restore()
         self.entries.clear()
         self._last_pixels = None

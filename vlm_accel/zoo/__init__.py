@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..loading import check_context
 from .render import COLOR_NAMES, QTYPES, SHAPES, Scene, describe, heldout, normalize_answer, questions, render_scene
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ def ask(model, processor, image_or_path, question: str, max_new_tokens: int = 8)
     image = load_image(image_or_path)
     inputs = processor(images=image, text=build_prompt(processor, question), return_tensors="pt")
     inputs = inputs.to(model.device)
+    check_context(model, inputs["input_ids"], max_new_tokens)  # a prompt past the context answers wrongly, silently
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
