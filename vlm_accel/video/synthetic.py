@@ -1,21 +1,495 @@
-"""Synthetic clips of moving and appearing shapes with questions, for video Q&A runs on the embedded default model.
+"""Seeded synthetic clips of moving, appearing, disappearing and colour-changing shapes, with questions.
 
-Shapes and colours use the default model's vocabulary; clips are seeded and written as MP4 + a JSONL of questions.
+Every clip is a pure function of ``(split, seed)`` ("train" and "heldout" are disjoint random streams), in the
+embedded default model's vocabulary (shapes and colours of :mod:`vlm_accel.zoo.render`). A clip has 16–32 frames
+of 224–384 px (square or not) on a plain, noisy, gradient or striped light background, 1–4 shapes of 14–30 % of the
+short side, and one event kind:
+
+- ``move``: one shape moves left / right / up / down (starting in the first third, stopping in the last third,
+  25–55 % of the frame; the speed varies);
+- ``appear`` / ``disappear``: one shape appears / disappears at a frame between a third and two thirds of the clip;
+- ``change``: one shape changes colour at such a frame;
+- ``order``: two shapes appear at two such frames, with at least one of the 8 uniformly sampled frames between.
+
+Events fall strictly after sampled frames 0–2 and at or before sampled frames 5–7 of the default 8 uniformly
+sampled frames (:func:`vlm_accel.video.sample_indices`), so a model that sees those 8 frames sees each event.
+
+Questions (exact forms; answers are correct by construction):
+
+=========  ===================================================  =============================
+type       question                                             answer
+=========  ===================================================  =============================
+move       Which way does the {color} {shape} move?             left / right / up / down
+appear     What color is the shape that appears?                a colour
+disappear  What shape disappears?                               circle / rectangle / triangle
+count      How many shapes are there at the end?                1-4
+change     Does the {shape} change color?                       yes / no
+order      Which appears first, the {c1} {s1} or the {c2} {s2}?  {color} {shape}
+=========  ===================================================  =============================
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
-from ..zoo.render import COLORS, SHAPES  # the embedded model's vocabulary
+from ..zoo.render import COLOR_NAMES, COLORS, SHAPES, _background  # the embedded model's vocabulary
+
+QTYPES = ("move", "appear", "disappear", "count", "change", "order")
+KINDS = ("move", "appear", "disappear", "change", "order")
+DIRECTIONS = ("left", "right", "up", "down")
+NUM_FRAMES = 8  # frames the model sees by default
+GRID = 16  # 224 px / 14 px patches
+QUESTION = {
+    "move": "Which way does the {c} {s} move?",
+    "appear": "What color is the shape that appears?",
+    "disappear": "What shape disappears?",
+    "count": "How many shapes are there at the end?",
+    "change": "Does the {s} change color?",
+    "order": "Which appears first, the {c1} {s1} or the {c2} {s2}?",
+}
 
 
-def _draw(img: Image.Image, shape: str, color: str, cx: float, cy: float, r: float) -> None:
+@dataclass
+class Track:
+    """One shape over the clip. Positions are centres as fractions of width / height, linear between the
+    motion's start and end frames; the shape is present on frames ``t_in <= t < t_out``."""
+
+    shape: str
+    color: str
+    x0: float
+    y0: float
+    size: float  # fraction of min(W, H)
+    x1: float | None = None  # end of motion (None: static)
+    y1: float | None = None
+    move_from: int = 0
+    move_to: int = 0
+    t_in: int = 0
+    t_out: int = 10**6
+    color2: str | None = None  # colour from frame t_change on
+    t_change: int | None = None
+    ar: float = 1.0  # rectangle aspect
+    angle: float = 0.0  # triangle rotation
+    jitter: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.shape}"
+
+    def present(self, t: int) -> bool:
+        return self.t_in <= t < self.t_out
+
+    def color_at(self, t: int) -> str:
+        return self.color2 if self.t_change is not None and t >= self.t_change else self.color
+
+    def pos(self, t: int) -> tuple[float, float]:
+        if self.x1 is None or self.y1 is None:
+            return self.x0, self.y0
+        span = max(self.move_to - self.move_from, 1)
+        a = min(max((t - self.move_from) / span, 0.0), 1.0)
+        return self.x0 + a * (self.x1 - self.x0), self.y0 + a * (self.y1 - self.y0)
+
+    @property
+    def direction(self) -> str | None:
+        if self.x1 is None or self.y1 is None:
+            return None
+        dx, dy = self.x1 - self.x0, self.y1 - self.y0
+        if abs(dx) >= abs(dy):
+            return "right" if dx > 0 else "left"
+        return "down" if dy > 0 else "up"
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Clip:
+    """A rendered clip: ``frames [T', H, W, 3]`` uint8 (the rendered frame indices ``index``, all T by default),
+    the tracks, the event kind and metadata ``{seed, split, num_frames, size, fps, blur, ...}``."""
+
+    frames: np.ndarray
+    index: np.ndarray
+    tracks: list[Track]
+    kind: str
+    meta: dict = field(default_factory=dict)
+    label_maps: np.ndarray | None = None  # [T', H, W] uint8: track index + 1 covering each pixel (0 background)
+
+    @property
+    def num_frames(self) -> int:
+        return self.meta["num_frames"]
+
+    def images(self) -> list[Image.Image]:
+        return [Image.fromarray(f) for f in self.frames]
+
+    def patch_labels(self, grid: int = GRID, min_cover: float = 0.12) -> np.ndarray:
+        """``[T', grid, grid]`` int8: the track covering most of each cell of the frame squashed to 224×224
+        (if it covers ≥ ``min_cover`` of the cell), else -1; every visible track owns at least its best cell."""
+        out = []
+        n = len(self.tracks)
+        for lm in self.label_maps:
+            lab = np.array(Image.fromarray(lm).resize((224, 224), Image.NEAREST), dtype=np.int64)
+            c = 224 // grid
+            lab = lab.reshape(grid, c, grid, c).transpose(0, 2, 1, 3).reshape(grid, grid, c * c)
+            counts = np.stack([(lab == k).sum(-1) for k in range(n + 1)], -1)
+            counts[..., 0] = 0
+            best = counts.argmax(-1)
+            patch = np.where(counts.max(-1) >= min_cover * c * c, best - 1, -1).astype(np.int8)
+            for i in range(n):
+                if counts[..., i + 1].max() > 0 and not (patch == i).any():
+                    r, cc = np.unravel_index(counts[..., i + 1].argmax(), (grid, grid))
+                    patch[r, cc] = i
+            out.append(patch)
+        return np.stack(out)
+
+
+def sampled(num_frames: int, k: int = NUM_FRAMES) -> np.ndarray:
+    """The ``k`` uniformly sampled frame indices a model sees (segment centres, as :func:`video.sample_indices`)."""
+    from .io import sample_indices
+
+    return sample_indices(num_frames, 25.0, k)
+
+
+def _event_range(num_frames: int) -> tuple[int, int]:
+    """Frames an event may start on: within [T/3, 2T/3], after sampled frame 2, at or before sampled frame 5."""
+    s = sampled(num_frames)
+    lo = max(math.ceil(num_frames / 3), int(s[2]) + 1)
+    hi = min(math.floor(2 * num_frames / 3), int(s[5]))
+    return lo, hi
+
+
+def _box(t: Track, w: int, h: int, pad: float = 0.03) -> tuple[float, float, float, float]:
+    """Fractional box swept by the track over the clip (with a margin)."""
+    sw, sh = t.size * min(w, h) / w / 2, t.size * min(w, h) / h / 2
+    xs = [t.x0] + ([t.x1] if t.x1 is not None else [])
+    ys = [t.y0] + ([t.y1] if t.y1 is not None else [])
+    return min(xs) - sw - pad, min(ys) - sh - pad, max(xs) + sw + pad, max(ys) + sh + pad
+
+
+def _overlaps(a, b) -> bool:
+    return not (a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1])
+
+
+def _place(rng: random.Random, w: int, h: int, tracks: list[Track], shape: str, color: str, move: str | None = None):
+    """A new track (static, or moving in direction ``move``) whose swept box overlaps no other; None if no room."""
+    for _ in range(200):
+        size = rng.uniform(0.14, 0.3)
+        sw, sh = size * min(w, h) / w / 2, size * min(w, h) / h / 2
+        t = Track(shape, color, 0.0, 0.0, size, ar=rng.uniform(0.6, 1.6), angle=rng.uniform(0, 2 * math.pi))
+        if move is None:
+            t.x0, t.y0 = rng.uniform(sw + 0.02, 1 - sw - 0.02), rng.uniform(sh + 0.02, 1 - sh - 0.02)
+        else:
+            dist = rng.uniform(0.25, 0.55)
+            horiz = move in ("left", "right")
+            half = sw if horiz else sh
+            if dist > 1 - 2 * half - 0.04:
+                continue
+            start = rng.uniform(half + 0.02, 1 - half - 0.02 - dist)
+            end = start + dist
+            if move in ("left", "up"):
+                start, end = end, start
+            other = rng.uniform((sh if horiz else sw) + 0.02, 1 - (sh if horiz else sw) - 0.02)
+            t.x0, t.y0, t.x1, t.y1 = (start, other, end, other) if horiz else (other, start, other, end)
+        b = _box(t, w, h)
+        if all(not _overlaps(b, _box(o, w, h)) for o in tracks):
+            return t
+    return None
+
+
+def _draw(draw: ImageDraw.ImageDraw, t: Track, frame: int, w: int, h: int, fill) -> None:
+    cx, cy = t.pos(frame)
+    cx, cy = cx * w, cy * h
+    half = t.size * min(w, h) / 2
+    if t.shape == "circle":
+        draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=fill)
+    elif t.shape == "rectangle":
+        hw, hh = (half, half * t.ar) if t.ar <= 1 else (half / t.ar, half)
+        draw.rectangle([cx - hw, cy - hh, cx + hw, cy + hh], fill=fill)
+    else:
+        r = half * 1.1
+        cy += half * 0.15
+        pts = [
+            (cx + r * math.cos(t.angle + k * 2 * math.pi / 3), cy + r * math.sin(t.angle + k * 2 * math.pi / 3))
+            for k in range(3)
+        ]
+        draw.polygon(pts, fill=fill)
+
+
+def _scenario(rng: random.Random, kind: str, w: int, h: int, T: int) -> list[Track] | None:
+    lo, hi = _event_range(T)
+    tracks: list[Track] = []
+
+    def add(shape=None, color=None, move=None, avoid_names=(), avoid_colors=(), avoid_shapes=()):
+        for _ in range(30):
+            s = shape or rng.choice([x for x in SHAPES if x not in avoid_shapes] or SHAPES)
+            c = color or rng.choice([x for x in COLOR_NAMES if x not in avoid_colors])
+            if f"{c} {s}" in avoid_names:
+                continue
+            t = _place(rng, w, h, tracks, s, c, move)
+            if t is not None:
+                t.jitter = tuple(rng.randint(-12, 12) for _ in range(3))
+                tracks.append(t)
+                return t
+        return None
+
+    if kind == "move":
+        mover = add(move=rng.choice(DIRECTIONS))
+        if mover is None:
+            return None
+        mover.move_from = rng.randint(0, math.floor(T / 3))
+        mover.move_to = rng.randint(math.ceil(2 * T / 3), T - 1)
+        for _ in range(rng.choice([0, 1, 1, 2])):
+            add(avoid_names=(mover.name,))
+    elif kind == "appear":
+        for _ in range(rng.choice([1, 1, 2, 3])):
+            add()
+        new = add(avoid_colors={t.color for t in tracks})
+        if new is None:
+            return None
+        new.t_in = rng.randint(lo, hi)
+    elif kind == "disappear":
+        for _ in range(rng.choice([2, 2, 3, 4])):
+            add()
+        if len(tracks) < 2:
+            return None
+        rng.choice(tracks).t_out = rng.randint(lo, hi)
+    elif kind == "change":
+        changer = add()
+        for _ in range(rng.choice([0, 1, 1, 2])):
+            add(avoid_shapes=(changer.shape,))
+        changer.color2 = rng.choice([c for c in COLOR_NAMES if c != changer.color])
+        changer.t_change = rng.randint(lo, hi)
+    elif kind == "order":
+        for _ in range(rng.choice([0, 1, 1, 2])):
+            add()
+        names = {t.name for t in tracks}
+        a = add(avoid_names=names)
+        b = add(avoid_names=names | ({a.name} if a else set()))
+        if a is None or b is None:
+            return None
+        s = sampled(T)
+        mids = [int(x) for x in s if lo <= x < hi]  # a sampled frame m with t1 <= m < t2
+        if not mids:
+            return None
+        m = rng.choice(mids)
+        a.t_in = rng.randint(lo, m)
+        b.t_in = rng.randint(m + 1, hi)
+    else:
+        raise ValueError(f"unknown clip kind {kind!r}; expected one of {KINDS}")
+    if any(t is None for t in tracks) or not tracks:
+        return None
+    return tracks
+
+
+def render_clip(seed: int, split: str = "train", kind: str | None = None, index=None) -> Clip:
+    """Render clip ``seed`` of ``split`` ("train" / "heldout"); deterministic.
+
+    Args:
+        kind: force the event kind (default: drawn from the seed).
+        index: which frames to render (default all ``T``; e.g. ``sampled(T)`` for the 8 a model sees — the
+            clip's content does not depend on it).
+    """
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    rng = random.Random(f"clip-{split}-{seed}")
+    T = rng.randint(16, 32)
+    if rng.random() < 0.5:
+        w = h = rng.randint(224, 384)
+    else:
+        w, h = rng.randint(224, 384), rng.randint(224, 384)
+    kind = kind or rng.choice(KINDS)
+    for _attempt in range(50):
+        tracks = _scenario(rng, kind, w, h, T)
+        if tracks is not None and 1 <= sum(t.present(T - 1) for t in tracks) <= 4:
+            break
+    else:
+        raise RuntimeError(f"could not lay out a {kind} clip for seed {seed}")
+    bg = _background(rng, w, h)
+    blur = rng.uniform(0.3, 0.8) if rng.random() < 0.2 else 0.0
+    fps = rng.choice([8, 10, 12, 15])
+    index = np.arange(T) if index is None else np.asarray(index)
+    frames, maps = [], []
+    for f in index.tolist():
+        img = bg.copy()
+        lab = Image.new("L", (w, h), 0)
+        d, ld = ImageDraw.Draw(img), ImageDraw.Draw(lab)
+        for i, t in enumerate(tracks):
+            if not t.present(f):
+                continue
+            base = COLORS[t.color_at(f)]
+            fill = tuple(int(min(255, max(0, c + j))) for c, j in zip(base, t.jitter, strict=True))
+            _draw(d, t, f, w, h, fill)
+            _draw(ld, t, f, w, h, i + 1)
+        if blur:
+            img = img.filter(ImageFilter.GaussianBlur(blur))
+        frames.append(np.asarray(img))
+        maps.append(np.asarray(lab))
+    meta = {"seed": seed, "split": split, "num_frames": T, "size": (w, h), "fps": fps, "blur": blur}
+    return Clip(np.stack(frames), index, tracks, kind, meta, np.stack(maps))
+
+
+def count_at_end(tracks: list[Track], num_frames: int) -> int:
+    return sum(t.present(num_frames - 1) for t in tracks)
+
+
+def clip_questions(
+    clip_or_tracks, rng: random.Random, num_frames: int | None = None, kind: str | None = None, extra: bool = False
+):
+    """Every question the clip supports: ``[{question, answer, type, objs}]`` (``objs``: indices of the tracks the
+    question is about, for training-time supervision). Works on a :class:`Clip` or on ``(tracks, T, kind)``.
+
+    ``extra`` adds training-only questions (types ``x_*``): the other order of an ``order`` question, "How many
+    shapes are there at the start?", "What color is the <shape> at the end?", "What shape appears?", "What color
+    is the shape that disappears?"."""
+    if isinstance(clip_or_tracks, Clip):
+        tracks, T, kind = clip_or_tracks.tracks, clip_or_tracks.num_frames, clip_or_tracks.kind
+    else:
+        tracks, T = clip_or_tracks, num_frames
+    shapes = [t.shape for t in tracks]
+    out = []
+    if kind == "move":
+        i = next(k for k, t in enumerate(tracks) if t.direction is not None)
+        t = tracks[i]
+        q = QUESTION["move"].format(c=t.color, s=t.shape)
+        out.append({"question": q, "answer": t.direction, "type": "move", "objs": [i]})
+    if kind == "appear":
+        i = next(k for k, t in enumerate(tracks) if t.t_in > 0)
+        out.append({"question": QUESTION["appear"], "answer": tracks[i].color, "type": "appear", "objs": [i]})
+    if kind == "disappear":
+        i = next(k for k, t in enumerate(tracks) if t.t_out < T)
+        out.append({"question": QUESTION["disappear"], "answer": tracks[i].shape, "type": "disappear", "objs": [i]})
+    if kind == "order":
+        a, b = sorted((k for k, t in enumerate(tracks) if t.t_in > 0), key=lambda k: tracks[k].t_in)
+        first, second = (a, b) if rng.random() < 0.5 else (b, a)
+        q = QUESTION["order"].format(
+            c1=tracks[first].color, s1=tracks[first].shape, c2=tracks[second].color, s2=tracks[second].shape
+        )
+        out.append({"question": q, "answer": tracks[a].name, "type": "order", "objs": [a, b]})
+    out.append({"question": QUESTION["count"], "answer": str(count_at_end(tracks, T)), "type": "count", "objs": []})
+    if extra:
+        out += _extra_questions(tracks, T, kind, out)
+    for i, t in enumerate(tracks):  # "does the <shape> change colour": only shapes unique in the clip
+        if shapes.count(t.shape) == 1:
+            ans = "yes" if t.t_change is not None else "no"
+            out.append({"question": QUESTION["change"].format(s=t.shape), "answer": ans, "type": "change", "objs": [i]})
+    return out
+
+
+def _extra_questions(tracks: list[Track], T: int, kind: str, asked: list[dict]) -> list[dict]:
+    shapes = [t.shape for t in tracks]
+    out = []
+    n0 = sum(t.present(0) for t in tracks)
+    out.append(
+        {"question": "How many shapes are there at the start?", "answer": str(n0), "type": "x_count_start", "objs": []}
+    )
+    for i, t in enumerate(tracks):
+        if shapes.count(t.shape) == 1 and t.present(T - 1):
+            q = f"What color is the {t.shape} at the end?"
+            out.append({"question": q, "answer": t.color_at(T - 1), "type": "x_color_end", "objs": [i]})
+    if kind == "appear":
+        i = next(k for k, t in enumerate(tracks) if t.t_in > 0)
+        out.append(
+            {"question": "What shape appears?", "answer": tracks[i].shape, "type": "x_appear_shape", "objs": [i]}
+        )
+    if kind == "disappear":
+        i = next(k for k, t in enumerate(tracks) if t.t_out < T)
+        q = "What color is the shape that disappears?"
+        out.append({"question": q, "answer": tracks[i].color, "type": "x_disappear_color", "objs": [i]})
+    if kind == "order":
+        q0 = next(q for q in asked if q["type"] == "order")
+        a, b = q0["objs"]
+        first, second = (
+            (b, a) if q0["question"].index(tracks[a].name) < q0["question"].index(tracks[b].name) else (a, b)
+        )
+        q = QUESTION["order"].format(
+            c1=tracks[first].color, s1=tracks[first].shape, c2=tracks[second].color, s2=tracks[second].shape
+        )
+        out.append({"question": q, "answer": q0["answer"], "type": "x_order", "objs": [a, b]})
+    return out
+
+
+_KIND_FOR = {"move": "move", "appear": "appear", "disappear": "disappear", "order": "order"}
+
+
+def heldout_clips(n: int = 300, seed: int = 0, types=QTYPES, frames: int | None = NUM_FRAMES) -> Iterator[dict]:
+    """``n`` held-out clip questions balanced over ``types``: ``{frames [k, H, W, 3], question, answer, type,
+    clip}`` where ``frames`` are the ``frames`` uniformly sampled frames (all frames if None); deterministic."""
+    rng = random.Random(f"heldout-clip-questions-{seed}")
+    want = {t: n // len(types) + (1 if i < n % len(types) else 0) for i, t in enumerate(types)}
+    got = dict.fromkeys(types, 0)
+    idx = 0
+    while sum(got.values()) < n:
+        cid = seed * 1_000_003 + idx
+        idx += 1
+        t = types[sum(got.values()) % len(types)]
+        while got[t] >= want[t]:
+            t = types[(types.index(t) + 1) % len(types)]
+        if t == "change":  # half "yes" (a change clip), half "no" (any other kind)
+            kind = "change" if rng.random() < 0.5 else rng.choice([k for k in KINDS if k != "change"])
+        else:
+            kind = _KIND_FOR.get(t) or rng.choice(KINDS)
+        layout = render_clip(cid, "heldout", kind=kind, index=[0])
+        T = layout.num_frames
+        cands = [q for q in clip_questions(layout, rng) if q["type"] == t]
+        if t == "change" and kind == "change":
+            cands = [q for q in cands if q["answer"] == "yes"] or cands
+        if not cands:
+            continue
+        q = rng.choice(cands)
+        clip = render_clip(cid, "heldout", kind=kind, index=None if frames is None else sampled(T, frames))
+        got[t] += 1
+        yield {
+            "frames": clip.frames,
+            "question": q["question"],
+            "answer": q["answer"],
+            "type": t,
+            "clip": f"heldout-{cid}-{kind}",
+            "fps": clip.meta["fps"],
+        }
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: int = 10) -> Path:
+    """Write ``frames [T, H, W, 3]`` uint8 as an MPEG-4 file (sizes rounded down to even for yuv420p)."""
+    import av
+
+    path = Path(path)
+    h, w = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width = h, w
+        stream.pix_fmt, stream.bit_rate = "yuv420p", 4_000_000
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f[:h, :w]), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_heldout_clips(out_dir: str | Path, n: int = 60, seed: int = 0) -> Path:
+    """Write ``n`` held-out clips (all their frames, each at its own length and rate) as MP4 +
+    ``questions.jsonl`` (``{video, question, answer, type}``), balanced over :data:`QTYPES`; returns the JSONL
+    path. Readers sample the frames (8 uniformly by default)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, item in enumerate(heldout_clips(n, seed, frames=None)):
+        name = f"clip_{i:04d}.mp4"
+        write_video(out / name, item["frames"], item["fps"])
+        records.append({"video": name, "question": item["question"], "answer": item["answer"], "type": item["type"]})
+    path = out / "questions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+# ------------------------------------------------------------------------------------------- legacy (pre-#15)
+def _draw_legacy(img: Image.Image, shape: str, color: str, cx: float, cy: float, r: float) -> None:
     d = ImageDraw.Draw(img)
     box = [cx - r, cy - r, cx + r, cy + r]
     fill = COLORS[color]
@@ -28,7 +502,8 @@ def _draw(img: Image.Image, shape: str, color: str, cx: float, cy: float, r: flo
 
 
 def shape_clip(seed: int, frames: int = 8, size: int = 224) -> dict:
-    """One clip: ``{frames [T, H, W, 3] uint8, question, answer, type}``; ``type`` is ``"move"`` (which way does
+    """Legacy two-type clip (see :func:`render_clip` for the full renderer). One clip: ``{frames [T, H, W, 3]
+    uint8, question, answer, type}``; ``type`` is ``"move"`` (which way does
     the <color> <shape> move? left/right) or ``"appear"`` (what colour is the shape that appears?)."""
     rng = random.Random(f"synthetic-clip-{seed}")
     kind = rng.choice(["move", "appear"])
@@ -43,7 +518,7 @@ def shape_clip(seed: int, frames: int = 8, size: int = 224) -> dict:
         xs = xs if direction == "right" else xs[::-1]
         for x in xs:
             img = Image.new("RGB", (size, size), bg)
-            _draw(img, shape, color, float(x), cy, r)
+            _draw_legacy(img, shape, color, float(x), cy, r)
             out.append(np.asarray(img))
         question, answer = f"Which way does the {color} {shape} move?", direction
     else:
@@ -51,16 +526,17 @@ def shape_clip(seed: int, frames: int = 8, size: int = 224) -> dict:
         x_static, x_new = (0.3 * size, 0.7 * size) if rng.random() < 0.5 else (0.7 * size, 0.3 * size)
         for t in range(frames):
             img = Image.new("RGB", (size, size), bg)
-            _draw(img, other_shape, other_color, x_static, cy, r)
+            _draw_legacy(img, other_shape, other_color, x_static, cy, r)
             if t >= frames // 2:
-                _draw(img, shape, color, x_new, size - cy, r)
+                _draw_legacy(img, shape, color, x_new, size - cy, r)
             out.append(np.asarray(img))
         question, answer = "What color is the shape that appears?", color
     return {"frames": np.stack(out), "question": question, "answer": answer, "type": kind}
 
 
 def write_clips(out_dir: str | Path, n: int = 50, seed: int = 0, frames: int = 8, fps: int = 4) -> Path:
-    """Write ``n`` clips as MP4 and ``questions.jsonl`` (``{video, question, answer, type}``); returns the JSONL."""
+    """Legacy (kept for existing callers): write ``n`` :func:`shape_clip` clips as MP4 and ``questions.jsonl``
+    (``{video, question, answer, type}``); returns the JSONL (:func:`write_heldout_clips` writes the full set)."""
     import av
 
     out = Path(out_dir)

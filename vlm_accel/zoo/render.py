@@ -192,7 +192,8 @@ def render_scene(seed: int, split: str = "train", n_objects: int | None = None) 
         if not (patch == i).any():
             r, c = np.unravel_index(counts[..., i + 1].argmax(), (GRID, GRID))
             patch[r, c] = i
-    return Scene(img, objs, patch, {"seed": seed, "split": split, "size": (w, h)})
+    meta = {"seed": seed, "split": split, "size": (w, h), "label_map": np.asarray(label)}  # index + 1 per pixel
+    return Scene(img, objs, patch, meta)
 
 
 _Q = {

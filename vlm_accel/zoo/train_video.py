@@ -1,0 +1,757 @@
+"""Train the default VLM to answer questions about clips as well as images (CPU, seeded, resumable).
+
+The model is the OneVision form of the image model (:mod:`vlm_accel.zoo.onevision`): frozen DINOv2 tower, trained
+projector + 4-layer Llama + ``image_newline``. Steps (each resumable; rerunning a command continues it):
+
+1. ``init``: ``python -m vlm_accel.zoo.onevision --out ROOT/init`` (the image model's weights, OneVision layout).
+2. ``cache``: frozen DINOv2 patch features exactly as the model computes them (``hidden_states[-1][:, 1:]``, fp16)
+   — held-out evaluation clips + images first, then training images (both anyres views) and training clips (the 8
+   uniformly sampled frames), in shards, with per-patch object labels.
+3. ``train``: projector + LM (+ newline) on batches mixing clips and images. Every question of a clip / image is an
+   independent turn after one shared media prefix (block mask, positions restart after the prefix: each turn is
+   exactly the single-question inference prompt); loss on answers only; an auxiliary loss makes projected patch
+   tokens name their object's colour / shape / side through the tied word embeddings; attention supervision on
+   layer 2: head 0 ("early") attends from the answer position to the relevant objects in sampled frames 0–2, head 1
+   ("late") in frames 5–7 (both to the named object for images), head 2 to every object of a shape named by the
+   question. Checkpoint every few minutes (``ROOT/ckpt/last.pt``), log lines with teacher-forced held-out accuracy.
+4. ``export``: fp16 safetensors + processor files (``--out vlm_accel/zoo/default_video`` or a scratch dir).
+
+    python -m vlm_accel.zoo.onevision --out /work/zoo-video-ckpt/init
+    nohup nice -n 10 python -m vlm_accel.zoo.train_video cache --root /work/zoo-video-ckpt >> LOG 2>&1 &
+    nohup nice -n 10 python -m vlm_accel.zoo.train_video train --root /work/zoo-video-ckpt >> LOG 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..video.synthetic import COLOR_NAMES, SHAPES, Track, clip_questions, heldout_clips, render_clip, sampled
+from .render import heldout, questions, render_scene
+from .train import attention_target_loss, segment_mask
+
+log = logging.getLogger("vlm_accel.zoo.train_video")
+ROOT = os.environ.get("VLM_ACCEL_VIDEO_ROOT", "/work/zoo-video-ckpt")
+CLIP_SHARD = 200
+IMAGE_SHARD = 500
+FRAMES = 8
+VIDEO_TOKENS = FRAMES * 64 + 1
+
+
+# ----------------------------------------------------------------------------------------------------------- cache
+def grid_labels(label_map: np.ndarray, n_objects: int, grid: int = 16, min_cover: float = 0.12) -> np.ndarray:
+    """``[grid, grid]`` int8 object index (-1 none) per cell of a 224×224 label map (``index + 1`` per pixel)."""
+    c = 224 // grid
+    lab = label_map.astype(np.int64).reshape(grid, c, grid, c).transpose(0, 2, 1, 3).reshape(grid, grid, c * c)
+    counts = np.stack([(lab == k).sum(-1) for k in range(n_objects + 1)], -1)
+    counts[..., 0] = 0
+    best = counts.argmax(-1)
+    patch = np.where(counts.max(-1) >= min_cover * c * c, best - 1, -1).astype(np.int8)
+    for i in range(n_objects):
+        if counts[..., i + 1].max() > 0 and not (patch == i).any():
+            r, cc = np.unravel_index(counts[..., i + 1].argmax(), (grid, grid))
+            patch[r, cc] = i
+    return patch
+
+
+def crop_labels(label_map: np.ndarray, n_objects: int) -> np.ndarray:
+    """Labels of OneVision's aspect-preserving 224-px view (resized to fit, centred on a padded square)."""
+    from PIL import Image
+
+    h, w = label_map.shape
+    sw, sh = 224 / w, 224 / h
+    if sw < sh:
+        nw, nh = 224, min(math.ceil(h * sw), 224)
+    else:
+        nh, nw = 224, min(math.ceil(w * sh), 224)
+    canvas = np.zeros((224, 224), dtype=np.uint8)
+    top, left = (224 - nh) // 2, (224 - nw) // 2
+    canvas[top : top + nh, left : left + nw] = np.asarray(Image.fromarray(label_map).resize((nw, nh), Image.NEAREST))
+    return grid_labels(canvas, n_objects)
+
+
+class Tower:
+    """The model's frozen vision tower: ``[N, 3, 224, 224]`` → ``[N, 256, 384]`` fp16 patch features."""
+
+    def __init__(self, init: str):
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        from .onevision import load_processor
+
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+        self.tower = model.model.vision_tower.eval()
+        self.processor = load_processor(init)
+
+    @torch.no_grad()
+    def __call__(self, pv: torch.Tensor) -> torch.Tensor:
+        out = [
+            self.tower(pv[i : i + 16], output_hidden_states=True).hidden_states[-1][:, 1:].to(torch.float16)
+            for i in range(0, len(pv), 16)
+        ]
+        return torch.cat(out)
+
+
+def _save(obj, path: str) -> None:
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def cache_clips(tower: Tower, root: str, split: str, n: int, shards=None) -> None:
+    """Shards ``clips_{split}_{k}.pt``: feats ``[n, 8, 256, 384]`` fp16, labels ``[n, 8, 16, 16]`` int8, clips
+    (``{seed, kind, T, index, tracks}``) of clip seeds ``k·200 …``."""
+    vp = tower.processor.video_processor
+    for k in shards if shards is not None else range(math.ceil(n / CLIP_SHARD)):
+        path = os.path.join(root, "feats", f"clips_{split}_{k:04d}.pt")
+        if os.path.exists(path):
+            continue
+        t0 = time.time()
+        feats, labels, metas = [], [], []
+        for seed in range(k * CLIP_SHARD, min(n, (k + 1) * CLIP_SHARD)):
+            layout = render_clip(seed, split, index=[0])
+            idx = sampled(layout.num_frames, FRAMES)
+            clip = render_clip(seed, split, index=idx)
+            feats.append(tower(vp.frames(clip.frames)))
+            labels.append(torch.from_numpy(clip.patch_labels()))
+            metas.append(
+                {
+                    "seed": seed,
+                    "kind": clip.kind,
+                    "T": clip.num_frames,
+                    "index": idx.tolist(),
+                    "tracks": [t.to_dict() for t in clip.tracks],
+                }
+            )
+        _save({"feats": torch.stack(feats), "labels": torch.stack(labels), "clips": metas}, path)
+        log.info("wrote %s (%.0f s)", path, time.time() - t0)
+
+
+def cache_eval_clips(tower: Tower, root: str, n: int, seed: int = 0) -> None:
+    path = os.path.join(root, "feats", f"clips_eval_s{seed}_n{n}.pt")
+    if os.path.exists(path):
+        return
+    vp = tower.processor.video_processor
+    feats, items = [], []
+    for it in heldout_clips(n, seed):
+        feats.append(tower(vp.frames(it["frames"])))
+        items.append({k: it[k] for k in ("question", "answer", "type", "clip")})
+    _save({"feats": torch.stack(feats), "items": items}, path)
+    log.info("wrote %s", path)
+
+
+def _image_feats(tower: Tower, images) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n, 2, 256, 384]`` (base view, aspect view) and image_sizes ``[n, 2]``; identical views encoded once."""
+    enc = tower.processor.image_processor(images, return_tensors="pt")
+    pv, sizes = enc["pixel_values"], enc["image_sizes"]
+    if pv.shape[1] != 2:
+        raise RuntimeError(f"expected 2 anyres views per image, got {pv.shape[1]}")
+    out = []
+    for b in range(len(pv)):
+        if torch.equal(pv[b, 0], pv[b, 1]):
+            f = tower(pv[b, :1])
+            out.append(torch.cat([f, f]))
+        else:
+            out.append(tower(pv[b]))
+    return torch.stack(out), sizes
+
+
+def cache_images(tower: Tower, root: str, split: str, n: int, shards=None) -> None:
+    """Shards ``images_{split}_{k}.pt``: feats ``[n, 2, 256, 384]``, sizes, labels of both views, objects."""
+    for k in shards if shards is not None else range(math.ceil(n / IMAGE_SHARD)):
+        path = os.path.join(root, "feats", f"images_{split}_{k:04d}.pt")
+        if os.path.exists(path):
+            continue
+        t0 = time.time()
+        seeds = list(range(k * IMAGE_SHARD, min(n, (k + 1) * IMAGE_SHARD)))
+        feats, sizes, labels, objects = [], [], [], []
+        for i in range(0, len(seeds), 16):
+            scenes = [render_scene(s, split) for s in seeds[i : i + 16]]
+            f, sz = _image_feats(tower, [s.image for s in scenes])
+            feats.append(f)
+            sizes.append(sz)
+            for s in scenes:
+                lm = s.meta["label_map"]
+                labels.append(
+                    torch.from_numpy(np.stack([s.patch_labels.astype(np.int8), crop_labels(lm, len(s.objects))]))
+                )
+                objects.append([(o.shape, o.color, o.cx, o.cy, o.size) for o in s.objects])
+        _save(
+            {"feats": torch.cat(feats), "sizes": torch.cat(sizes), "labels": torch.stack(labels), "objects": objects},
+            path,
+        )
+        log.info("wrote %s (%.0f s)", path, time.time() - t0)
+
+
+def cache_eval_images(tower: Tower, root: str, n: int, seed: int = 0) -> None:
+    path = os.path.join(root, "feats", f"images_eval_s{seed}_n{n}.pt")
+    if os.path.exists(path):
+        return
+    items = list(heldout(n, seed))
+    feats, sizes = [], []
+    for i in range(0, n, 16):
+        f, sz = _image_feats(tower, [it["image"] for it in items[i : i + 16]])
+        feats.append(f)
+        sizes.append(sz)
+    meta = [{k: it[k] for k in ("question", "answer", "type", "scene")} for it in items]
+    _save({"feats": torch.cat(feats), "sizes": torch.cat(sizes), "items": meta}, path)
+    log.info("wrote %s", path)
+
+
+def cache(args) -> None:
+    torch.set_num_threads(args.threads)
+    os.makedirs(os.path.join(args.root, "feats"), exist_ok=True)
+    tower = Tower(os.path.join(args.root, "init"))
+    cache_eval_clips(tower, args.root, args.eval_clips)
+    cache_eval_images(tower, args.root, args.eval_images)
+    n_img, n_clip = math.ceil(args.images / IMAGE_SHARD), math.ceil(args.clips / CLIP_SHARD)
+    for r in range(max(n_clip, n_img)):  # interleaved, so training can start after the first shard of each
+        if r < n_img:
+            cache_images(tower, args.root, "train", args.images, shards=[r])
+        if r < n_clip:
+            cache_clips(tower, args.root, "train", args.clips, shards=[r])
+    log.info("cache complete")
+
+
+# ---------------------------------------------------------------------------------------------------- sequences
+class Seq:
+    """One packed sequence: a media prefix and independent question turns (see :func:`train.segment_mask`)."""
+
+    def __init__(self, tok, media_id: int, n_media: int, turns: list[tuple[str, str]], cache: dict):
+        def ids(text: str) -> list[int]:
+            if text not in cache:
+                cache[text] = tok(text, add_special_tokens=False)["input_ids"]
+            return cache[text]
+
+        prefix = [tok.bos_token_id] + ids("user :") + [media_id] * n_media
+        self.media_start = len(prefix) - n_media
+        self.ids, self.labels = list(prefix), [-100] * len(prefix)
+        self.seg, self.pos = [0] * len(prefix), list(range(len(prefix)))
+        self.rows = []  # index of the token that predicts each turn's first answer token
+        for k, (q, a) in enumerate(turns, 1):
+            user = ids(q) + ids("assistant :")
+            ans = ids(a) + [tok.eos_token_id]
+            self.rows.append(len(self.ids) + len(user) - 1)
+            self.ids += user + ans
+            self.labels += [-100] * len(user) + ans
+            self.seg += [k] * (len(user) + len(ans))
+            self.pos += list(range(len(prefix), len(prefix) + len(user) + len(ans)))
+
+
+def pooled_labels(labels16: torch.Tensor) -> torch.Tensor:
+    """``[..., 16, 16]`` object index → ``[..., 8, 8]``: the object covering most of each 2×2 cell (-1 none)."""
+    x = labels16.long() + 1  # 0 = none
+    *lead, h, w = x.shape
+    x = x.reshape(*lead, h // 2, 2, w // 2, 2).transpose(-3, -2).reshape(*lead, h // 2, w // 2, 4)
+    oh = F.one_hot(x, 8)[..., 1:].sum(-2)  # counts of objects 1..7
+    best = oh.argmax(-1)
+    return torch.where(oh.max(-1).values > 0, best, torch.full_like(best, -1))
+
+
+def _tracks(meta) -> list[Track]:
+    return [Track(**{**d, "jitter": tuple(d["jitter"])}) for d in meta["tracks"]]
+
+
+def clip_turns(meta, rng: random.Random, no_change_p: float = 0.35) -> list[dict]:
+    """Questions of a cached clip (``change`` "no" questions subsampled so yes / no balance)."""
+    tracks = _tracks(meta)
+    qs = clip_questions(tracks, rng, meta["T"], meta["kind"], extra=True)
+    return [q for q in qs if not (q["type"] == "change" and q["answer"] == "no" and rng.random() > no_change_p)]
+
+
+def clip_att_targets(meta, q: dict, lab8: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Attention targets for one clip question: ``{head: [513] bool}`` over the video tokens.
+
+    ``lab8``: ``[8, 8, 8]`` pooled labels of the 8 sampled frames. Head 0 (early): frames 0–2; head 1 (late):
+    frames 5–7; head 2: every token of the named shape (``change`` questions)."""
+    tracks = _tracks(meta)
+    T = meta["T"]
+    idx = meta["index"]
+    flat = lab8.reshape(FRAMES, 64)
+
+    def tokens(objs, frames) -> torch.Tensor:
+        m = torch.zeros(VIDEO_TOKENS, dtype=torch.bool)
+        for f in frames:
+            for o in objs:
+                m[f * 64 : (f + 1) * 64] |= flat[f] == o
+        return m
+
+    every = list(range(len(tracks)))
+    t = q["type"]
+    out: dict[int, torch.Tensor] = {}
+    if t in ("move", "change"):
+        out[0], out[1] = tokens(q["objs"], [0, 1, 2]), tokens(q["objs"], [5, 6, 7])
+        if t == "change":
+            out[2] = tokens(q["objs"], range(FRAMES))
+    elif t == "x_color_end":
+        out[1], out[2] = tokens(q["objs"], [5, 6, 7]), tokens(q["objs"], range(FRAMES))
+    elif t in ("appear", "disappear", "x_appear_shape", "x_disappear_color"):
+        out[0], out[1] = tokens(every, [0, 1, 2]), tokens(every, [5, 6, 7])
+    elif t == "count":
+        out[1] = tokens(every, [FRAMES - 1])
+    elif t == "x_count_start":
+        out[0] = tokens(every, [0])
+    elif t in ("order", "x_order"):
+        a, b = sorted(q["objs"], key=lambda k: tracks[k].t_in)
+        only_a = [f for f in range(FRAMES) if tracks[a].present(idx[f]) and not tracks[b].present(idx[f])]
+        out[0] = tokens([a], only_a)
+    del T
+    return {h: m for h, m in out.items() if m.any()}
+
+
+def image_turns(objs, rng: random.Random, max_q: int, n_exists: int) -> list[dict]:
+    from .train import _SceneView
+
+    qs = questions(_SceneView(objs), rng, n_exists=n_exists, extra=True)
+    rng.shuffle(qs)
+    return qs[:max_q]
+
+
+# --------------------------------------------------------------------------------------------------------- train
+class Data:
+    """Cached training / evaluation features (memory-mapped shards)."""
+
+    def __init__(self, root: str):
+        self.root = os.path.join(root, "feats")
+        self.clip_paths: list[str] = []
+        self.image_paths: list[str] = []
+        self.clip_parts: list[dict] = []
+        self.image_parts: list[dict] = []
+        self.reload()
+
+    def reload(self) -> bool:
+        cp = sorted(glob.glob(os.path.join(self.root, "clips_train_*.pt")))
+        ip = sorted(glob.glob(os.path.join(self.root, "images_train_*.pt")))
+        grew = len(cp) > len(self.clip_paths) or len(ip) > len(self.image_paths)
+        for p in cp[len(self.clip_paths) :]:
+            d = torch.load(p, mmap=True, weights_only=False)
+            d["lab8"] = pooled_labels(d["labels"])
+            self.clip_parts.append(d)
+        for p in ip[len(self.image_paths) :]:
+            self.image_parts.append(torch.load(p, mmap=True, weights_only=False))
+        self.clip_paths, self.image_paths = cp, ip
+        self.n_clips = sum(len(d["clips"]) for d in self.clip_parts)
+        self.n_images = sum(len(d["objects"]) for d in self.image_parts)
+        return grew
+
+    def clip(self, i: int):
+        for d in self.clip_parts:
+            if i < len(d["clips"]):
+                return d["feats"][i], d["labels"][i], d["lab8"][i], d["clips"][i]
+            i -= len(d["clips"])
+        raise IndexError(i)
+
+    def image(self, i: int):
+        for d in self.image_parts:
+            if i < len(d["objects"]):
+                return d["feats"][i], d["sizes"][i], d["labels"][i], d["objects"][i]
+            i -= len(d["objects"])
+        raise IndexError(i)
+
+
+def video_embeds(model, feats: torch.Tensor) -> torch.Tensor:
+    """``[B, 8, 256, 384]`` → ``[B, 513, H]`` exactly as ``get_video_features`` (projector, 2×2 pool, newline);
+    also returns the pre-pool projected tokens ``[B, 8, 256, H]`` for the auxiliary loss."""
+    B = feats.shape[0]
+    v = model.model.multi_modal_projector(feats.reshape(B * FRAMES, 256, -1))
+    pooled = model.model.apply_pooling(v).reshape(B, FRAMES * 64, -1)
+    nl = model.model.image_newline[None, None].expand(B, 1, -1).to(pooled.dtype)
+    return torch.cat([pooled, nl], 1), v.reshape(B, FRAMES, 256, -1)
+
+
+def image_embeds(model, feats: torch.Tensor, sizes: torch.Tensor):
+    """``[B, 2, 256, 384]`` + sizes → list of ``[n_b, H]`` as ``get_image_features`` + projected ``[B, 2, 256, H]``."""
+    B = feats.shape[0]
+    v = model.model.multi_modal_projector(feats.reshape(B * 2, 256, -1)).reshape(B, 2, 256, -1)
+    packed, _ = model.model.pack_image_features(
+        list(v), sizes, image_newline=model.model.image_newline, vision_aspect_ratio=model.config.vision_aspect_ratio
+    )
+    return packed, v
+
+
+def image_token_labels(model, labels: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Object index per image token (``-1`` for newlines / background), in the model's packed order."""
+    x = labels.reshape(2, 256, 1).float()
+    packed, _ = model.model.pack_image_features([x], size[None], image_newline=torch.tensor([-1.0]))
+    return packed[0][:, 0].round().long()
+
+
+def train(args) -> None:
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from .onevision import load_processor
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    ck_dir = os.path.join(args.root, "ckpt")
+    os.makedirs(ck_dir, exist_ok=True)
+    init = os.path.join(args.root, "init")
+    proc = load_processor(init)
+    tok = proc.tokenizer
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    cfg = model.config
+    while True:
+        data = Data(args.root)
+        if data.n_clips and data.n_images:
+            break
+        log.info("waiting for the feature cache (clips %d, images %d)", data.n_clips, data.n_images)
+        time.sleep(60)
+    log.info("train clips %d, images %d", data.n_clips, data.n_images)
+    ev = _load_eval(args.root)
+    proj, lm = model.model.multi_modal_projector, model.model.language_model
+    emb = lm.embed_tokens
+    col_ids = torch.tensor(tok.convert_tokens_to_ids(list(COLOR_NAMES) + ["none"]))
+    shp_ids = torch.tensor(tok.convert_tokens_to_ids(list(SHAPES) + ["none"]))
+    side_ids = torch.tensor(tok.convert_tokens_to_ids(["left", "right"]))
+    vert_ids = torch.tensor(tok.convert_tokens_to_ids(["up", "down"]))
+    params = list(proj.parameters()) + list(lm.parameters()) + [model.model.image_newline]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    step = 0
+    ck = os.path.join(ck_dir, "last.pt")
+    if os.path.exists(ck):
+        state = torch.load(ck, weights_only=False)
+        model.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        log.info("resumed from %s at step %d", ck, step)
+    model.train()
+    model.model.vision_tower.requires_grad_(False)
+    vt = model.model.vision_tower
+    tcache: dict[str, list[int]] = {}
+    last_save, t_log = time.time(), time.time()
+    while step < args.steps:
+        rng = random.Random(f"{args.seed}-{step}")
+        g = torch.Generator().manual_seed(args.seed * 100003 + step)
+        ci = torch.randint(0, data.n_clips, (args.clips_per_step,), generator=g).tolist()
+        ii = torch.randint(0, data.n_images, (args.images_per_step,), generator=g).tolist()
+        seqs, heads_rows = [], {0: [], 1: [], 2: []}  # head -> [(b, row, mask over the media tokens)]
+        color_rows = []
+        cf, cl, c8, cm = zip(*[data.clip(i) for i in ci], strict=True)
+        for b, (meta, lab8) in enumerate(zip(cm, c8, strict=True)):
+            qs = clip_turns(meta, rng)
+            rng.shuffle(qs)
+            s = Seq(tok, cfg.video_token_index, VIDEO_TOKENS, [(q["question"], q["answer"]) for q in qs], tcache)
+            for q, row in zip(qs, s.rows, strict=True):
+                for h, m in clip_att_targets(meta, q, lab8).items():
+                    heads_rows[h].append((b, row, s.media_start, m))
+                if q["answer"] in COLOR_NAMES:
+                    color_rows.append((b, row + 1))
+            seqs.append(s)
+        imf, ims, iml, imo = zip(*[data.image(i) for i in ii], strict=True)
+        for j, (objs, labs, size) in enumerate(zip(imo, iml, ims, strict=True)):
+            b = len(ci) + j
+            qs = image_turns(objs, rng, args.max_q, args.n_exists)
+            if rng.random() < args.describe_p:
+                from .render import describe
+                from .train import _SceneView
+
+                qs.insert(
+                    rng.randint(0, len(qs)),
+                    {"question": "Describe the image.", "answer": describe(_SceneView(objs)), "type": "describe"},
+                )
+            tl = image_token_labels(model, labs, size)
+            s = Seq(tok, cfg.image_token_index, len(tl), [(q["question"], q["answer"]) for q in qs], tcache)
+            for q, row in zip(qs, s.rows, strict=True):
+                if q.get("obj", -1) >= 0:
+                    m = tl == q["obj"]
+                    heads_rows[0].append((b, row, s.media_start, m))
+                    heads_rows[1].append((b, row, s.media_start, m))
+                words = q["question"].lower().replace("?", " ").split()
+                shape = next((w for w in words if w in SHAPES), None)
+                if shape is not None:
+                    hits = [k for k, o in enumerate(objs) if o[0] == shape]
+                    if hits:
+                        heads_rows[2].append((b, row, s.media_start, torch.isin(tl, torch.tensor(hits))))
+                if q["answer"] in COLOR_NAMES:
+                    color_rows.append((b, row + 1))
+            seqs.append(s)
+        B = len(seqs)
+        L = max(len(s.ids) for s in seqs)
+        input_ids = torch.full((B, L), tok.pad_token_id)
+        tgt = torch.full((B, L), -100)
+        seg = torch.full((B, L), -1)
+        pos = torch.zeros((B, L), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            n = len(s.ids)
+            input_ids[b, :n], tgt[b, :n] = torch.tensor(s.ids), torch.tensor(s.labels)
+            seg[b, :n], pos[b, :n] = torch.tensor(s.seg), torch.tensor(s.pos)
+        mask = segment_mask(seg)
+        f = min(1.0, (step + 1) / args.warmup)
+        if step > args.steps - args.decay:
+            f *= max(0.05, (args.steps - step) / args.decay)
+        for gr in opt.param_groups:
+            gr["lr"] = args.lr * f
+        cfeats, ifeats, isizes = torch.stack(cf).float(), torch.stack(imf).float(), torch.stack(ims)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            vid, vraw = video_embeds(model, cfeats)
+            img, iraw = image_embeds(model, ifeats, isizes)
+            e = emb(input_ids)
+            media = torch.cat([vid.reshape(-1, vid.shape[-1])] + list(img)).to(e.dtype)
+            mm = (input_ids == cfg.video_token_index) | (input_ids == cfg.image_token_index)
+            e = e.masked_scatter(mm[..., None], media)
+            out = lm(inputs_embeds=e, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+            logits = model.lm_head(out.last_hidden_state[:, :-1])
+        logits = logits.float()
+        wts = torch.ones(tgt.shape)
+        for b, r in color_rows:
+            wts[b, r] = args.color_w
+        wts = wts[:, 1:] * (tgt[:, 1:] != -100)
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tgt[:, 1:].reshape(-1), reduction="none", ignore_index=-100
+        )
+        loss_qa = (ce * wts.reshape(-1)).sum() / wts.sum()
+        # auxiliary: every projected patch token names its object's colour / shape / side / up-down
+        la = _aux_loss(emb.weight, vraw.float(), iraw.float(), cl, cm, iml, imo, col_ids, shp_ids, side_ids, vert_ids)
+        # attention supervision (layer 2): early / late / shape heads
+        latt = []
+        for h, rows in heads_rows.items():
+            if not rows:
+                continue
+            tg = []
+            for _b, _row, start, m in rows:
+                t = torch.zeros(L, dtype=torch.bool)
+                t[start : start + len(m)] = m
+                tg.append(t)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                latt.append(
+                    attention_target_loss(
+                        lm,
+                        out.hidden_states[args.att_layer],
+                        pos,
+                        mask,
+                        [(b, r) for b, r, _, _ in rows],
+                        tg,
+                        args.att_layer,
+                        [h],
+                    )
+                )
+        loss_att = torch.stack(latt).mean() if latt else torch.zeros(())
+        loss = loss_qa + args.aux * la + args.att * loss_att
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        vt.requires_grad_(False)
+        step += 1
+        if step % 10 == 0:
+            log.info(
+                "step %d loss %.4f qa %.4f aux %.4f att %.4f lr %.2e  %.2f s/step (clips %d, images %d)",
+                step,
+                loss.item(),
+                loss_qa.item(),
+                la.item(),
+                loss_att.item(),
+                opt.param_groups[0]["lr"],
+                (time.time() - t_log) / 10,
+                data.n_clips,
+                data.n_images,
+            )
+            t_log = time.time()
+        if step % args.reload_every == 0 and data.reload():
+            log.info("reloaded shards: clips %d, images %d", data.n_clips, data.n_images)
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = evaluate_cached(model, tok, ev)
+            log.info("eval step %d: %s", step, " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
+            model.train()
+        if time.time() - last_save > args.save_every or step == args.steps:
+            sd = {k: v for k, v in model.state_dict().items() if not k.startswith("model.vision_tower.")}
+            _save({"model": sd, "opt": opt.state_dict(), "step": step, "args": vars(args)}, ck)
+            last_save = time.time()
+            log.info("saved %s at step %d", ck, step)
+        if args.keep_every and step % args.keep_every == 0:
+            sd = {k: v for k, v in model.state_dict().items() if not k.startswith("model.vision_tower.")}
+            _save({"model": sd, "step": step}, os.path.join(ck_dir, f"step{step:05d}.pt"))
+
+
+def _aux_loss(W, vraw, iraw, clip_labels, clip_metas, img_labels, img_objs, col_ids, shp_ids, side_ids, vert_ids):
+    """Per-patch word classification (colour, shape, left/right, up/down) of the projected tokens."""
+    ncol, nshp = len(COLOR_NAMES), len(SHAPES)
+    toks, col, shp, side, vert = [], [], [], [], []
+    for b, (lab, meta) in enumerate(zip(clip_labels, clip_metas, strict=True)):
+        tracks = _tracks(meta)
+        lab = lab.long().reshape(FRAMES, 256)
+        c = torch.full((FRAMES, 256), ncol, dtype=torch.long)
+        s = torch.full((FRAMES, 256), nshp, dtype=torch.long)
+        sd = torch.full((FRAMES, 256), -100, dtype=torch.long)
+        vd = torch.full((FRAMES, 256), -100, dtype=torch.long)
+        for f, t_idx in enumerate(meta["index"]):
+            for k, t in enumerate(tracks):
+                m = lab[f] == k
+                if not m.any():
+                    continue
+                x, y = t.pos(t_idx)
+                c[f][m] = COLOR_NAMES.index(t.color_at(t_idx))
+                s[f][m] = SHAPES.index(t.shape)
+                sd[f][m] = int(x >= 0.5)
+                vd[f][m] = int(y >= 0.5)
+        toks.append(vraw[b].reshape(FRAMES * 256, -1))
+        col.append(c.reshape(-1))
+        shp.append(s.reshape(-1))
+        side.append(sd.reshape(-1))
+        vert.append(vd.reshape(-1))
+    for b, (lab, objs) in enumerate(zip(img_labels, img_objs, strict=True)):
+        lab = lab.long().reshape(2, 256)
+        c = torch.full((2, 256), ncol, dtype=torch.long)
+        s = torch.full((2, 256), nshp, dtype=torch.long)
+        sd = torch.full((2, 256), -100, dtype=torch.long)
+        vd = torch.full((2, 256), -100, dtype=torch.long)
+        for k, (shape, color, cx, cy, _size) in enumerate(objs):
+            m = lab == k
+            c[m], s[m], sd[m], vd[m] = COLOR_NAMES.index(color), SHAPES.index(shape), int(cx >= 0.5), int(cy >= 0.5)
+        toks.append(iraw[b].reshape(2 * 256, -1))
+        col.append(c.reshape(-1))
+        shp.append(s.reshape(-1))
+        side.append(sd.reshape(-1))
+        vert.append(vd.reshape(-1))
+    v = torch.cat(toks)
+    return (
+        F.cross_entropy(v @ W[col_ids].T, torch.cat(col))
+        + F.cross_entropy(v @ W[shp_ids].T, torch.cat(shp))
+        + F.cross_entropy(v @ W[side_ids].T, torch.cat(side), ignore_index=-100)
+        + F.cross_entropy(v @ W[vert_ids].T, torch.cat(vert), ignore_index=-100)
+    )
+
+
+def _load_eval(root: str) -> dict:
+    out = {}
+    for kind in ("clips", "images"):
+        paths = sorted(glob.glob(os.path.join(root, "feats", f"{kind}_eval_*.pt")))
+        if paths:
+            out[kind] = torch.load(paths[0], weights_only=False)
+    return out
+
+
+@torch.no_grad()
+def evaluate_cached(model, tok, ev: dict, n_images: int = 200) -> dict[str, float]:
+    """Teacher-forced first-answer-token accuracy on the cached held-out clips (per type) and images (overall)."""
+    model.eval()
+    cfg = model.config
+    lm = model.model.language_model
+    hits: dict[str, list[int]] = {}
+    cache: dict = {}
+
+    def run(feats_fn, items, media_id, key_fn):
+        for s0 in range(0, len(items), 16):
+            chunk = items[s0 : s0 + 16]
+            media = feats_fn(s0, s0 + len(chunk))
+            seqs = [
+                Seq(tok, media_id, len(m), [(it["question"], "")], cache).ids[:-1]
+                for it, m in zip(chunk, media, strict=True)
+            ]
+            L = max(len(x) for x in seqs)
+            ids = torch.full((len(chunk), L), tok.pad_token_id)
+            att = torch.zeros((len(chunk), L), dtype=torch.long)
+            for b, x in enumerate(seqs):
+                ids[b, L - len(x) :], att[b, L - len(x) :] = torch.tensor(x), 1
+            media = [m.float() for m in media]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                e = lm.embed_tokens(ids)
+                e = e.masked_scatter((ids == media_id)[..., None], torch.cat(media).to(e.dtype))
+                p = (att.cumsum(-1) - 1).clamp(min=0)
+                h = lm(inputs_embeds=e, attention_mask=att, position_ids=p).last_hidden_state[:, -1]
+                pred = model.lm_head(h).float().argmax(-1)
+            for it, pr in zip(chunk, pred.tolist(), strict=True):
+                first = tok(it["answer"], add_special_tokens=False)["input_ids"][0]
+                hits.setdefault(key_fn(it), []).append(int(pr == first))
+
+    if True:
+        if "clips" in ev:
+            f = ev["clips"]["feats"]
+            run(
+                lambda a, b: list(video_embeds(model, f[a:b].float())[0]),
+                ev["clips"]["items"],
+                cfg.video_token_index,
+                lambda it: it["type"],
+            )
+        if "images" in ev:
+            d = ev["images"]
+            items = d["items"][:n_images]
+            run(
+                lambda a, b: image_embeds(model, d["feats"][a:b].float(), d["sizes"][a:b])[0],
+                items,
+                cfg.image_token_index,
+                lambda it: "image",
+            )
+    acc = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    clip_keys = [k for k in hits if k != "image"]
+    if clip_keys:
+        acc["clips"] = sum(sum(hits[k]) for k in clip_keys) / sum(len(hits[k]) for k in clip_keys)
+    return acc
+
+
+# -------------------------------------------------------------------------------------------------------- export
+def export(args) -> None:
+    """Write the checkpoint's weights (fp16 safetensors) + processor files to ``args.out``."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from .onevision import load_processor, save_processor
+
+    init = os.path.join(args.root, "init")
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    src = args.ckpt or os.path.join(args.root, "ckpt", "last.pt")
+    state = torch.load(src, weights_only=False)
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if unexpected or any(not k.startswith("model.vision_tower.") for k in missing if k != "lm_head.weight"):
+        raise RuntimeError(f"checkpoint does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
+    model = model.to(torch.float16)
+    model.config.dtype = "float16"
+    model.save_pretrained(args.out)
+    save_processor(load_processor(init), args.out)
+    log.info("exported step %d to %s", state["step"], args.out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp = ap.add_subparsers(dest="cmd", required=True)
+    c = sp.add_parser("cache")
+    c.add_argument("--root", default=ROOT)
+    c.add_argument("--clips", type=int, default=8000)
+    c.add_argument("--images", type=int, default=3000)
+    c.add_argument("--eval-clips", type=int, default=300)
+    c.add_argument("--eval-images", type=int, default=250)
+    c.add_argument("--threads", type=int, default=1)
+    t = sp.add_parser("train")
+    t.add_argument("--root", default=ROOT)
+    t.add_argument("--steps", type=int, default=6000)
+    t.add_argument("--clips-per-step", type=int, default=12)
+    t.add_argument("--images-per-step", type=int, default=4)
+    t.add_argument("--lr", type=float, default=7e-4)
+    t.add_argument("--warmup", type=int, default=50)
+    t.add_argument("--decay", type=int, default=500)
+    t.add_argument("--aux", type=float, default=0.3)
+    t.add_argument("--att", type=float, default=0.3)
+    t.add_argument("--att-layer", type=int, default=2)
+    t.add_argument("--color-w", type=float, default=2.0)
+    t.add_argument("--max-q", type=int, default=10)
+    t.add_argument("--n-exists", type=int, default=2)
+    t.add_argument("--describe-p", type=float, default=0.3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--no-bf16", dest="bf16", action="store_false")
+    t.add_argument("--reload-every", type=int, default=50)
+    t.add_argument("--eval-every", type=int, default=100)
+    t.add_argument("--save-every", type=float, default=240)
+    t.add_argument("--keep-every", type=int, default=500, help="also keep stepNNNNN.pt every N steps (0: never)")
+    e = sp.add_parser("export")
+    e.add_argument("--root", default=ROOT)
+    e.add_argument("--ckpt", default=None, help="checkpoint file (default ROOT/ckpt/last.pt)")
+    e.add_argument("--out", required=True)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.cmd == "cache":
+        cache(args)
+    elif args.cmd == "train":
+        train(args)
+    else:
+        export(args)
+
+
+if __name__ == "__main__":
+    main()
