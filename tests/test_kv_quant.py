@@ -260,7 +260,7 @@ def test_beam_search(llama):
 
 
 # ------------------------------------------------------------------------------------------------------ eviction
-def test_keep_is_exact_before_quantization_and_bounded_after():
+def test_keep_is_exact_before_and_after_quantization():
     gen = torch.Generator().manual_seed(5)
     k, v = torch.randn(2, 2, 64, 16, generator=gen), torch.randn(2, 2, 64, 16, generator=gen)
     index = torch.sort(torch.rand(2, 2, 64, generator=gen).argsort(-1)[..., :24], -1).values
@@ -275,22 +275,41 @@ def test_keep_is_exact_before_quantization_and_bounded_after():
     assert torch.equal(km, take(k, index)) and torch.equal(vm, take(v, index))
     assert layer.get_seq_length() == 24 and layer._n_fp() == 24  # lazy: quantized at the next update
 
+    # on quantized entries: exact too (codes, value statistics and key group ids are gathered), repeatedly
     layer = QuantizedKVLayer(4, group_size=G, residual=RES)
     layer.update(k, v)
-    layer.update(k[:, :, :1], v[:, :, :1])  # decoding step: 48 entries quantized
+    layer.update(k[:, :, :1], v[:, :, :1])  # decoding step: 48 entries quantized, 17 in the window
     before_k, before_v = layer.materialize()
-    index = torch.cat([index, torch.full((2, 2, 1), 64)], -1)  # the decoded entry too
-    layer.keep(index)
-    assert layer.get_seq_length() == 25 and layer._n_fp() < 25  # re-quantized at once
+    n_fp = layer._n_fp()
+    recent = torch.arange(65 - n_fp, 65).expand(2, 2, n_fp)
+    older = torch.sort(torch.rand(2, 2, 48, generator=gen).argsort(-1)[..., :30], -1).values
+    sel = torch.cat([older, recent], -1)  # a press keeping the recent window: the window stays exact
+    layer.keep(sel)
+    assert layer.get_seq_length() == 30 + n_fp and layer._n_fp() == n_fp
     km, vm = layer.materialize()
-    exact_k, exact_v = take(torch.cat([k, k[:, :, :1]], 2), index), take(torch.cat([v, v[:, :, :1]], 2), index)
-    # error after keep <= the first rounding + the second half step (re-quantizing the dequantized values)
-    first_k = (take(before_k, index) - exact_k).abs()
-    _, ks, _ = quantize(take(before_k, index), 4, G, -2)
-    assert ((km - exact_k).abs() <= first_k + _expand(ks, G, 2, 25).float() / 2 + 1e-6).all()
-    first_v = (take(before_v, index) - exact_v).abs()
-    _, vs, _ = quantize(take(before_v, index), 4, G, -1)
-    assert ((vm - exact_v).abs() <= first_v + _expand(vs, G, 3, 16).float() / 2 + 1e-6).all()
+    assert torch.equal(km, take(before_k, sel)) and torch.equal(vm, take(before_v, sel))
+    for _ in range(3):  # a subset mixing window and older entries: the window is quantized first
+        layer.update(k[:, :, :1], v[:, :, :1])
+        before_k, before_v = layer.materialize()
+        n, n_fp = layer.get_seq_length(), layer._n_fp()
+        window_k = layer.keys
+        _, ks, _ = quantize(window_k, 4, G, -2)
+        half_k = _expand(ks, G, 2, n_fp).float() / 2  # [B, H, n_fp, D]
+        sel = torch.sort(torch.rand(2, 2, n, generator=gen).argsort(-1)[..., : n - 5], -1).values
+        layer.keep(sel)
+        assert layer._n_fp() == 0 and layer.get_seq_length() == n - 5
+        km, vm = layer.materialize()
+        old = (sel < n - n_fp).unsqueeze(-1)
+        assert torch.equal(torch.where(old, km, 0), torch.where(old, take(before_k, sel), 0))  # exact
+        assert torch.equal(torch.where(old, vm, 0), torch.where(old, take(before_v, sel), 0))
+        bound = take(half_k, (sel - (n - n_fp)).clamp(min=0))
+        assert (torch.where(old, 0, (km - take(before_k, sel)).abs() - bound) <= 1e-6).all()
+    sel = torch.arange(layer.get_seq_length() - 3).expand(2, 2, -1)
+    before_k, before_v = layer.materialize()
+    layer.keep(sel)  # everything quantized: exact
+    km, vm = layer.materialize()
+    assert torch.equal(km, take(before_k, sel)) and torch.equal(vm, take(before_v, sel))
+    index = sel
 
     dyn = DynamicCache()
     dyn.update(k, v, 0)

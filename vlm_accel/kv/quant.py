@@ -81,7 +81,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = -n % per
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
-    codes = codes.reshape(*codes.shape[:-1], -1, per)
+    codes = codes.reshape(*codes.shape[:-1], (n + pad) // per, per)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
     return (codes << shifts).sum(-1, dtype=torch.uint8)
 
@@ -94,7 +94,7 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         return packed[..., :n]
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(*packed.shape[:-1], -1)[..., :n]
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :n]
 
 
 def _round_stats(mn: torch.Tensor, mx: torch.Tensor, levels: int, dtype: torch.dtype):
@@ -171,50 +171,104 @@ def _nb(*tensors) -> int:
 
 # ---------------------------------------------------------------------------------------------------------- blocks
 class _QBlock:
-    """``n`` entries quantized at ``bits``: keys per channel (token groups), values per token (channel groups)."""
+    """``n`` entries quantized at ``bits``: keys per channel (token groups), values per token (channel groups).
 
-    def __init__(self, parts, bits: int, group_size: int, n: int, head_dim: int):
+    ``gid`` (``[B, H, n]`` int16 / int32, or None): the key group of each entry in the key statistics
+    ``[B, H, T, D]`` once entries were selected per (row, head) by :meth:`select`; None = consecutive groups of
+    ``group_size`` entries."""
+
+    def __init__(self, parts, bits: int, group_size: int, n: int, head_dim: int, gid=None):
         self.parts = parts  # (k_packed, k_scale, k_zero, v_packed, v_scale, v_zero)
-        self.bits, self.group_size, self.n, self.head_dim = bits, group_size, n, head_dim
+        self.bits, self.group_size, self.n, self.head_dim, self.gid = bits, group_size, n, head_dim, gid
 
     @classmethod
     def make(cls, k, v, bits, group_size, stats_dtype):
         parts = quantize(k, bits, group_size, -2, stats_dtype) + quantize(v, bits, group_size, -1, stats_dtype)
         return cls(parts, bits, group_size, k.shape[-2], k.shape[-1])
 
+    def _like(self, parts, n, gid):
+        return _QBlock(parts, self.bits, self.group_size, n, self.head_dim, gid)
+
     def dequantize(self, dtype):
         kp, ks, kz, vp, vs, vz = self.parts
         shape = (*kp.shape[:2], self.n, self.head_dim)
         g, b = self.group_size, self.bits
-        return dequantize(kp, ks, kz, b, g, -2, shape, dtype), dequantize(vp, vs, vz, b, g, -1, shape, dtype)
+        values = dequantize(vp, vs, vz, b, g, -1, shape, dtype)
+        if self.gid is None:
+            return dequantize(kp, ks, kz, b, g, -2, shape, dtype), values
+        idx = self.gid.long().unsqueeze(-1).expand(*self.gid.shape, self.head_dim)
+        codes = unpack(kp, b, self.head_dim).float()
+        keys = codes * ks.gather(2, idx).float() + kz.gather(2, idx).float()
+        return keys.to(dtype), values
 
     def flags(self):
         return None
 
     def nbytes(self) -> int:
-        return _nb(*self.parts)
+        return _nb(*self.parts, self.gid)
 
     def map_batch(self, fn):
-        return _QBlock(tuple(fn(t) for t in self.parts), self.bits, self.group_size, self.n, self.head_dim)
+        return self._like(tuple(fn(t) for t in self.parts), self.n, None if self.gid is None else fn(self.gid))
 
     def truncate(self, n: int):
         """The first ``n`` entries (exact: the kept codes keep their groups' statistics)."""
         kp, ks, kz, vp, vs, vz = self.parts
+        if self.gid is not None:
+            return self._like((kp[:, :, :n], ks, kz, vp[:, :, :n], vs[:, :, :n], vz[:, :, :n]), n, self.gid[..., :n])
         ng = -(-n // self.group_size)
         parts = (kp[:, :, :n], ks[:, :, :ng], kz[:, :, :ng], vp[:, :, :n], vs[:, :, :n], vz[:, :, :n])
-        return _QBlock(parts, self.bits, self.group_size, n, self.head_dim)
+        return self._like(parts, n, None)
 
     def can_append(self, other) -> bool:
         return (
             isinstance(other, _QBlock)
             and other.bits == self.bits
+            and self.gid is None
+            and other.gid is None
             and self.n % self.group_size == 0
             and all(a.dtype == b.dtype for a, b in zip(self.parts, other.parts, strict=True))
         )
 
     def append(self, other):
         parts = tuple(torch.cat([a, b], dim=2) for a, b in zip(self.parts, other.parts, strict=True))
-        return _QBlock(parts, self.bits, self.group_size, self.n + other.n, self.head_dim)
+        return self._like(parts, self.n + other.n, None)
+
+    def group_ids(self) -> torch.Tensor:
+        """``long [B, H, n]``: each entry's key group."""
+        if self.gid is not None:
+            return self.gid.long()
+        kp = self.parts[0]
+        ids = torch.arange(self.n, device=kp.device) // self.group_size
+        return ids.expand(*kp.shape[:2], self.n)
+
+    @staticmethod
+    def concat(blocks):
+        """One block of all ``blocks`` (same bits, statistics dtype) in order, with explicit group ids."""
+        gids, offset = [], 0
+        for b in blocks:
+            gids.append(b.group_ids() + offset)
+            offset += b.parts[1].shape[2]
+        parts = tuple(torch.cat([b.parts[i] for b in blocks], dim=2) for i in range(6))
+        return blocks[0]._like(parts, sum(b.n for b in blocks), torch.cat(gids, -1))
+
+    def select(self, index: torch.Tensor):
+        """Entries ``index [B, H, K]`` (per row and head), exactly: codes, value statistics and key group ids are
+        gathered; key groups no entry uses any more are dropped (per row / head, padded to the largest count)."""
+        kp, ks, kz, vp, vs, vz = self.parts
+
+        def rows(t):
+            return t.gather(2, index.unsqueeze(-1).expand(*index.shape, t.shape[-1]))
+
+        gid = self.group_ids().gather(2, index)
+        used = torch.zeros(ks.shape[:3], dtype=torch.bool, device=ks.device).scatter_(2, gid, True)
+        n_groups = int(used.sum(-1).max()) if used.numel() else 0
+        order = torch.argsort((~used).to(torch.int8), dim=-1, stable=True)[..., :n_groups]
+        rank = used.long().cumsum(-1) - 1
+        gid = rank.gather(2, gid)
+        gid = gid.to(torch.int16 if n_groups < 2**15 else torch.int32)
+        table = order.unsqueeze(-1).expand(*order.shape, ks.shape[-1])
+        parts = (rows(kp), ks.gather(2, table), kz.gather(2, table), rows(vp), rows(vs), rows(vz))
+        return self._like(parts, index.shape[-1], gid)
 
 
 class _RawBlock:
@@ -303,13 +357,14 @@ class _MixedBlock:
 def _pack_flags(flags: torch.Tensor) -> torch.Tensor:
     """``bool [..., n]`` -> ``uint8 [..., ceil(n / 8)]``."""
     n = flags.shape[-1]
-    f = torch.nn.functional.pad(flags.to(torch.uint8), (0, -n % 8)).reshape(*flags.shape[:-1], -1, 8)
+    f = torch.nn.functional.pad(flags.to(torch.uint8), (0, -n % 8))
+    f = f.reshape(*flags.shape[:-1], f.shape[-1] // 8, 8)
     return (f << torch.arange(8, dtype=torch.uint8, device=f.device)).sum(-1, dtype=torch.uint8)
 
 
 def _unpack_flags(bits: torch.Tensor, n: int) -> torch.Tensor:
     f = (bits.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=bits.device)) & 1
-    return f.reshape(*bits.shape[:-1], -1)[..., :n].bool()
+    return f.reshape(*bits.shape[:-1], bits.shape[-1] * 8)[..., :n].bool()
 
 
 # ---------------------------------------------------------------------------------------------------------- layers
@@ -446,8 +501,11 @@ class QuantizedKVLayer(DynamicLayer):
     def keep(self, index: torch.Tensor) -> None:
         """Keep only the entries ``index [B, H, K]`` (long; per row and KV head, positions in ``[0, L)``; their order
         becomes the new order, as ``keys.gather(2, index)``). Exact while nothing is quantized yet (right after
-        prefill: quantization is lazy). On already quantized entries the kept entries are re-quantized from their
-        dequantized values (immediately): their error can grow to the sum of both half steps."""
+        prefill: quantization is lazy), and exact on quantized entries too (their codes, value statistics and key
+        group ids are gathered; repeated evictions add no error). The full-precision window stays as it is when
+        ``index`` ends with all of its entries in order (a press that keeps the recent tokens); otherwise the window
+        is quantized first. Mixed-precision layers with flagged entries re-quantize the kept entries from their
+        dequantized values instead (their error can then grow by another half step)."""
         if not self.is_initialized:
             raise ValueError("keep() needs a filled cache layer: run the prefill with this cache first")
         b, h = self.keys.shape[:2]
@@ -457,12 +515,34 @@ class QuantizedKVLayer(DynamicLayer):
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
             raise ValueError(f"keep() index out of range: entries are numbered 0..{n - 1}")
         index = index.to(self.device, torch.long)
+        if self._blocks and self._flags is None and all(isinstance(b, _QBlock) for b in self._blocks):
+            self._keep_quantized(index)
+            return
         quantized = bool(self._blocks)
         flags = self._all_flags()
         k, v = self.materialize()
         idx = index.unsqueeze(-1).expand(*index.shape, k.shape[-1])
         kept_flags = None if flags is None else flags.gather(2, index)
         self._rebuild(k.gather(2, idx), v.gather(2, idx), kept_flags, quantize_now=quantized)
+
+    def _keep_quantized(self, index: torch.Tensor) -> None:
+        """Exact selection over uniform quantized blocks: the window stays as is when ``index`` ends with all of it
+        (in order) and otherwise picks only quantized entries; else the window is quantized first."""
+        n_fp, k_new = self._n_fp(), index.shape[-1]
+        n_q = self.get_seq_length() - n_fp
+        window = torch.arange(n_q, n_q + n_fp, device=index.device)
+        head = index[..., : k_new - n_fp] if k_new >= n_fp else None
+        if head is not None and torch.equal(index[..., k_new - n_fp :], window.expand(*index.shape[:2], n_fp)):
+            if head.numel() and int(head.max()) >= n_q:
+                head = None  # a window entry also picked among the older ones
+        else:
+            head = None
+        if head is None:  # quantize the whole window now, then select among quantized entries only
+            if n_fp:
+                self._blocks.append(self._make_block(self.keys, self.values, None))
+                self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]
+            head = index
+        self._blocks = [_QBlock.concat(self._blocks).select(head)] if head.shape[-1] else []
 
     def _map_batch(self, fn) -> None:
         if self.get_seq_length() == 0:
