@@ -57,14 +57,21 @@ def pool(x: torch.Tensor, k: int, ctx: Context) -> Reduction:
     square, tokens are pooled in 1-D runs). A clip of ``ctx.frames`` frames is pooled as its frames stacked
     vertically, so a cell may span consecutive frames.
     """
-    n = x.shape[0]
+    return pool_batch(x[None], k, [ctx])[0]
+
+
+def pool_batch(x: torch.Tensor, k: int, ctxs: list[Context]) -> list[Reduction]:
+    """:func:`pool` on ``B`` segments of one grid: ``x`` ``[B, N, D]`` -> ``B`` reductions sharing one set of
+    weights (the cells depend on the grid only)."""
+    n, ctx = x.shape[1], ctxs[0]
     h, w = ctx.grid if ctx.grid is not None else _square_or_line(n)
     h *= ctx.frames if ctx.grid is not None else 1
     if h * w != n:
         raise ValueError(f"pool: grid {h}x{w} does not match {n} tokens")
     cell, centre = pool_assignment(h, w, k)
     weights = torch.nn.functional.one_hot(cell.to(x.device), k).T.float()  # [k, N]
-    return Reduction(centre.to(x.device), weights / weights.sum(1, keepdim=True))
+    red = Reduction(centre.to(x.device), weights / weights.sum(1, keepdim=True))
+    return [Reduction(red.keep, red.weights) for _ in range(x.shape[0])]
 
 
 def _square_or_line(n: int) -> tuple[int, int]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Context, Reduction, cosine_sim, register
+from .. import kernels
+from .base import Context, Reduction, register
 
 
 def max_min_diverse(x: torch.Tensor, k: int, init: torch.Tensor | None = None) -> torch.Tensor:
@@ -19,26 +20,27 @@ def max_min_diverse(x: torch.Tensor, k: int, init: torch.Tensor | None = None) -
     first pick (``init``) reproduces their selection order exactly. Chosen tokens are excluded (``-inf``), so
     duplicate tokens never give a repeated index, which DivPrune's can; and the running minimum distance is updated
     incrementally, ``O(kN)`` per selection instead of ``O(k^2 N)``.
+
+    No ``N x N`` matrix: the mean distance is ``1 - x_i . mean(x)`` on unit rows and every pick costs one
+    matrix-vector product (:func:`vlm_accel.kernels.max_min_select`, a fused kernel on CUDA).
     """
-    dist = 1.0 - cosine_sim(x)  # [N, N]
-    chosen = torch.empty(k, dtype=torch.long, device=x.device)
+    mask = None
     if init is not None and init.numel():
-        min_d = dist[init].min(0).values
-        min_d[init] = -torch.inf
-        start = 0
-    else:
-        chosen[0] = dist.mean(1).argmax()
-        min_d = dist[chosen[0]].clone()
-        min_d[chosen[0]] = -torch.inf  # chosen tokens stay at -inf: min() never lifts them
-        start = 1
-    for i in range(start, k):
-        chosen[i] = min_d.argmax()
-        min_d = torch.minimum(min_d, dist[chosen[i]])
-        min_d[chosen[i]] = -torch.inf
-    return chosen
+        mask = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        mask[init.to(x.device)] = True
+    return kernels.max_min_select(x, k, init=mask)
+
+
+def divprune_batch(x: torch.Tensor, k: int, ctxs: list[Context]) -> list[Reduction]:
+    """:func:`divprune` on ``B`` segments of equal size at once: ``x`` ``[B, N, D]`` -> ``B`` reductions of ``k``.
+
+    Every pick is one batched matrix-vector product (one fused kernel launch on CUDA) for all segments, instead of
+    one per segment."""
+    chosen = kernels.max_min_select(x, k)  # [B, k]
+    return [Reduction(c.sort().values) for c in chosen]
 
 
 @register("divprune", description="max-min diversity subset (DivPrune)")
 def divprune(x: torch.Tensor, k: int, ctx: Context) -> Reduction:
     """``x`` ``[N, D]`` -> the ``k`` most mutually diverse tokens."""
-    return Reduction(max_min_diverse(x, k).sort().values)
+    return divprune_batch(x[None], k, [ctx])[0]

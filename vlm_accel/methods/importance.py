@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Context, Reduction, cosine_sim, one_hot_rows, register
+from .. import kernels
+from .base import Context, Reduction, one_hot_rows, register
 
 DOMINANT_SHARE = 54 / 64  # VisionZip's split of the quota (54 dominant + 10 contextual of 64)
 
@@ -13,11 +14,13 @@ DOMINANT_SHARE = 54 / 64  # VisionZip's split of the quota (54 dominant + 10 con
 def feature_attention(x: torch.Tensor) -> torch.Tensor:
     """Attention each token receives from all tokens in feature space, a CLS-free importance proxy.
 
-    ``x`` ``[N, D]`` -> ``[N]``: column mean of ``softmax(x x^T / sqrt(D))`` on normalised features.
+    ``x`` ``[N, D]`` (or ``[B, N, D]``) -> ``[N]`` (``[B, N]``): column mean of ``softmax(xn xn^T * sqrt(D) / 4)`` on
+    unit rows ``xn``, without the ``N x N`` matrix on CUDA (:func:`vlm_accel.kernels.attention_scores`).
     """
     xn = torch.nn.functional.normalize(x.float(), dim=-1)
-    att = torch.softmax(xn @ xn.T * (xn.shape[-1] ** 0.5) / 4.0, dim=-1)
-    return att.mean(0)
+    xb = xn if xn.dim() == 3 else xn[None]
+    att = kernels.attention_scores(xb[:, None], xb[:, None], xn.shape[-1] ** 0.5 / 4.0)  # [B, N]
+    return att if xn.dim() == 3 else att[0]
 
 
 @register("visionzip", needs=("importance",), description="top vision-attention tokens + merged context (VisionZip)")
@@ -38,26 +41,41 @@ def visionzip(x: torch.Tensor, k: int, ctx: Context) -> Reduction:
     LLM was trained on; the mean keeps it on the scale of the tokens it replaces. (3) Targets are spaced ``R / k_ctx``
     apart over all ``R`` remaining tokens; VisionZip's ``R // k_ctx`` leaves the tail without targets.
     """
-    n = x.shape[0]
-    imp = ctx.importance if ctx.importance is not None else feature_attention(x)
+    return visionzip_batch(x[None], k, [ctx])[0]
+
+
+def visionzip_batch(x: torch.Tensor, k: int, ctxs: list[Context]) -> list[Reduction]:
+    """:func:`visionzip` on ``B`` segments of equal size at once: ``x`` ``[B, N, D]`` -> ``B`` reductions of ``k``.
+
+    Only the ``k_ctx`` target columns of the remaining tokens' similarity are computed (``[R, k_ctx]``, fused with
+    the arg-max on CUDA), not the ``R x R`` matrix."""
+    bsz, n, d = x.shape
+    dev = x.device
+    if all(c.importance is not None for c in ctxs):
+        imp = torch.stack([c.importance.to(dev).float() for c in ctxs])
+    else:
+        imp = feature_attention(x)
     k_dom = max(1, round(k * DOMINANT_SHARE)) if k > 1 else 1
     k_ctx = k - k_dom
-    dom = imp.to(x.device).float().topk(k_dom).indices
+    dom = imp.float().topk(k_dom, dim=1).indices  # [B, k_dom]
     if k_ctx == 0:
-        return Reduction(dom.sort().values)
-    rest_mask = torch.ones(n, dtype=torch.bool, device=x.device)
-    rest_mask[dom] = False
-    rest = rest_mask.nonzero().squeeze(1)
-    step = rest.numel() / k_ctx
-    tgt_local = (torch.arange(k_ctx, device=x.device) * step).long()
-    targets = rest[tgt_local]
-    sim = cosine_sim(x[rest])[:, tgt_local]  # [R, k_ctx]
-    assign = sim.argmax(1)
-    assign[tgt_local] = torch.arange(k_ctx, device=x.device)  # a target belongs to itself
-    w_ctx = torch.zeros(k_ctx, n, device=x.device)
-    w_ctx[assign, rest] = 1.0
-    w_ctx = w_ctx / w_ctx.sum(1, keepdim=True)
-    keep = torch.cat([dom, targets])
-    weights = torch.cat([one_hot_rows(dom, n), w_ctx])
-    keep, order = keep.sort()
-    return Reduction(keep, weights[order])
+        return [Reduction(t.sort().values) for t in dom]
+    rest_mask = torch.ones(bsz, n, dtype=torch.bool, device=dev)
+    rest_mask.scatter_(1, dom, False)
+    rest = rest_mask.nonzero()[:, 1].view(bsz, n - k_dom)  # [B, R] ascending
+    step = rest.shape[1] / k_ctx
+    tgt_local = (torch.arange(k_ctx, device=dev) * step).long()
+    targets = rest[:, tgt_local]  # [B, k_ctx]
+    x_rest = x.gather(1, rest[..., None].expand(-1, -1, d))
+    _, assign = kernels.sim_argmax(x_rest, x_rest[:, tgt_local])  # [B, R]: most similar target
+    assign[:, tgt_local] = torch.arange(k_ctx, device=dev)  # a target belongs to itself
+    w_ctx = torch.zeros(bsz, k_ctx, n, device=dev)
+    w_ctx[torch.arange(bsz, device=dev)[:, None], assign, rest] = 1.0
+    w_ctx = w_ctx / w_ctx.sum(2, keepdim=True)
+    out = []
+    for s in range(bsz):
+        keep = torch.cat([dom[s], targets[s]])
+        weights = torch.cat([one_hot_rows(dom[s], n), w_ctx[s]])
+        keep, order = keep.sort()
+        out.append(Reduction(keep, weights[order]))
+    return out

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
 from .base import Context, Reduction, register
-from .merge import tome
+from .merge import group_weights, tome, tome_groups
 
 STATIC_SIMILARITY = 0.9  # cosine above which a token continues the previous frame's token at the same position
 
@@ -18,14 +19,13 @@ def temporal_runs(x: torch.Tensor, frames: int, tau: float = STATIC_SIMILARITY) 
     Returns ``[frames * P]`` run ids, numbered in order of the run's first token.
     """
     p = x.shape[0] // frames
-    xs = torch.nn.functional.normalize(x.float().view(frames, p, -1), dim=-1)
+    xs = x.view(frames, p, -1)
     starts = torch.ones(frames, p, dtype=torch.bool, device=x.device)
-    starts[1:] = (xs[1:] * xs[:-1]).sum(-1) <= tau
-    run_first = torch.arange(frames * p, device=x.device).view(frames, p)
-    for t in range(1, frames):  # carry each run's first index forward while it continues
-        run_first[t] = torch.where(starts[t], run_first[t], run_first[t - 1])
-    first = run_first.view(-1)
-    _, run_id = torch.unique(first, sorted=True, return_inverse=True)
+    starts[1:] = kernels.patch_similarity(xs[1:], xs[:-1]) <= tau  # [frames - 1, P] frame difference
+    index = torch.arange(frames * p, device=x.device).view(frames, p)
+    # each token's run starts at the latest start at or before it (indices grow with the frame): a running max
+    run_first = torch.where(starts, index, -1).cummax(0).values
+    _, run_id = torch.unique(run_first.view(-1), sorted=True, return_inverse=True)
     return run_id
 
 
@@ -39,7 +39,8 @@ def temporal(x: torch.Tensor, k: int, ctx: Context) -> Reduction:
     """``x`` ``[frames * h * w, D]`` -> at most ``k`` tokens.
 
     Static tokens are averaged along their run and kept at the run's first frame (so Qwen's temporal position of the
-    survivor is where the content appeared). If more runs than ``k`` remain, runs are merged further with ToMe.
+    survivor is where the content appeared). If more runs than ``k`` remain, the run means are merged further with
+    ToMe (each run counting as one token in its matching); a merged token is the mean of all its original tokens.
     Single images fall back to ToMe.
     """
     n = x.shape[0]
@@ -47,12 +48,11 @@ def temporal(x: torch.Tensor, k: int, ctx: Context) -> Reduction:
         return tome(x, k, ctx)
     run_id = temporal_runs(x, ctx.frames)
     runs = int(run_id.max()) + 1
-    members = torch.zeros(runs, n, device=x.device)
-    members[run_id, torch.arange(n, device=x.device)] = 1.0
-    first = members.argmax(1)  # first member of each run (runs are numbered by first token, ascending)
-    run_w = members / members.sum(1, keepdim=True)  # [R, N]
+    token = torch.arange(n, device=x.device)
+    first = torch.full((runs,), n, dtype=torch.long, device=x.device).scatter_reduce(0, run_id, token, "amin")
     if runs <= k:
-        return Reduction(first, run_w)
-    sub = tome(run_w @ x.float(), k, Context())  # merge run means down to k; weights over runs
-    weights = sub.weights @ members  # back to original tokens, size-weighted over members
-    return Reduction(first[sub.keep], weights / weights.sum(1, keepdim=True))
+        return Reduction(first, group_weights(run_id, runs))
+    count = torch.zeros(runs, device=x.device).index_add_(0, run_id, torch.ones(n, device=x.device))
+    means = torch.zeros(runs, x.shape[1], device=x.device).index_add_(0, run_id, x.float()) / count[:, None]
+    keep, group = tome_groups(means[None], k)  # merge run means down to k
+    return Reduction(first[keep[0]], group_weights(group[0][run_id], k))
