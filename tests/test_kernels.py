@@ -236,16 +236,20 @@ def test_kernel_sim_argmax(bsz, m, p, d, ragged, dtype):
 @pytest.mark.kernels
 @needs_kernels
 def test_kernel_max_min_select(bsz, n, d, k, ragged, with_init):
+    """Greedy picks equal the reference's exactly, with the launcher's block size and with a larger one."""
     x = randn(bsz, n, d, seed=n)
     lengths = torch.tensor([n - 3 * s for s in range(bsz)]) if ragged else None
     init = None
     if with_init:
         init = torch.zeros(bsz, n, dtype=torch.bool)
         init[:, : n // 10] = True
-    got = kernels.max_min_select(
-        *_dev(x), k, *(None if t is None else t.to(DEVICE) for t in (lengths, init)), backend="triton"
-    )
-    assert torch.equal(got.cpu(), reference.max_min_select(x, k, lengths, init))  # random data: no near-ties
+    lengths_d, init_d = (None if t is None else t.to(DEVICE) for t in (lengths, init))
+    want = reference.max_min_select(x, k, lengths, init)  # random data: no near-ties
+    got = kernels.max_min_select(*_dev(x), k, lengths_d, init_d, backend="triton")
+    assert torch.equal(got.cpu(), want)
+    from vlm_accel.kernels import triton_ops
+
+    assert torch.equal(triton_ops.max_min_select(*_dev(x), k, lengths_d, init_d, block_n=64).cpu(), want)
 
 
 @pytest.mark.parametrize("m,d", [(1, 1), (5, 3), (33, 64), (100, 130)])
