@@ -374,12 +374,32 @@ def test_mixed_precision_keeps_important_entries_precise(high_bits):
     uniform.update(k, v)
     uniform.flush()
     assert uniform.nbytes() < layer.nbytes() < dense_bytes(k)
-    # flags travel with beams and eviction
+    # flags travel with crop, beams and eviction
+    cropped = MixedPrecisionKVLayer(2, high_bits=high_bits, group_size=G, residual=RES)
+    cropped.update(k, v)
+    cropped.set_important(mask)
+    cropped.flush()
+    cropped.crop(-(cropped._n_fp() + 5))  # into the mixed block: exact
+    assert torch.equal(cropped.materialize()[0], km[:, :, :59]) and torch.equal(cropped.important(), mask[..., :59])
     layer.reorder_cache(torch.tensor([1, 0]))
     assert torch.equal(layer.important(), mask[[1, 0]])
     keep = torch.arange(0, 72, 2).expand(2, 2, 36)
-    layer.keep(keep)
+    before_k, before_v = layer.materialize()
+    layer.keep(keep)  # window entries picked too: the window is quantized first (mixed), the rest is exact
     assert torch.equal(layer.important(), mask[[1, 0]][..., ::2])
+    km, vm = layer.materialize()
+    assert torch.equal(km[:, :, :32], before_k[:, :, :64:2]) and torch.equal(vm[:, :, :32], before_v[:, :, :64:2])
+    for _ in range(3):  # repeated decode-time evictions with ragged flag counts stay exact
+        layer.update(k[:, :, :2], v[:, :, :2])
+        before_k, before_v, flags = *layer.materialize(), layer.important()
+        n = layer.get_seq_length()
+        sel = torch.sort(torch.rand(2, 2, n - layer._n_fp(), generator=gen).argsort(-1)[..., :20], -1).values
+        sel = torch.cat([sel, torch.arange(n - layer._n_fp(), n).expand(2, 2, -1)], -1)  # + the window
+        layer.keep(sel)
+        km, vm = layer.materialize()
+        idx = sel.unsqueeze(-1).expand(*sel.shape, 16)
+        assert torch.equal(km, before_k.gather(2, idx)) and torch.equal(vm, before_v.gather(2, idx))
+        assert torch.equal(layer.important(), flags.gather(2, sel))
     with pytest.raises(ValueError, match="bool mask"):
         layer.set_important(mask)  # wrong length now
 

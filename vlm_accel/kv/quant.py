@@ -21,10 +21,21 @@ into quantized blocks (whole groups of ``group_size`` entries, keeping at least 
 precision), then appends the new entries at full precision. So the prompt's entries stay at full precision until the
 first decoding step (or an explicit ``flush()``): a press can evict them (``keep``) and score them
 (``set_important``) right after prefill, exactly, before anything is quantized. The attention of every step sees the
-dequantized older entries plus the exact window. The window holds between ``residual`` and
-``residual + group_size - 1`` entries once the sequence is longer than that.
+dequantized older entries plus the exact window. After a ``flush`` the window holds between ``residual`` and
+``residual + group_size - 1`` entries (once the sequence is longer than that); ``update`` appends its chunk on top.
+
+**Eviction** (``layer.keep(index [B, H_kv, K])``, per row and KV head, as ``keys.gather(2, index)``) is exact at any
+time, also during decoding: quantized entries are selected with their codes, their value statistics and the id of
+their key group (``[B, H, K]`` int16, 2 bytes per entry; key groups nothing uses any more are dropped), so repeated
+evictions add no error. The window stays exact if ``index`` ends with all of it in order (presses that keep the
+recent tokens); otherwise it is quantized first. Importance flags (mixed precision) travel with the entries.
 
 ``bits=16`` never quantizes: the layer is then a plain ``DynamicLayer`` (generate is bit-identical to DynamicCache).
+
+Accounting: ``nbytes(cache)`` (bytes really held: packed codes + scales + zero points + group ids + importance bits +
+the window; any ``Cache``), ``dense_nbytes(cache)`` (the same entries unquantized), ``entries(cache)`` (per layer),
+``layer_stats(cache)``. Bytes of a quantized entry relative to 16-bit: ``bits / 16 + 2 / group_size`` (keys and
+values alike when ``group_size`` divides the head dim), e.g. 0.1875 at 2 bits and 0.3125 at 4 bits with groups of 32.
 """
 
 from __future__ import annotations
@@ -295,6 +306,14 @@ class _RawBlock:
     def can_append(self, other) -> bool:
         return False
 
+    @staticmethod
+    def concat(blocks):
+        return _RawBlock(torch.cat([b.k for b in blocks], 2), torch.cat([b.v for b in blocks], 2))
+
+    def select(self, index):
+        idx = index.unsqueeze(-1).expand(*index.shape, self.k.shape[-1])
+        return _RawBlock(self.k.gather(2, idx), self.v.gather(2, idx))
+
 
 class _MixedBlock:
     """``n`` entries in their order, those flagged important in ``high`` and the others in ``low`` (each holding, per
@@ -308,13 +327,7 @@ class _MixedBlock:
     def make(k, v, flags, make_high, make_low):
         """``k, v [B, H, n, D]``, ``flags bool [B, H, n]``; ``make_high`` / ``make_low``: ``(k, v) -> block``."""
         n, d = k.shape[-2], k.shape[-1]
-        count = flags.sum(-1, keepdim=True)  # [B, H, 1]
-        order = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True)  # important first, each in order
-        n_hi, n_lo = int(count.max()), int((n - count).max())
-        hi = torch.arange(n_hi, device=k.device).expand(*count.shape[:2], n_hi)
-        hi = order.gather(-1, torch.minimum(hi, (count - 1).clamp(min=0)))
-        lo = torch.arange(n_lo, device=k.device).expand(*count.shape[:2], n_lo)
-        lo = order.gather(-1, (count + lo).clamp(max=n - 1))
+        hi, lo = _split(flags)
 
         def take(x, idx):
             return x.gather(2, idx.unsqueeze(-1).expand(*idx.shape, d))
@@ -352,6 +365,62 @@ class _MixedBlock:
 
     def can_append(self, other) -> bool:
         return False
+
+
+def _split(flags: torch.Tensor):
+    """Positions ``[B, H, n_hi]`` of the flagged entries of ``flags bool [B, H, n]`` and ``[B, H, n_lo]`` of the
+    others, each in order, padded to the largest count over rows / heads by repeating a real position."""
+    n = flags.shape[-1]
+    count = flags.sum(-1, keepdim=True)  # [B, H, 1]
+    order = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True)  # flagged first, each in order
+    n_hi, n_lo = int(count.max()) if n else 0, int((n - count).max()) if n else 0
+    hi = torch.arange(n_hi, device=flags.device).expand(*count.shape[:2], n_hi)
+    hi = order.gather(-1, torch.minimum(hi, (count - 1).clamp(min=0)))
+    lo = torch.arange(n_lo, device=flags.device).expand(*count.shape[:2], n_lo)
+    lo = order.gather(-1, (count + lo).clamp(max=n - 1))
+    return hi, lo
+
+
+def _select_blocks(blocks, index: torch.Tensor):
+    """One block holding entries ``index [B, H, K]`` of the concatenation of ``blocks``, exactly (no
+    re-quantization): uniform blocks give a :class:`_QBlock`; with mixed blocks the flagged entries are selected
+    from the concatenated high stores and the others from the low stores."""
+    if all(isinstance(b, _QBlock) for b in blocks):
+        return _QBlock.concat(blocks).select(index)
+    flags, ranks, hi_stores, lo_stores = [], [], [], []
+    hi_off = lo_off = 0
+    for b in blocks:
+        if isinstance(b, _MixedBlock):
+            f = b.flags()
+            r_hi = f.long().cumsum(-1) - 1 + hi_off
+            r_lo = (~f).long().cumsum(-1) - 1 + lo_off
+            ranks.append(torch.where(f, r_hi, r_lo))
+            hi_stores.append(b.high)
+            lo_stores.append(b.low)
+            hi_off, lo_off = hi_off + b.high.n, lo_off + b.low.n
+        else:
+            kp = b.parts[0]
+            f = torch.zeros(*kp.shape[:2], b.n, dtype=torch.bool, device=kp.device)
+            ranks.append(torch.arange(b.n, device=kp.device).expand(*kp.shape[:2], b.n) + lo_off)
+            lo_stores.append(b)
+            lo_off += b.n
+        flags.append(f)
+    flags = torch.cat(flags, -1).gather(2, index)
+    rank = torch.cat(ranks, -1).gather(2, index)
+    hi, lo = _split(flags)
+    count = flags.sum(-1, keepdim=True)
+
+    def positions(idx, n_real):  # store positions; padding points at entry 0 of the store (never read)
+        valid = torch.arange(idx.shape[-1], device=idx.device) < n_real
+        return torch.where(valid, rank.gather(2, idx), 0)
+
+    low = _QBlock.concat(lo_stores).select(positions(lo, flags.shape[-1] - count))
+    if hi.shape[-1] == 0:
+        return low
+    high = type(hi_stores[0]).concat(hi_stores).select(positions(hi, count))
+    if hi.shape[-1] == 0:
+        return low
+    return _MixedBlock(_pack_flags(flags), high, low, index.shape[-1])
 
 
 def _pack_flags(flags: torch.Tensor) -> torch.Tensor:
@@ -504,8 +573,7 @@ class QuantizedKVLayer(DynamicLayer):
         prefill: quantization is lazy), and exact on quantized entries too (their codes, value statistics and key
         group ids are gathered; repeated evictions add no error). The full-precision window stays as it is when
         ``index`` ends with all of its entries in order (a press that keeps the recent tokens); otherwise the window
-        is quantized first. Mixed-precision layers with flagged entries re-quantize the kept entries from their
-        dequantized values instead (their error can then grow by another half step)."""
+        is quantized first. Importance flags (mixed precision) travel with the entries."""
         if not self.is_initialized:
             raise ValueError("keep() needs a filled cache layer: run the prefill with this cache first")
         b, h = self.keys.shape[:2]
@@ -515,19 +583,16 @@ class QuantizedKVLayer(DynamicLayer):
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
             raise ValueError(f"keep() index out of range: entries are numbered 0..{n - 1}")
         index = index.to(self.device, torch.long)
-        if self._blocks and self._flags is None and all(isinstance(b, _QBlock) for b in self._blocks):
+        if self._blocks:
             self._keep_quantized(index)
             return
-        quantized = bool(self._blocks)
-        flags = self._all_flags()
-        k, v = self.materialize()
-        idx = index.unsqueeze(-1).expand(*index.shape, k.shape[-1])
-        kept_flags = None if flags is None else flags.gather(2, index)
-        self._rebuild(k.gather(2, idx), v.gather(2, idx), kept_flags, quantize_now=quantized)
+        idx = index.unsqueeze(-1).expand(*index.shape, self.keys.shape[-1])
+        flags = None if self._flags is None else self._flags.gather(2, index)
+        self._rebuild(self.keys.gather(2, idx), self.values.gather(2, idx), flags, quantize_now=False)
 
     def _keep_quantized(self, index: torch.Tensor) -> None:
-        """Exact selection over uniform quantized blocks: the window stays as is when ``index`` ends with all of it
-        (in order) and otherwise picks only quantized entries; else the window is quantized first."""
+        """Exact selection over quantized blocks: the window stays as is when ``index`` ends with all of it (in
+        order) and otherwise picks only quantized entries; else the window is quantized first."""
         n_fp, k_new = self._n_fp(), index.shape[-1]
         n_q = self.get_seq_length() - n_fp
         window = torch.arange(n_q, n_q + n_fp, device=index.device)
@@ -539,10 +604,10 @@ class QuantizedKVLayer(DynamicLayer):
             head = None
         if head is None:  # quantize the whole window now, then select among quantized entries only
             if n_fp:
-                self._blocks.append(self._make_block(self.keys, self.values, None))
-                self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]
+                self._blocks.append(self._make_block(self.keys, self.values, self._flags))
+                self.keys, self.values, self._flags = self.keys[:, :, :0], self.values[:, :, :0], None
             head = index
-        self._blocks = [_QBlock.concat(self._blocks).select(head)] if head.shape[-1] else []
+        self._blocks = [_select_blocks(self._blocks, head)] if head.shape[-1] else []
 
     def _map_batch(self, fn) -> None:
         if self.get_seq_length() == 0:
@@ -567,8 +632,7 @@ class QuantizedKVLayer(DynamicLayer):
             self._map_batch(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices, ...])
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last ``-tokens_to_remove`` entries (negative, as ``DynamicLayer.crop``). Exact for the window and
-        uniform blocks; a mixed-precision block cut in the middle is re-quantized."""
+        """Drop the last ``-tokens_to_remove`` entries (negative, as ``DynamicLayer.crop``); exact."""
         if tokens_to_remove > 0:
             raise ValueError(f"crop({tokens_to_remove}): pass a negative count of entries to remove")
         drop = -tokens_to_remove
@@ -587,9 +651,9 @@ class QuantizedKVLayer(DynamicLayer):
                 drop -= blk.n
                 continue
             if isinstance(blk, _MixedBlock):
-                k, v = blk.dequantize(self.dtype)
-                f = blk.flags()[..., : blk.n - drop]
-                self._add_block(self._make_block(k[:, :, : blk.n - drop], v[:, :, : blk.n - drop], f))
+                b, h = blk.flag_bits.shape[:2]
+                first = torch.arange(blk.n - drop, device=blk.flag_bits.device).expand(b, h, blk.n - drop)
+                self._add_block(_select_blocks([blk], first))
             else:
                 self._add_block(blk.truncate(blk.n - drop))
             drop = 0
@@ -619,8 +683,9 @@ class MixedPrecisionKVLayer(QuantizedKVLayer):
         layer.set_important(topk_mask(scores, k))  # scores [B, H_kv, L] -> bool mask [B, H_kv, L]
 
     Entries appended later (decoding) are not important unless ``set_important`` is called again (on all held
-    entries). Flags travel with the entries through ``keep`` / beam reordering. Rows / heads may flag different
-    counts: the high / low stores are padded to the largest count (the padding is counted in :meth:`nbytes`)."""
+    entries; entries already quantized are then re-quantized from their dequantized values). Flags travel with the
+    entries through ``keep`` (exact), ``crop`` and beam reordering. Rows / heads may flag different counts: the high /
+    low stores are padded to the largest count (the padding is counted in :meth:`nbytes`)."""
 
     def __init__(
         self, bits: int = 2, high_bits: int = 8, group_size: int = 32, residual: int = 128, stats_dtype=torch.float16
