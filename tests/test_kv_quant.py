@@ -311,6 +311,9 @@ def test_keep_is_exact_before_and_after_quantization():
     assert torch.equal(km, take(before_k, sel)) and torch.equal(vm, take(before_v, sel))
     index = sel
 
+    layer.keep_entries(sel[..., :5])  # the names vlm_accel.kv.compress calls
+    assert torch.equal(layer.full_entries()[0], take(before_k, sel)[:, :, :5])
+
     dyn = DynamicCache()
     dyn.update(k, v, 0)
     keep_entries(dyn.layers[0], index[..., :-1])

@@ -590,6 +590,14 @@ class QuantizedKVLayer(DynamicLayer):
         flags = None if self._flags is None else self._flags.gather(2, index)
         self._rebuild(self.keys.gather(2, idx), self.values.gather(2, idx), flags, quantize_now=False)
 
+    def keep_entries(self, index: torch.Tensor) -> None:
+        """Alias of :meth:`keep` (the name ``vlm_accel.kv.compress`` looks for)."""
+        self.keep(index)
+
+    def full_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Alias of :meth:`materialize` (the name ``vlm_accel.kv.compress`` looks for)."""
+        return self.materialize()
+
     def _keep_quantized(self, index: torch.Tensor) -> None:
         """Exact selection over quantized blocks: the window stays as is when ``index`` ends with all of it (in
         order) and otherwise picks only quantized entries; else the window is quantized first."""
