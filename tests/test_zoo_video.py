@@ -1,0 +1,143 @@
+"""The default model's OneVision form (images + videos) and ``zoo.ask`` on every media kind, with its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlm_accel import zoo
+from vlm_accel.video import Video, load
+from vlm_accel.video.synthetic import heldout_clips, write_video
+from vlm_accel.zoo import onevision
+
+
+@pytest.fixture(scope="module")
+def image_model():
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    return zoo.load_default()
+
+
+@pytest.fixture(scope="module")
+def ov(tmp_path_factory):
+    """The shipped image weights in the OneVision layout, saved and loaded back the way ``load_default`` loads."""
+    model, processor = onevision.from_image_model()
+    d = tmp_path_factory.mktemp("ov")
+    model.save_pretrained(d)
+    onevision.save_processor(processor, d)
+    return zoo.load_default(d)
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory):
+    item = next(heldout_clips(1, seed=5, frames=None))
+    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
+    pytest.importorskip("av")
+    write_video(path, item["frames"], item["fps"])
+    return path, item
+
+
+def test_onevision_form_keeps_the_image_tokens(ov, image_model):
+    from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+
+    model, processor = ov
+    assert isinstance(model, LlavaOnevisionForConditionalGeneration)
+    assert isinstance(processor, LlavaOnevisionProcessor)
+    llava, lproc = image_model
+    for s in zoo.samples():
+        img = zoo.load_image(s["path"])
+        inp = processor(images=img, text=zoo.build_prompt(processor, s["question"]), return_tensors="pt")
+        with torch.no_grad():
+            feats = model.model.get_image_features(pixel_values=inp["pixel_values"], image_sizes=inp["image_sizes"])
+            base = llava.model.get_image_features(
+                pixel_values=lproc.image_processor(img, return_tensors="pt")["pixel_values"]
+            )
+        base = base.pooler_output if hasattr(base, "pooler_output") else base
+        base = base[0] if isinstance(base, (list, tuple)) else base
+        # the first 256 tokens are the LLaVA model's tokens (DINOv2 position grid pre-interpolated to 16x16)
+        torch.testing.assert_close(feats.pooler_output[0][:256], base.reshape(256, -1), atol=1e-3, rtol=1e-3)
+        n_image = int((inp["input_ids"] == model.config.image_token_index).sum())
+        assert n_image == feats.pooler_output[0].shape[0] and 256 + 16 < n_image <= 256 + 16 * 17  # + aspect view
+
+
+def test_frame_processor_matches_the_image_base_view(ov):
+    _, processor = ov
+    img = zoo.load_image(zoo.samples()[2]["path"])
+    video = onevision.FrameVideoProcessor()([img], return_tensors="pt")["pixel_values_videos"]
+    image = processor.image_processor(img, return_tensors="pt")["pixel_values"][0, 0]
+    assert video.shape == (1, 1, 3, 224, 224)
+    torch.testing.assert_close(video[0, 0], image, atol=0.02, rtol=0)
+
+
+def test_processor_round_trip(ov, tmp_path):
+    _, processor = ov
+    onevision.save_processor(processor, tmp_path)
+    again = onevision.load_processor(tmp_path)
+    q = "Which appears first, the red circle or the blue triangle?"
+    assert again.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": q}]}], add_generation_prompt=True
+    ) == zoo.build_prompt(processor, q, "video")
+    ids = again.tokenizer(q)["input_ids"]
+    assert again.tokenizer.unk_token_id not in ids and ids == processor.tokenizer(q)["input_ids"]
+
+
+def _manual_video_answer(model, processor, frames, question):
+    inputs = processor(videos=[frames], text=zoo.build_prompt(processor, question, "video"), return_tensors="pt")
+    assert inputs["pixel_values_videos"].shape[:2] == (1, len(frames))
+    n_video = int((inputs["input_ids"] == model.config.video_token_index).sum())
+    assert n_video == len(frames) * 64 + 1
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_ask_every_media_kind(ov, clip_file):
+    model, processor = ov
+    path, item = clip_file
+    s = zoo.samples()[0]
+    img = zoo.load_image(s["path"])
+    answers = {zoo.ask(model, processor, m, s["question"]) for m in (s["path"], img, np.asarray(img))}
+    assert answers == {s["answer"]}
+    q = item["question"]
+    video = load(path, num_frames=8)
+    want = _manual_video_answer(model, processor, video.images(), q)  # the model's own video input, 8 frames
+    assert zoo.ask(model, processor, path, q) == want
+    assert zoo.ask(model, processor, str(path), q) == want
+    assert zoo.ask(model, processor, video, q) == want
+    assert zoo.ask(model, processor, video.frames, q) == want
+    long = load(path, num_frames=16)  # more frames than asked: subsampled uniformly to num_frames
+    kind, frames = zoo.load_media(long, num_frames=8)
+    assert kind == "video" and len(frames) == 8
+    np.testing.assert_array_equal(np.asarray(frames[-1]), long.frames[-1])
+
+
+def test_ask_bad_media(ov, tmp_path):
+    model, processor = ov
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00not a video" * 50)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    for media, why in [
+        (tmp_path / "missing.mp4", "not found"),
+        (empty, "empty"),
+        (junk, "cannot read video"),
+        (text, "neither an image nor a video"),
+    ]:
+        with pytest.raises(ValueError, match=why) as e:
+            zoo.ask(model, processor, media, "What shape disappears?")
+        assert str(media) in str(e.value)
+    with pytest.raises(ValueError, match="uint8"):
+        zoo.ask(model, processor, np.zeros((4, 32, 32, 3), np.float32), "What shape disappears?")
+    with pytest.raises(ValueError, match="num_frames"):
+        zoo.ask(model, processor, Video(np.zeros((2, 8, 8, 3), np.uint8), np.arange(2.0), 1.0, ""), "x", num_frames=0)
+    with pytest.raises(ValueError, match="question"):
+        zoo.ask(model, processor, Image.new("RGB", (32, 32)), " ")
+
+
+def test_ask_video_on_an_image_only_model_streams_frames(image_model, clip_file):
+    model, processor = image_model
+    assert not zoo.has_video_input(model, processor)
+    path, item = clip_file
+    assert isinstance(zoo.ask(model, processor, path, item["question"], num_frames=4), str)
