@@ -141,3 +141,31 @@ def test_ask_video_on_an_image_only_model_streams_frames(image_model, clip_file)
     assert not zoo.has_video_input(model, processor)
     path, item = clip_file
     assert isinstance(zoo.ask(model, processor, path, item["question"], num_frames=4), str)
+
+
+@pytest.mark.slow  # ~45 s of CPU: five generations of a 513-token clip plus a streamed one
+def test_videoqa_matrix_on_the_video_input(ov, tmp_path):
+    """The video benchmark through the model's video input: per-frame and per-clip budgets, the frame cache at
+    threshold 0 (changes no answer) and a bounded stream; files written."""
+    from vlm_accel.bench import videoqa
+
+    model, processor = ov
+    items = [
+        {"frames": [Image.fromarray(f) for f in it["frames"]], **{k: it[k] for k in ("question", "answer", "type")}}
+        for it in heldout_clips(1, seed=1)
+    ]
+    rows = videoqa.run_video(
+        model, processor, items, ["temporal"], (1.0, 0.5), (0.0,), (0.5,), out_dir=tmp_path, name="vv"
+    )
+    got = [(r["method"], r["scope"], r["budget"]) for r in rows]
+    assert got == [
+        ("none", "frame", 1.0),
+        ("temporal", "frame", 0.5),
+        ("temporal", "clip", 0.5),
+        ("frame_cache", "frame_cache", 0.0),
+        ("stream", "stream", 0.5),
+    ]
+    cache = rows[3]
+    assert cache["answers_changed"] == 0 and 0 < cache["frames_encoded_pct"] <= 100
+    assert rows[4]["max_tokens"] == (8 * 64 + 1) // 2
+    assert all((tmp_path / f"vv.{ext}").is_file() for ext in ("json", "csv", "png"))

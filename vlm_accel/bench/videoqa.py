@@ -1,11 +1,15 @@
 """Video Q&A accuracy retained vs budget, per method, on local clips + a JSONL of questions.
 
-Frames are sampled uniformly (``--frames``) and given to the model as images in one prompt, so every supported
-family runs the same way. ``--task`` names the question file by lmms-eval task name inside ``--data-dir``
-(``videomme.jsonl``, ``mvbench.jsonl``, ``mlvu.jsonl`` ... in ``{video, question, answer[, type]}`` form, video
-paths relative to the file); ``--task synthetic`` writes and uses seeded clips of moving / appearing shapes.
+Frames are sampled uniformly (``--frames``). A model with a video input (LLaVA-OneVision, Qwen-VL) gets them through
+it (``pixel_values_videos``) and is measured on the full video matrix (:func:`run_video`): every method at each
+budget per frame and per clip (``Budget(video="clip")``), the frame cache at several thresholds (frames encoded vs
+answers changed) and the streaming session at token bounds of a fraction of the clip's tokens. An image-only model
+gets the frames as images in one prompt (:func:`run`). ``--task`` names the question file by lmms-eval task name
+inside ``--data-dir`` (``videomme.jsonl``, ``mvbench.jsonl``, ``mlvu.jsonl`` ... in ``{video, question, answer[,
+type]}`` form, video paths relative to the file); ``--task synthetic`` writes and uses the held-out clips of
+:mod:`vlm_accel.video.synthetic` (six question types).
 
-    vlm-accel bench videoqa --task synthetic --n 40
+    vlm-accel bench videoqa --task synthetic --n 300 --budgets 1.0 0.5 0.25 0.1
     vlm-accel bench videoqa --task videomme --data-dir ~/data/lmms --model DIR
 """
 
@@ -26,6 +30,8 @@ from .common import environment, format_table, write_results
 from .vqa import BUDGETS, plot, summarize
 
 logger = logging.getLogger(__name__)
+VIDEO_METHODS = ["temporal", "tome", "divprune", "visionzip", "random", "pool"]
+VIDEO_BUDGETS = [1.0, 0.5, 0.25, 0.1]
 
 
 def load_items(path: str | Path, n: int, frames: int) -> list[dict]:
@@ -61,6 +67,11 @@ def load_items(path: str | Path, n: int, frames: int) -> list[dict]:
 
 @torch.no_grad()
 def answer(model, processor, frames, question: str, max_new_tokens: int = 8) -> str:
+    """Greedy answer: through the model's video input when it has one, else the frames as images in one prompt."""
+    from ..zoo import ask, has_video_input
+
+    if has_video_input(model, processor):
+        return ask(model, processor, frames, question, max_new_tokens=max_new_tokens, num_frames=len(frames))
     content = [{"type": "image"} for _ in frames] + [{"type": "text", "text": question}]
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     inputs = processor(images=frames, text=prompt, return_tensors="pt").to(model.device)
@@ -69,14 +80,108 @@ def answer(model, processor, frames, question: str, max_new_tokens: int = 8) -> 
     return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
+def predict(model, processor, items, desc: str, on_item=None) -> list[str]:
+    """Normalised predictions, one per item; ``on_item()`` is called after each (to read per-item stats)."""
+    from ..zoo import normalize_answer
+
+    preds = []
+    for it in tqdm(items, desc=desc, leave=False, file=sys.stderr):
+        preds.append(normalize_answer(answer(model, processor, it["frames"], it["question"])))
+        if on_item is not None:
+            on_item()
+    return preds
+
+
 def score(model, processor, items, desc: str) -> list[int]:
     from ..zoo import normalize_answer
 
-    hits = []
-    for it in tqdm(items, desc=desc, leave=False, file=sys.stderr):
-        pred = answer(model, processor, it["frames"], it["question"])
-        hits.append(int(normalize_answer(pred) == normalize_answer(it["answer"])))
-    return hits
+    preds = predict(model, processor, items, desc)
+    return [int(p == normalize_answer(it["answer"])) for p, it in zip(preds, items, strict=True)]
+
+
+def video_tokens(model, processor, frames) -> int:
+    """Visual tokens of one clip through the model's video input (placeholders in the prompt)."""
+    from ..zoo import build_prompt
+
+    inputs = processor(videos=[frames], text=build_prompt(processor, "x", "video"), return_tensors="pt")
+    cfg = model.config
+    token = getattr(cfg, "video_token_id", None)
+    token = getattr(cfg, "video_token_index", None) if token is None else token
+    return int((inputs["input_ids"] == token).sum())
+
+
+def run_video(
+    model,
+    processor,
+    items,
+    methods,
+    budgets=tuple(VIDEO_BUDGETS),
+    cache_thresholds=(0.0, 0.05, 0.15),
+    stream_fractions=(0.5, 0.25),
+    out_dir="eval/results",
+    name="videoqa",
+    meta=None,
+):
+    """The video matrix on a model with a video input; rows ``{method, budget, scope, accuracy, retained_pct,
+    acc_<type>...}`` (+ ``frames_encoded_pct`` / ``answers_changed`` for the frame cache, ``max_tokens`` for the
+    stream). Scopes: ``frame`` (the budget applies to every frame), ``clip`` (``Budget(video="clip")``),
+    ``frame_cache`` (full budget, encoder reuse at ``budget`` = threshold), ``stream`` (a :class:`StreamSession`
+    bounded at ``budget`` × the clip's tokens; frames go in as images)."""
+    from ..budget import Budget
+    from ..video.stream import stream
+    from ..zoo import normalize_answer
+
+    gold = [normalize_answer(it["answer"]) for it in items]
+
+    def hits_of(preds):
+        return [int(p == g) for p, g in zip(preds, gold, strict=True)]
+
+    full_preds = predict(model, processor, items, "full budget")
+    full = hits_of(full_preds)
+    rows = [{**summarize(items, full, full, "none", 1.0), "scope": "frame"}]
+    jobs = [(m, b, sc) for m in methods for b in budgets if b != 1.0 for sc in ("frame", "clip")]
+    for method, b, scope in tqdm(jobs, desc="methods x budgets x scope", file=sys.stderr):
+        budget = b if scope == "frame" else Budget(visual=b, video="clip")
+        with vlm_accel.accelerate(model, budget=budget, method=method):
+            hits = hits_of(predict(model, processor, items, f"{method}@{b}/{scope}"))
+        rows.append({**summarize(items, hits, full, method, b), "scope": scope})
+    for th in cache_thresholds:
+        counts = {"in": 0, "encoded": 0}
+        with vlm_accel.accelerate(model, budget=1.0, frame_cache=th) as sess:
+
+            def tally(sess=sess, counts=counts):
+                counts["in"] += sess.stats.frames_in
+                counts["encoded"] += sess.stats.frames_encoded
+
+            preds = predict(model, processor, items, f"frame cache {th}", on_item=tally)
+        row = {**summarize(items, hits_of(preds), full, "frame_cache", th), "scope": "frame_cache"}
+        row["frames_encoded_pct"] = round(100 * counts["encoded"] / max(counts["in"], 1), 1)
+        row["answers_changed"] = sum(p != f for p, f in zip(preds, full_preds, strict=True))
+        rows.append(row)
+    n_clip = video_tokens(model, processor, items[0]["frames"])
+    for frac in stream_fractions:
+        bound = max(1, int(frac * n_clip))
+        preds = []
+        for it in tqdm(items, desc=f"stream {frac}", leave=False, file=sys.stderr):
+            with stream(model, processor, budget=1.0, max_tokens=bound) as live:
+                for k, frame in enumerate(it["frames"]):
+                    live.add_frame(frame, float(k))
+                preds.append(normalize_answer(live.ask(it["question"], max_new_tokens=8)))
+        row = {**summarize(items, hits_of(preds), full, "stream", frac), "scope": "stream", "max_tokens": bound}
+        rows.append(row)
+    extra = ("frames_encoded_pct", "answers_changed", "max_tokens")
+    rows = [{**dict.fromkeys(extra), **r} for r in rows]  # one set of columns for the CSV
+    meta = {"benchmark": "videoqa", "clip_tokens": n_clip, "env": environment(str(model.device)), **(meta or {})}
+    write_results(out_dir, name, meta, rows)
+    cols = ["method", "scope", "budget", "accuracy", "retained_pct"] + [k for k in rows[0] if k.startswith("acc_")]
+    print(format_table(rows, cols))  # noqa: T201
+    curves = [
+        {**r, "method": r["method"] if r["scope"] == "frame" else f"{r['method']} (per clip)"}
+        for r in rows
+        if r["scope"] in ("frame", "clip")
+    ]
+    plot(curves, Path(out_dir) / f"{name}.png")
+    return rows
 
 
 def run(model, processor, items, methods, budgets=BUDGETS, out_dir="eval/results", name="videoqa", meta=None):
@@ -106,8 +211,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local model directory (default: the embedded model)")
     p.add_argument("--n", type=int, default=40)
     p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--methods", nargs="+", default=vlm_accel.methods())
-    p.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
+    p.add_argument("--methods", nargs="+", default=[m for m in VIDEO_METHODS if m in vlm_accel.methods()])
+    p.add_argument("--budgets", nargs="+", type=float, default=VIDEO_BUDGETS)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="eval/results")
     p.add_argument("--name", default=None)
@@ -118,29 +223,27 @@ def cli(a: argparse.Namespace) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    from ..zoo import has_video_input
+
     data = Path(a.data_dir)
     if a.task == "synthetic":
-        from ..video.synthetic import write_clips
+        from ..video.synthetic import write_heldout_clips
 
-        qfile = write_clips(data / "synthetic", n=a.n, frames=a.frames)
+        qfile = write_heldout_clips(data / "synthetic", n=a.n)
     else:
         qfile = data / f"{a.task}.jsonl"
     items = load_items(qfile, a.n, a.frames)
     model, processor = load_model(a.model)
-    run(
-        model,
-        processor,
-        items,
-        a.methods,
-        a.budgets,
-        a.out,
-        a.name or f"videoqa_{a.task}",
-        meta={
-            "task": a.task,
-            "questions": str(qfile),
-            "frames": a.frames,
-            "model": a.model or "default",
-            "command": "vlm-accel bench videoqa " + " ".join(sys.argv[3:]),
-        },
-    )
+    meta = {
+        "task": a.task,
+        "questions": str(qfile),
+        "frames": a.frames,
+        "model": a.model or "default",
+        "command": "vlm-accel bench videoqa " + " ".join(sys.argv[3:]),
+    }
+    name = a.name or f"videoqa_{a.task}"
+    if has_video_input(model, processor):
+        run_video(model, processor, items, a.methods, a.budgets, out_dir=a.out, name=name, meta=meta)
+    else:
+        run(model, processor, items, a.methods, a.budgets, a.out, name, meta=meta)
     return 0

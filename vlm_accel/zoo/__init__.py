@@ -94,9 +94,10 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpe
 def load_media(media, num_frames: int = 8):
     """What :func:`ask` was given: ``("image", PIL.Image)`` or ``("video", [PIL.Image] * k)``.
 
-    ``media``: a PIL image, an ``[H, W, 3]`` uint8 array (image), a ``[T, H, W, 3]`` uint8 array (frames), a
-    loaded :class:`vlm_accel.video.Video`, or a path to an image or a video file. Videos give ``num_frames`` frames
-    sampled uniformly (a loaded ``Video`` with more frames is subsampled uniformly, one with fewer is used as is).
+    ``media``: a PIL image, an ``[H, W, 3]`` uint8 array (image), a ``[T, H, W, 3]`` uint8 array or a list of
+    images (frames), a loaded :class:`vlm_accel.video.Video`, or a path to an image or a video file. Videos give
+    ``num_frames`` frames sampled uniformly (frames already loaded are subsampled uniformly when there are more,
+    used as they are when there are fewer).
 
     Raises:
         ValueError: a missing, empty or unreadable file (naming it and why), or an unusable object.
@@ -112,6 +113,10 @@ def load_media(media, num_frames: int = 8):
         return "image", media.convert("RGB")
     if isinstance(media, Video):
         frames = media.frames
+    elif isinstance(media, (list, tuple)):
+        if not media:
+            raise ValueError("the video has no frames (empty list)")
+        frames = np.stack([np.asarray(load_image(f)) for f in media])
     elif hasattr(media, "shape") and not isinstance(media, (str, os.PathLike)) and len(media.shape) == 4:
         frames = np.asarray(media.detach().cpu() if hasattr(media, "detach") else media)
         if frames.dtype != np.uint8 or frames.shape[-1] != 3 or 0 in frames.shape:
