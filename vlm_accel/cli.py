@@ -153,7 +153,7 @@ def main(argv=None) -> int:
 
     d = sub.add_parser("demo", help="start the Gradio app: image and video Q&A, full vs accelerated")
     demo.add_arguments(d)
-    d.set_defaults(fn=lambda a: demo.launch(a.model, a.port, a.share))
+    d.set_defaults(fn=lambda a: demo.launch(a.model, a.port, a.share, a.host))
 
     m = sub.add_parser("methods", help="list the registered token-reduction methods")
     m.set_defaults(fn=cmd_methods)

@@ -1,16 +1,19 @@
 """Gradio demo: image and video Q&A, the accelerated model beside the full one.
 
-    vlm-accel demo [--model DIR] [--port 7860] [--share]      # needs: pip install "vlm-accel[demo]"
+    vlm-accel demo [--model DIR] [--port 7860] [--host 127.0.0.1] [--share]   # needs: pip install "vlm-accel[demo]"
 
 The handlers (:class:`Demo`) are plain functions of the inputs, usable and tested without Gradio; :func:`build_app`
-wires them into a ``gradio.Blocks`` app.
+wires them into a ``gradio.Blocks`` app (errors become messages in the page, never tracebacks). The app binds to
+127.0.0.1 unless ``--host`` says otherwise; ``--share`` asks Gradio for a public link.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,12 +49,22 @@ class Demo:
             overlay = self._overlay(sess, image, question)
         info = {
             "method": sess.method_name,
+            "budget": budget,
             "visual tokens": f"{stats.visual_tokens_kept} of {stats.visual_tokens_in}",
             "selection ms": round(stats.selection_ms, 2),
             "full answer s": round(t_full, 3),
             "accelerated answer s": round(t_fast, 3),
+            "speedup": round(t_full / t_fast, 2) if t_fast > 0 else None,
         }
+        self.last_table = comparison_table(full, fast, stats.visual_tokens_in, stats.visual_tokens_kept, t_full, t_fast)
         return full, fast, overlay, info
+
+    def warm_up(self) -> None:
+        """One full and one accelerated answer on a bundled sample, so the first click's timings are not cold."""
+        from .zoo import samples
+
+        s = samples()[0]
+        self.answer_image(s["path"], s["question"])
 
     def _overlay(self, sess, image: Image.Image, question: str) -> Image.Image:
         inputs = self.processor(images=image, text=build_prompt(self.processor, question), return_tensors="pt")
@@ -72,19 +85,62 @@ class Demo:
         return dim_dropped(image, enc.index.cpu(), (gh, gw))
 
     def answer_video(self, path, question: str, budget: float = 0.33, method: str = "auto", frames: int = 8):
-        """``(answer, stats)``: ``frames`` frames streamed as images, each reduced to ``budget``."""
+        """``(answer, stats, gallery)``: ``frames`` frames streamed as images, each reduced to ``budget``.
+
+        ``gallery``: per sampled frame ``(image, caption)``, the dropped tokens dimmed (single-view token grids), a
+        frame reused from the frame cache framed in orange and captioned so."""
         from .video import ask_video
 
+        if path is None:
+            raise ValueError("no video: upload a video file first")
+        gallery = []
+
+        def on_frame(frame, last):
+            image = Image.fromarray(frame)
+            n = len(gallery) + 1
+            if last is None:
+                gallery.append((mark_reused(image), f"frame {n}: reused from the frame cache"))
+                return
+            kept, (gh, gw) = last
+            if gh * gw > 0 and int(kept.max()) < gh * gw:
+                image = dim_dropped(image, kept.cpu(), (gh, gw))
+            gallery.append((image, f"frame {n}: {kept.numel()} tokens kept"))
+
         answer, st = ask_video(
-            self.model, self.processor, path, question, budget, method, int(frames), self.max_new_tokens
+            self.model, self.processor, path, question, budget, method, int(frames), self.max_new_tokens, on_frame
         )
         info = {
             "frames sampled": st.frames_seen,
             "frames encoded": st.frames_encoded,
+            "frames reused (frame cache)": st.frames_seen - st.frames_encoded,
             "frames held": st.frames_held,
             "visual tokens held": st.tokens_held,
         }
-        return answer, info
+        return answer, info, gallery
+
+
+def comparison_table(full: str, fast: str, tokens_in: int, tokens_kept: int, t_full: float, t_fast: float):
+    """Rows ``[run, answer, visual tokens, seconds, speedup]`` of the full and the accelerated run."""
+    speed = f"{t_full / t_fast:.2f}x" if t_fast > 0 else "-"
+    return [
+        ["all tokens", full, tokens_in, round(t_full, 3), "1.00x"],
+        ["accelerated", fast, tokens_kept, round(t_fast, 3), speed],
+    ]
+
+
+TABLE_HEADERS = ["run", "answer", "visual tokens", "seconds", "speedup"]
+
+
+def mark_reused(image: Image.Image, width: int = 4) -> Image.Image:
+    """``image`` framed in orange: a frame whose tokens were reused from the frame cache (not encoded again)."""
+    out = np.asarray(image.convert("RGB")).copy()
+    out[:width], out[-width:], out[:, :width], out[:, -width:] = (
+        (255, 140, 0),
+        (255, 140, 0),
+        (255, 140, 0),
+        (255, 140, 0),
+    )
+    return Image.fromarray(out)
 
 
 def dim_dropped(image: Image.Image, kept: torch.Tensor, grid: tuple[int, int], factor: float = 0.25) -> Image.Image:
@@ -98,8 +154,27 @@ def dim_dropped(image: Image.Image, kept: torch.Tensor, grid: tuple[int, int], f
     return Image.fromarray((pixels * (factor + (1 - factor) * keep)).astype(np.uint8))
 
 
+SAMPLE_VIDEO = Path(__file__).resolve().parent.parent / "demo" / "samples" / "scenes.mp4"
+
+
+def _user_errors(fn, gr):
+    """``fn`` with user errors (bad file, unsupported format, too long a question) shown as a message in the page."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, TypeError, RuntimeError, FileNotFoundError, NotImplementedError) as e:
+            logger.info("demo: %s: %s", type(e).__name__, e)
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise gr.Error(message, print_exception=False) from None
+
+    return run
+
+
 def build_app(demo: Demo):
-    """The Gradio Blocks app (not launched)."""
+    """The Gradio Blocks app (not launched). Budget and method are read on every click (no restart); a progress bar
+    runs while the model works; errors show as messages."""
     try:
         import gradio as gr
     except ImportError as e:
@@ -107,45 +182,81 @@ def build_app(demo: Demo):
     from .zoo import samples
 
     choices = ["auto", *_method_names()]
+
+    def ask_image(image, question, budget, method, progress=gr.Progress()):  # noqa: B008  (Gradio's way)
+        progress(0.1, desc="running the full and the accelerated model")
+        full, fast, overlay, info = demo.answer_image(image, question, float(budget), method)
+        progress(1.0, desc="done")
+        return full, fast, overlay, demo.last_table, info
+
+    def ask_video(video, question, budget, method, frames, progress=gr.Progress()):  # noqa: B008  (Gradio's way)
+        progress(0.1, desc="decoding, encoding and reducing frames")
+        answer, info, gallery = demo.answer_video(video, question, float(budget), method, int(frames))
+        progress(1.0, desc="done")
+        return answer, gallery, info
+
     with gr.Blocks(title="vlm-accel") as app:
         gr.Markdown("# vlm-accel\nThe same model on every visual token and on a budget, side by side.")
-        with gr.Tab("Image"):
+        with gr.Tab("Image", elem_id="tab-image"):
             with gr.Row():
                 with gr.Column():
-                    image = gr.Image(type="pil", label="image")
-                    question = gr.Textbox(label="question", value="What color is the circle?")
-                    budget = gr.Slider(0.02, 1.0, value=0.33, step=0.01, label="budget (fraction of visual tokens)")
-                    method = gr.Dropdown(choices, value="auto", label="method")
-                    go = gr.Button("Ask", variant="primary")
+                    image = gr.Image(type="pil", label="image", elem_id="image-input")
+                    question = gr.Textbox(label="question", value="What color is the circle?", elem_id="question")
+                    budget = gr.Slider(
+                        0.02, 1.0, value=0.33, step=0.01, label="budget (fraction of visual tokens)", elem_id="budget"
+                    )
+                    method = gr.Dropdown(choices, value="auto", label="method", elem_id="method")
+                    go = gr.Button("Ask", variant="primary", elem_id="ask")
                 with gr.Column():
-                    full = gr.Textbox(label="answer, all tokens")
-                    fast = gr.Textbox(label="answer, accelerated")
-                    overlay = gr.Image(type="pil", label="kept tokens (dropped ones dimmed)")
-                    stats = gr.JSON(label="stats")
-            go.click(demo.answer_image, [image, question, budget, method], [full, fast, overlay, stats])
+                    full = gr.Textbox(label="answer, all tokens", elem_id="answer-full")
+                    fast = gr.Textbox(label="answer, accelerated", elem_id="answer-fast")
+                    overlay = gr.Image(type="pil", label="kept tokens (dropped ones dimmed)", elem_id="overlay")
+                    table = gr.Dataframe(headers=TABLE_HEADERS, label="full vs accelerated", elem_id="table")
+                    stats = gr.JSON(label="stats", elem_id="stats")
+            go.click(
+                _user_errors(ask_image, gr), [image, question, budget, method], [full, fast, overlay, table, stats]
+            )
             gr.Examples([[str(s["path"]), s["question"]] for s in samples()], [image, question])
-        with gr.Tab("Video"):
+        with gr.Tab("Video", elem_id="tab-video"):
             with gr.Row():
                 with gr.Column():
-                    video = gr.Video(label="video")
-                    vquestion = gr.Textbox(label="question")
-                    vbudget = gr.Slider(0.02, 1.0, value=0.25, step=0.01, label="budget per frame")
-                    vframes = gr.Slider(1, 32, value=8, step=1, label="frames")
-                    vmethod = gr.Dropdown(choices, value="auto", label="method")
-                    vgo = gr.Button("Ask", variant="primary")
+                    video = gr.Video(label="video", elem_id="video-input")
+                    vquestion = gr.Textbox(label="question", value="What color is the shape?", elem_id="vquestion")
+                    vbudget = gr.Slider(0.02, 1.0, value=0.25, step=0.01, label="budget per frame", elem_id="vbudget")
+                    vframes = gr.Slider(1, 32, value=8, step=1, label="frames", elem_id="vframes")
+                    vmethod = gr.Dropdown(choices, value="auto", label="method", elem_id="vmethod")
+                    vgo = gr.Button("Ask", variant="primary", elem_id="vask")
                 with gr.Column():
-                    vanswer = gr.Textbox(label="answer")
-                    vstats = gr.JSON(label="stats")
-            vgo.click(demo.answer_video, [video, vquestion, vbudget, vmethod, vframes], [vanswer, vstats])
+                    vanswer = gr.Textbox(label="answer", elem_id="vanswer")
+                    vgallery = gr.Gallery(
+                        label="frames: kept tokens (dropped dimmed); orange = reused from the frame cache",
+                        columns=4,
+                        elem_id="vgallery",
+                    )
+                    vstats = gr.JSON(label="stats", elem_id="vstats")
+            vgo.click(
+                _user_errors(ask_video, gr),
+                [video, vquestion, vbudget, vmethod, vframes],
+                [vanswer, vgallery, vstats],
+            )
+            if SAMPLE_VIDEO.is_file():
+                gr.Examples([[str(SAMPLE_VIDEO), "What color is the shape?"]], [video, vquestion])
     return app
 
 
-def launch(model_dir: str | None = None, port: int = 7860, share: bool = False) -> None:
-    """Load the model (default: the embedded one) and serve the app."""
+def launch_options(host: str | None = None, port: int = 7860, share: bool = False) -> dict:
+    """``gradio.Blocks.launch`` keywords: 127.0.0.1 unless ``host`` is given (``0.0.0.0`` for every interface)."""
+    return {"server_name": host or "127.0.0.1", "server_port": port, "share": share}
+
+
+def launch(model_dir: str | None = None, port: int = 7860, share: bool = False, host: str | None = None) -> None:
+    """Load the model (default: the embedded one) and serve the app on ``host:port`` (default 127.0.0.1)."""
     from .loading import load_model
 
     model, processor = load_model(model_dir)
-    build_app(Demo(model, processor)).launch(server_port=port, share=share)
+    demo = Demo(model, processor)
+    demo.warm_up()
+    build_app(demo).launch(**launch_options(host, port, share))
 
 
 def main(argv=None) -> int:
@@ -154,13 +265,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="vlm-accel demo", description="Gradio app: image and video Q&A")
     add_arguments(ap)
     a = ap.parse_args(argv)
-    launch(a.model, a.port, a.share)
+    launch(a.model, a.port, a.share, a.host)
     return 0
 
 
 def add_arguments(ap) -> None:
     ap.add_argument("--model", default=None, help="local model directory (default: the embedded model)")
     ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; 0.0.0.0: every interface)")
     ap.add_argument("--share", action="store_true", help="a public Gradio link")
 
 

@@ -83,6 +83,8 @@ class StreamSession:
         self._clock = 0.0
         self._last_pixels: torch.Tensor | None = None  # the last encoded frame, for the frame cache
         self._closed = False
+        # the last add_frame: ``(kept token indices [K], token grid (h, w))``, or None when the frame cache reused it
+        self.last_frame: tuple[torch.Tensor, tuple[int, int]] | None = None
 
     # --- frames -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -107,6 +109,7 @@ class StreamSession:
             and frames_match(pixels, self._last_pixels, self.frame_cache)
         ):
             last.t_end, last.frames = t, last.frames + 1  # same view: no encoding, no new tokens
+            self.last_frame = None
             return
         enc = self.session.encode_images(detailed=True, **vision)[0]
         self.stats.frames_encoded += 1
@@ -116,6 +119,12 @@ class StreamSession:
             m = self.model.config.vision_config.spatial_merge_size
             _, h, w = vision["image_grid_thw"][0].tolist()
             grid = (h // m, w // m)
+            self.last_frame = (enc.index, grid)
+        elif pixels.dim() == 4:  # one view (no anyres crops): the patch grid of the tower
+            patch = self.model.config.vision_config.patch_size
+            self.last_frame = (enc.index, (pixels.shape[-2] // patch, pixels.shape[-1] // patch))
+        else:
+            self.last_frame = (enc.index, (0, 0))
         self.entries.append(_Entry(t, t, enc.features, index=enc.index, grid=grid, deepstack=enc.deepstack))
         self._enforce_bound()
         self._refresh()
@@ -300,10 +309,14 @@ def ask_video(
     method: str = "auto",
     frames: int = 8,
     max_new_tokens: int = 16,
+    on_frame=None,
 ) -> tuple[str, StreamStats]:
     """Answer ``question`` about ``video`` (a file path, of which ``frames`` frames are sampled uniformly, or a loaded
     :class:`~vlm_accel.video.Video`): its frames are streamed as images (each reduced to ``budget``) into a stream
     bounded at half the language model's context.
+
+    ``on_frame(frame [H, W, 3], last_frame)`` is called after each frame with :attr:`StreamSession.last_frame` (the
+    kept tokens and grid, or ``None`` for a frame reused from the frame cache).
 
     Returns ``(answer, stats)``. Raises ``ValueError`` for a missing or unreadable video."""
     from .io import Video, load
@@ -313,6 +326,8 @@ def ask_video(
     with stream(model, processor, budget=budget, method=method, max_tokens=max(1, context // 2)) as live:
         for frame, t in zip(clip.frames, clip.timestamps, strict=True):
             live.add_frame(frame, float(t))
+            if on_frame is not None:
+                on_frame(frame, live.last_frame)
         answer = live.ask(question, max_new_tokens=max_new_tokens)
         stats = StreamStats(**vars(live.stats))
     return answer, stats
