@@ -1,0 +1,112 @@
+"""The video training recipe's data plumbing (no training here): labels, packing, attention targets."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from vlm_accel.video.synthetic import render_clip, sampled
+from vlm_accel.zoo import render
+from vlm_accel.zoo.train_video import (
+    FRAMES,
+    VIDEO_TOKENS,
+    Seq,
+    clip_att_targets,
+    clip_turns,
+    crop_labels,
+    grid_labels,
+    image_token_labels,
+    pooled_labels,
+)
+
+
+def _meta(clip):
+    return {
+        "seed": clip.meta["seed"],
+        "kind": clip.kind,
+        "T": clip.num_frames,
+        "index": clip.index.tolist(),
+        "tracks": [t.to_dict() for t in clip.tracks],
+    }
+
+
+def test_pooled_labels_take_the_majority_of_each_2x2_cell():
+    lab = torch.full((16, 16), -1, dtype=torch.int8)
+    lab[0:2, 0:2] = 0  # full cell -> 0
+    lab[2, 2] = 1  # one patch of four -> 1 (any object beats background)
+    lab[4:6, 4] = 2
+    lab[4, 5] = 3  # 2 vs 1 -> 2
+    out = pooled_labels(lab)
+    assert out.shape == (8, 8)
+    assert out[0, 0] == 0 and out[1, 1] == 1 and out[2, 2] == 2 and out[0, 1] == -1
+
+
+def test_grid_and_crop_labels_follow_the_shapes():
+    scene = render.render_scene(11, "heldout")
+    lm = scene.meta["label_map"]
+    from PIL import Image
+
+    square = np.asarray(Image.fromarray(lm).resize((224, 224), Image.NEAREST))
+    np.testing.assert_array_equal(grid_labels(square, len(scene.objects)), scene.patch_labels)
+    crop = crop_labels(lm, len(scene.objects))
+    assert set(np.unique(crop).tolist()) == set(np.unique(scene.patch_labels).tolist())
+
+
+def test_image_token_labels_align_with_the_packed_features():
+    from transformers import AutoConfig, LlavaOnevisionForConditionalGeneration
+
+    from vlm_accel.zoo import DEFAULT_DIR
+    from vlm_accel.zoo.onevision import build_config, build_processor
+
+    processor = build_processor()
+    model = LlavaOnevisionForConditionalGeneration(
+        build_config(AutoConfig.from_pretrained(DEFAULT_DIR), processor.tokenizer)
+    )
+    for seed in (3, 4, 5):
+        scene = render.render_scene(seed, "train")
+        enc = processor.image_processor(scene.image, return_tensors="pt")
+        labels = torch.from_numpy(
+            np.stack([scene.patch_labels, crop_labels(scene.meta["label_map"], len(scene.objects))])
+        )
+        tl = image_token_labels(model, labels, enc["image_sizes"][0])
+        n_prompt = processor(images=scene.image, text="USER: <image> x ASSISTANT:", return_tensors="pt")["input_ids"]
+        assert len(tl) == int((n_prompt == model.config.image_token_index).sum())
+        assert torch.equal(tl[:256], labels[0].reshape(-1).long())  # base view first, in raster order
+        assert set(tl[256:].unique().tolist()) <= set(range(-1, len(scene.objects)))
+
+
+def test_turns_are_independent_single_question_prompts():
+    from vlm_accel.zoo.onevision import build_tokenizer
+
+    tok = build_tokenizer()
+    s = Seq(tok, 90, VIDEO_TOKENS, [("What shape disappears?", "circle"), ("How many shapes are there?", "2")], {})
+    prefix = s.media_start + VIDEO_TOKENS
+    assert s.ids[s.media_start : prefix] == [90] * VIDEO_TOKENS
+    starts = [i for i in range(prefix, len(s.ids)) if s.seg[i] != s.seg[i - 1]]
+    assert [s.pos[i] for i in starts] == [prefix, prefix]  # every turn's positions restart after the media
+    for row in s.rows:
+        assert s.labels[row] == -100 and s.labels[row + 1] != -100 and tok.decode([s.ids[row]]) == ":"
+
+
+def test_attention_targets_sit_on_the_object_before_and_after_the_event():
+    for seed in range(6):
+        clip = render_clip(seed, "train", kind="move", index=None)
+        T = clip.num_frames
+        small = render_clip(seed, "train", kind="move", index=sampled(T))
+        lab8 = pooled_labels(torch.from_numpy(small.patch_labels()))
+        meta = _meta(small)
+        qs = clip_turns(meta, random.Random(0))
+        (q,) = [q for q in qs if q["type"] == "move"]
+        t = clip_att_targets(meta, q, lab8)
+        frame_of = torch.arange(VIDEO_TOKENS) // 64
+        assert set(frame_of[t[0]].tolist()) <= {0, 1, 2} and set(frame_of[t[1]].tolist()) <= {5, 6, 7}
+        (k,) = q["objs"]
+        flat = torch.cat([lab8.reshape(FRAMES * 64), torch.tensor([-1])])
+        assert (flat[t[0] | t[1]] == k).all()
+    with pytest.raises(StopIteration):  # a clip without a mover has no move question
+        next(
+            q
+            for q in clip_turns(_meta(render_clip(0, "train", kind="appear", index=[0])), random.Random(0))
+            if q["type"] == "move"
+        )
