@@ -92,6 +92,20 @@ class Tower:
         self.processor = load_processor(init)
 
     @torch.no_grad()
+    def frames(self, pv: torch.Tensor) -> torch.Tensor:
+        """Like calling the tower, but identical frames (a static stretch of a clip) are encoded once: exact, since
+        the tower is deterministic and sees each frame alone."""
+        uniq: list[int] = []
+        where = []
+        for i in range(len(pv)):
+            j = next((k for k, u in enumerate(uniq) if torch.equal(pv[u], pv[i])), None)
+            if j is None:
+                uniq.append(i)
+                j = len(uniq) - 1
+            where.append(j)
+        return self(pv[uniq])[torch.tensor(where)]
+
+    @torch.no_grad()
     def __call__(self, pv: torch.Tensor) -> torch.Tensor:
         out = [
             self.tower(pv[i : i + 16], output_hidden_states=True).hidden_states[-1][:, 1:].to(torch.float16)
@@ -119,7 +133,7 @@ def cache_clips(tower: Tower, root: str, split: str, n: int, shards=None) -> Non
             layout = render_clip(seed, split, index=[0])
             idx = sampled(layout.num_frames, FRAMES)
             clip = render_clip(seed, split, index=idx)
-            feats.append(tower(vp.frames(clip.frames)))
+            feats.append(tower.frames(vp.frames(clip.frames)))
             labels.append(torch.from_numpy(clip.patch_labels()))
             metas.append(
                 {
@@ -141,7 +155,7 @@ def cache_eval_clips(tower: Tower, root: str, n: int, seed: int = 0) -> None:
     vp = tower.processor.video_processor
     feats, items = [], []
     for it in heldout_clips(n, seed):
-        feats.append(tower(vp.frames(it["frames"])))
+        feats.append(tower.frames(vp.frames(it["frames"])))
         items.append({k: it[k] for k in ("question", "answer", "type", "clip")})
     _save({"feats": torch.stack(feats), "items": items}, path)
     log.info("wrote %s", path)
