@@ -54,12 +54,14 @@ _SPECIAL = {
         "<|vision_end|>": VEND_ID,
     },
 }
+_SPECIAL["qwen3_vl"] = _SPECIAL["qwen2_5_vl"]
 ARCH = {
     "llava": "VlmAccelLlavaForConditionalGeneration",
     "qwen2_5_vl": "VlmAccelQwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "VlmAccelQwen3VLForConditionalGeneration",
 }
 # image sizes (pixels) per family: LLaVA 56x56 (64 tokens); Qwen 32x32 (8x8 = 64 tokens) and 24x40 (6x10 = 60)
-_SIZES = {"llava": [(56, 56), (56, 56)], "qwen2_5_vl": [(32, 32), (24, 40)]}
+_SIZES = {"llava": [(56, 56), (56, 56)], "qwen2_5_vl": [(32, 32), (24, 40)], "qwen3_vl": [(32, 32), (24, 40)]}
 
 
 # --- settings (no vLLM needed) --------------------------------------------------------------------------------------
@@ -144,19 +146,19 @@ def _build(family: str) -> torch.nn.Module:
         hidden_size=32,
         out_hidden_size=64,
         intermediate_size=64,
-        window_size=8,
-        fullatt_block_indexes=[1],
     )
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
-    cfg = tf.Qwen2_5_VLConfig(
-        vision_config=vision,
-        text_config=dict(_TEXT, rope_parameters=rope),
-        image_token_id=IMAGE_ID,
-        video_token_id=VIDEO_ID,
-        vision_start_token_id=VSTART_ID,
-        vision_end_token_id=VEND_ID,
+    common = dict(
+        image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VSTART_ID, vision_end_token_id=VEND_ID
     )
-    return tf.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    if family == "qwen2_5_vl":
+        vision.update(window_size=8, fullatt_block_indexes=[1])
+        cfg = tf.Qwen2_5_VLConfig(vision_config=vision, text_config=dict(_TEXT, rope_parameters=rope), **common)
+        return tf.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    vision.update(deepstack_visual_indexes=[0, 1], num_position_embeddings=64)
+    text = dict(_TEXT, head_dim=32, rope_parameters=dict(rope, mrope_interleaved=True))
+    cfg = tf.Qwen3VLConfig(vision_config=vision, text_config=text, **common)
+    return tf.Qwen3VLForConditionalGeneration(cfg).eval()
 
 
 def _tokenizer(family: str):
@@ -201,12 +203,21 @@ def _save(family: str, path) -> tuple[torch.nn.Module, object]:
         }
         save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     else:
-        kw = dict(patch_size=2, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=40 * 40)
-        proc = tf.Qwen2_5_VLProcessor(
-            image_processor=tf.Qwen2VLImageProcessor(**kw),
-            tokenizer=_tokenizer(family),
-            video_processor=tf.Qwen2VLVideoProcessor(**kw),
-        )
+        kw = dict(patch_size=2, merge_size=2, temporal_patch_size=2)
+        pixels = dict(min_pixels=16 * 16, max_pixels=40 * 40)
+        if family == "qwen2_5_vl":
+            proc = tf.Qwen2_5_VLProcessor(
+                image_processor=tf.Qwen2VLImageProcessor(**kw, **pixels),
+                tokenizer=_tokenizer(family),
+                video_processor=tf.Qwen2VLVideoProcessor(**kw, **pixels),
+            )
+        else:
+            size = {"shortest_edge": 16 * 16, "longest_edge": 40 * 40}
+            proc = tf.Qwen3VLProcessor(
+                image_processor=tf.Qwen2VLImageProcessor(**kw, size=size),
+                tokenizer=_tokenizer(family),
+                video_processor=tf.Qwen3VLVideoProcessor(**kw, size=size),
+            )
     proc.save_pretrained(path)
     return model, proc
 
@@ -221,7 +232,7 @@ def _images(family: str, seed: int):
 def _prompts(family: str) -> list[tuple[list[int], list]]:
     """Batch of 2: a prompt with one image, a prompt with two (token ids with one placeholder per image)."""
     a, b = _images(family, 1), _images(family, 2)
-    img = [VSTART_ID, IMAGE_ID, VEND_ID] if family == "qwen2_5_vl" else [IMAGE_ID]
+    img = [IMAGE_ID] if family == "llava" else [VSTART_ID, IMAGE_ID, VEND_ID]
     return [([1, 5, 6, *img, 7, 8], a[:1]), ([1, 9, *img, 10, *img, 11, 12, 13], [b[0], a[1]])]
 
 
@@ -241,7 +252,7 @@ def _hf_generate(model, proc, family: str, ids: list[int], images) -> list[int]:
         full += [IMAGE_ID] * next(it) if t == IMAGE_ID else [t]
     input_ids = torch.tensor([full])
     kw = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pix["pixel_values"])
-    if family == "qwen2_5_vl":
+    if family != "llava":
         kw.update(image_grid_thw=pix["image_grid_thw"], mm_token_type_ids=(input_ids == IMAGE_ID).long())
     # vLLM's ignore_eos: EOS may be generated and decoding goes on (min_new_tokens would forbid EOS instead)
     config = copy.deepcopy(model.generation_config)
@@ -265,6 +276,8 @@ CASES = [
     ("llava", 0.25, "visionzip"),
     ("qwen2_5_vl", 16, "divprune"),
     ("qwen2_5_vl", 0.2, "tome"),
+    ("qwen3_vl", 0.25, "divprune"),
+    ("qwen3_vl", 12, "tome"),
 ]
 
 

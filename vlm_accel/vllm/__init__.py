@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 from ..budget import Budget
 
-#: pruned architecture name -> (vLLM's class it extends, ``module:class`` of the variant)
+#: pruned architecture name -> ``module:class`` of the variant (each extends vLLM's class of the same name)
 ARCHITECTURES = {
     "VlmAccelLlavaForConditionalGeneration": "vlm_accel.vllm.models:VlmAccelLlavaForConditionalGeneration",
     "VlmAccelQwen2_5_VLForConditionalGeneration": "vlm_accel.vllm.models:VlmAccelQwen2_5_VLForConditionalGeneration",
+    "VlmAccelQwen3VLForConditionalGeneration": "vlm_accel.vllm.models:VlmAccelQwen3VLForConditionalGeneration",
 }
 
 CONFIG_KEY = "vlm_accel"

@@ -79,4 +79,5 @@ class QwenHook(_Hook):
 CONFIG_HOOKS = {
     "VlmAccelLlavaForConditionalGeneration": LlavaHook,
     "VlmAccelQwen2_5_VLForConditionalGeneration": QwenHook,
+    "VlmAccelQwen3VLForConditionalGeneration": QwenHook,
 }

@@ -14,6 +14,7 @@ request's tokens when the request is admitted, both before the encoder runs in t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import OrderedDict
@@ -33,7 +34,14 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import PlaceholderRange
 from vllm.multimodal.processing import PromptReplacement
 from vllm.multimodal.utils import group_and_batch_mm_kwargs
 
@@ -87,8 +95,12 @@ class _Pruned:
             importance=importance,
             generator=torch.Generator().manual_seed(self.vlm_settings.seed),
         )
-        red = self._vlm_method(x, k, ctx)
+        red = self._vlm_method(self._vlm_view(x), k, ctx)
         return red.keep.cpu().numpy(), red.apply(x)
+
+    def _vlm_view(self, x: torch.Tensor) -> torch.Tensor:
+        """The part of an image's rows ``x`` ``[N, *]`` the method sees (the rows are reduced whole)."""
+        return x
 
     def _vlm_reduce_images(self, image_input, consume: bool) -> list[tuple[np.ndarray, torch.Tensor]]:
         """Per image of ``image_input``: (kept indices, features), from the cache or computed (and cached)."""
@@ -148,6 +160,37 @@ class _Pruned:
         nxt += tail
         positions = np.concatenate(parts, axis=1).astype(np.int64)
         return torch.from_numpy(positions), nxt - len(input_tokens)
+
+    def _vlm_positions_from_full(self, input_tokens: list[int], features, n_full, full_fn):
+        """M-RoPE positions of a prompt with reduced images, taken from the unreduced prompt's positions.
+
+        Rebuilds the prompt with every reduced image at its full ``n_full(feature)`` tokens, asks ``full_fn(tokens,
+        features)`` (the family's own positions) for its positions, and keeps the columns of the text, of the kept
+        tokens and of every unreduced item."""
+        full, cols, specs, st = [], [], [], 0
+        for f in sorted(features, key=lambda f: f.mm_position.offset):
+            offset, length = f.mm_position.offset, f.mm_position.length
+            cols.append(np.arange(offset - st) + len(full))
+            full += input_tokens[st:offset]
+            start, n = len(full), n_full(f)
+            if n != length:
+                kept = self._vlm_kept(f)
+                if kept.shape[0] != length:
+                    raise RuntimeError(f"vlm_accel: {length} placeholders but {kept.shape[0]} reduced tokens")
+                full += [input_tokens[offset]] * n
+                cols.append(kept + start)
+                f = dataclasses.replace(f, mm_position=PlaceholderRange(offset=start, length=n))
+            else:
+                full += input_tokens[offset : offset + length]
+                cols.append(np.arange(length) + start)
+                f = dataclasses.replace(f, mm_position=dataclasses.replace(f.mm_position, offset=start))
+            specs.append(f)
+            st = offset + length
+        cols.append(np.arange(len(input_tokens) - st) + len(full))
+        full += input_tokens[st:]
+        positions, delta = full_fn(full, specs)
+        positions = positions[:, torch.from_numpy(np.concatenate(cols))]
+        return positions, int(delta) + len(full) - len(input_tokens)
 
 
 # --- LLaVA ----------------------------------------------------------------------------------------------------------
@@ -253,22 +296,26 @@ class VlmAccelLlavaForConditionalGeneration(_Pruned, LlavaForConditionalGenerati
 
 
 # --- Qwen2.5-VL -----------------------------------------------------------------------------------------------------
+def _reduced_image_updates(updates, settings: Settings) -> list:
+    """The family's prompt updates with each image's placeholders cut to its quota."""
+    out = []
+    for upd in updates:
+        if upd.modality == "image":
+            full = upd.replacement
+
+            def reduced(item_idx: int, full=full):
+                tokens = full(item_idx)
+                return tokens[: settings.quota(len(tokens))]
+
+            upd = PromptReplacement(modality="image", target=upd.target, replacement=reduced)
+        out.append(upd)
+    return out
+
+
 class VlmAccelQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        settings = settings_from_config(self.info.get_hf_config(), auto="divprune")
-        out = []
-        for upd in updates:
-            if upd.modality == "image":
-                full = upd.replacement
-
-                def reduced(item_idx: int, full=full):
-                    tokens = full(item_idx)
-                    return tokens[: settings.quota(len(tokens))]
-
-                upd = PromptReplacement(modality="image", target=upd.target, replacement=reduced)
-            out.append(upd)
-        return out
+        return _reduced_image_updates(updates, settings_from_config(self.info.get_hf_config(), auto="divprune"))
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -310,3 +357,47 @@ class VlmAccelQwen2_5_VLForConditionalGeneration(_Pruned, Qwen2_5_VLForCondition
                 grid[0] = (grid[0] * t_factor).astype(np.int64)
             full.append(grid)
         return self._vlm_positions(input_tokens, feats, full)
+
+
+# --- Qwen3-VL -------------------------------------------------------------------------------------------------------
+class VlmAccelQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        return _reduced_image_updates(updates, settings_from_config(self.info.get_hf_config(), auto="divprune"))
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VlmAccelQwen3VLMultiModalProcessor, info=Qwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
+)
+class VlmAccelQwen3VLForConditionalGeneration(_Pruned, Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL with each image reduced to its quota: the method sees the main features, the deepstack
+    features (concatenated to them in vLLM's rows) are kept / merged in step; kept tokens keep their M-RoPE
+    positions."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._vlm_setup()
+
+    _vlm_items = VlmAccelQwen2_5_VLForConditionalGeneration._vlm_items
+
+    def _vlm_view(self, x):
+        return x[:, : self.visual_dim]
+
+    def _vlm_encode(self, image_input):
+        return [(f, None) for f in super()._process_image_input(image_input)]
+
+    def _process_image_input(self, image_input):
+        if self.vlm_settings.budget.is_full:
+            return super()._process_image_input(image_input)
+        return self._vlm_images(image_input)
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        m = self.config.vision_config.spatial_merge_size
+
+        def n_full(f):
+            if f.modality != "image" or f.data is None:
+                return f.mm_position.length
+            t, h, w = f.data["image_grid_thw"].data.tolist()
+            return t * h * w // (m * m)
+
+        return self._vlm_positions_from_full(input_tokens, mm_features, n_full, super().get_mrope_input_positions)
