@@ -227,10 +227,10 @@ def cache(args) -> None:
     cache_eval_images(tower, args.root, args.eval_images)
     n_img, n_clip = math.ceil(args.images / IMAGE_SHARD), math.ceil(args.clips / CLIP_SHARD)
     for r in range(max(n_clip, n_img)):  # interleaved, so training can start after the first shard of each
-        if r < n_img:
-            cache_images(tower, args.root, "train", args.images, shards=[r])
         if r < n_clip:
             cache_clips(tower, args.root, "train", args.clips, shards=[r])
+        if r < n_img:
+            cache_images(tower, args.root, "train", args.images, shards=[r])
     log.info("cache complete")
 
 
@@ -413,7 +413,7 @@ def train(args) -> None:
     cfg = model.config
     while True:
         data = Data(args.root)
-        if data.n_clips and data.n_images:
+        if data.n_clips:  # images join when their first shard is written
             break
         log.info("waiting for the feature cache (clips %d, images %d)", data.n_clips, data.n_images)
         time.sleep(60)
@@ -444,7 +444,8 @@ def train(args) -> None:
         rng = random.Random(f"{args.seed}-{step}")
         g = torch.Generator().manual_seed(args.seed * 100003 + step)
         ci = torch.randint(0, data.n_clips, (args.clips_per_step,), generator=g).tolist()
-        ii = torch.randint(0, data.n_images, (args.images_per_step,), generator=g).tolist()
+        ii = torch.randint(0, max(data.n_images, 1), (args.images_per_step if data.n_images else 0,), generator=g)
+        ii = ii.tolist()
         seqs, heads_rows = [], {0: [], 1: [], 2: []}  # head -> [(b, row, mask over the media tokens)]
         color_rows = []
         cf, cl, c8, cm = zip(*[data.clip(i) for i in ci], strict=True)
@@ -458,7 +459,7 @@ def train(args) -> None:
                 if q["answer"] in COLOR_NAMES:
                     color_rows.append((b, row + 1))
             seqs.append(s)
-        imf, ims, iml, imo = zip(*[data.image(i) for i in ii], strict=True)
+        imf, ims, iml, imo = zip(*[data.image(i) for i in ii], strict=True) if ii else ((), (), (), ())
         for j, (objs, labs, size) in enumerate(zip(imo, iml, ims, strict=True)):
             b = len(ci) + j
             qs = image_turns(objs, rng, args.max_q, args.n_exists)
@@ -502,10 +503,13 @@ def train(args) -> None:
             f *= max(0.05, (args.steps - step) / args.decay)
         for gr in opt.param_groups:
             gr["lr"] = args.lr * f
-        cfeats, ifeats, isizes = torch.stack(cf).float(), torch.stack(imf).float(), torch.stack(ims)
+        cfeats = torch.stack(cf).float()
+        ifeats, isizes = (torch.stack(imf).float(), torch.stack(ims)) if ii else (None, None)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             vid, vraw = video_embeds(model, cfeats)
-            img, iraw = image_embeds(model, ifeats, isizes)
+            img, iraw = [], vraw.new_zeros(0, 2, 256, vraw.shape[-1])
+            if ii:
+                img, iraw = image_embeds(model, ifeats, isizes)
             e = emb(input_ids)
             media = torch.cat([vid.reshape(-1, vid.shape[-1])] + list(img)).to(e.dtype)
             mm = (input_ids == cfg.video_token_index) | (input_ids == cfg.image_token_index)
