@@ -1,4 +1,5 @@
-"""Pruned variants of vLLM's LLaVA and Qwen2.5-VL classes (imported by vLLM through :func:`vlm_accel.vllm.register`).
+"""Pruned variants of vLLM's LLaVA, Qwen2.5-VL and Qwen3-VL classes (imported by vLLM through
+:func:`vlm_accel.vllm.register`).
 
 vLLM fixes the number of placeholder tokens per image when it processes the prompt, and the positions of a
 request's tokens when the request is admitted, both before the encoder runs in the batched encoder step. So:
