@@ -26,9 +26,30 @@ def environment(device: str) -> dict:
         "device": device,
         "threads": torch.get_num_threads(),
     }
+    env.update(cpu_info())
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
+
+
+def cpu_info() -> dict:
+    """CPU model, logical cores and the vector / matrix extensions that decide CPU speed (from /proc/cpuinfo)."""
+    import os
+
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and "cpu_model" not in info:
+            info["cpu_model"] = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            info["cpu_flags"] = sorted(flags & {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+            break
+    return info
 
 
 def write_results(out_dir: str | Path, name: str, meta: dict, rows: list[dict]) -> Path:
