@@ -58,6 +58,19 @@ def test_max_min_select_batched_equals_per_segment_and_is_prefix_consistent():
     assert torch.equal(kernels.max_min_select(x, 5, lengths), out[:, :5])
 
 
+@pytest.mark.parametrize("with_init", [False, True])
+def test_max_min_select_distance_matrix_and_per_pick_products_agree(with_init):
+    """The reference's two forms (the CPU's one distance matrix, the kernel's product per pick) pick alike."""
+    x, lengths = randn(3, 50, 12, seed=14), torch.tensor([50, 41, 30])
+    init = None
+    if with_init:
+        init = torch.zeros(3, 50, dtype=torch.bool)
+        init[:, 5:9] = True
+    a = reference.max_min_select(x, 10, lengths, init, gram=True)
+    b = reference.max_min_select(x, 10, lengths, init, gram=False)
+    assert torch.equal(a, b)
+
+
 def test_max_min_select_first_pick_is_the_largest_mean_distance():
     x = randn(30, 6, seed=4)
     xn = torch.nn.functional.normalize(x, dim=-1)

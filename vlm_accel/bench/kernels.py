@@ -21,6 +21,7 @@ matrix extensions, cores, load) and ``NAME.png``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -321,16 +322,21 @@ def run(
     skip_old: tuple[str, ...] = (),
     layer: bool = True,
     device: str = "cpu",
+    layer_from: str | None = None,
 ) -> list[dict]:
     """Measure and write ``NAME.json`` / ``.csv`` / ``.png`` under ``out_dir``; returns the rows.
 
-    ``skip_old``: ``"method@tokens@dim"`` entries whose previous implementation is not run (too slow / too large)."""
+    ``skip_old``: ``"method@tokens@dim"`` entries whose previous implementation is not run (too slow / too large).
+    ``layer_from``: a JSON file with ``{"layer_s": {tokens: seconds}}`` (an earlier measurement on the same machine)
+    instead of measuring the decoder layer again (23,040 tokens take minutes)."""
     torch.set_num_threads(1)
     machine_start = cpu_info()
     from .. import kernels
 
     layer_s = {}
-    if layer:
+    if layer_from:
+        layer_s = {int(t): float(v) for t, v in json.loads(Path(layer_from).read_text())["layer_s"].items()}
+    elif layer:
         for total in totals:
             layer_s[total] = decoder_layer_time(total, device=device)
             logger.info("decoder layer, %d tokens: %.3f s", total, layer_s[total])
@@ -367,6 +373,7 @@ def run(
         "backend": "triton" if device.startswith("cuda") and kernels.triton_available() else "torch reference",
         "environment": environment(device),
         "machine": {**machine_start, "loadavg_1m_end": os.getloadavg()[0]},
+        "layer_from": layer_from,
     }
     path = write_results(out_dir, name, meta, rows)
     plot(rows, Path(out_dir) / f"{name}.png", meta)
@@ -424,13 +431,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-old", nargs="*", default=[], help="METHOD@TOKENS@DIM whose old implementation is not run")
     p.add_argument("--no-layer", action="store_true", help="skip the decoder-layer reference")
     p.add_argument("--device", default="cpu", help="cpu or cuda (GPU times are synchronised)")
+    p.add_argument("--layer-from", default=None, help='JSON {"layer_s": {tokens: s}}: reuse decoder-layer times')
 
 
 def cli(a: argparse.Namespace) -> int:
     """Entry point for ``vlm-accel bench kernels``."""
     rows = run(
         a.out, a.name, tuple(a.tokens), tuple(a.dims), tuple(a.methods), a.repeats, a.old_repeats,
-        tuple(a.skip_old), not a.no_layer, a.device,
+        tuple(a.skip_old), not a.no_layer, a.device, a.layer_from,
     )  # fmt: skip
     cols = ["method", "case", "dim", "new_s", "old_s", "speedup", "new_per_layer"]
     print(format_table(rows, cols))  # noqa: T201  (the command's output)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 ROW_ELEMENTS = 1 << 24  # attention_scores materialises at most this many logits at once
+GRAM_ELEMENTS = 1 << 26  # max_min_select computes the full distance matrix up to this size (256 MB in fp32)
 EPS = 1e-12  # torch.nn.functional.normalize's eps: x / max(||x||, EPS)
 
 
@@ -45,7 +46,11 @@ def sim_argmax(
 
 
 def max_min_select(
-    x: torch.Tensor, k: int, lengths: torch.Tensor | None = None, init: torch.Tensor | None = None
+    x: torch.Tensor,
+    k: int,
+    lengths: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+    gram: bool | None = None,
 ) -> torch.Tensor:
     """Greedy max-min (farthest-point) selection on cosine distance, batched over segments.
 
@@ -55,25 +60,55 @@ def max_min_select(
             being prefix-consistent).
         lengths: ``[B]`` valid tokens per segment, or ``None`` (all ``N``).
         init: ``[B, N]`` bool, tokens already chosen (not counted in ``k``), or ``None``.
+        gram: compute the ``[B, N, N]`` distance matrix once (fast on a CPU: one matrix product, then each pick
+            reads a row) or one matrix-vector product per pick (what the kernel does; memory ``O(BN)``). ``None``:
+            the matrix when it holds at most ``GRAM_ELEMENTS`` entries.
     Returns:
         ``[B, k]`` indices in selection order. Without ``init`` the first pick is the token of largest mean cosine
-        distance to the segment (``1 - x_i . mean(x)`` on unit rows, no ``N x N`` matrix); each next pick is the token
-        whose distance to its nearest chosen token is largest (first index on ties).
+        distance to the segment; each next pick is the token whose distance to its nearest chosen token is largest
+        (first index on ties).
     """
     bsz, n, _ = x.shape
     xn = normalize(x)
     valid = valid_mask(lengths, bsz, n, x.device)
-    min_d, first = initial_state(xn, valid, init)
+    if gram is None:
+        gram = bsz * n * n <= GRAM_ELEMENTS
+    if gram:
+        dist = torch.bmm(xn, xn.transpose(1, 2)).neg_().add_(1.0)  # [B, N, N] 1 - cos, in place (same rounding)
+        min_d, first = _gram_state(dist, valid, lengths, init)
+    else:
+        min_d, first = initial_state(xn, valid, init)
     chosen = torch.empty(bsz, k, dtype=torch.long, device=x.device)
     rows = torch.arange(bsz, device=x.device)
     for i in range(k):
         c = first if i == 0 else min_d.argmax(1)
         chosen[:, i] = c
         if i + 1 < k:
-            d = 1.0 - torch.bmm(xn, xn[rows, c].unsqueeze(2)).squeeze(2)  # [B, N]: distance to the new pick
+            d = dist[rows, c] if gram else 1.0 - torch.bmm(xn, xn[rows, c].unsqueeze(2)).squeeze(2)  # [B, N]
             min_d = torch.minimum(min_d, d)
             min_d[rows, c] = -torch.inf  # chosen tokens stay at -inf: min() never lifts them
     return chosen
+
+
+def _gram_state(
+    dist: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor | None, init: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`initial_state` from the distance matrix ``dist`` ``[B, N, N]``."""
+    neg = torch.tensor(float("-inf"), device=dist.device)
+    if init is not None and bool(init.any()):
+        init = init.to(dist.device)
+        nearest = torch.full(valid.shape, float("inf"), device=dist.device)
+        for s in range(dist.shape[0]):
+            if init[s].any():
+                nearest[s] = dist[s, init[s]].min(0).values
+        min_d = torch.where(valid & ~init, nearest, neg)
+        return min_d, min_d.argmax(1)
+    if lengths is None:
+        mean_d = dist.mean(2)
+    else:
+        mean_d = dist.masked_fill(~valid[:, None, :], 0.0).sum(2) / lengths.to(dist.device)[:, None].float()
+    min_d = torch.where(valid, torch.tensor(float("inf"), device=dist.device), neg)
+    return min_d, torch.where(valid, mean_d, neg).argmax(1)
 
 
 def initial_state(
