@@ -16,17 +16,28 @@ from . import methods as _methods
 from .adapters import Adapter, ImageInfo, Segment, adapter_for
 from .adapters.base import cls_attention
 from .budget import Budget
-from .methods import Context
+from .kv.compress import KVCompressor
+from .kv.quant import nbytes as kv_nbytes
+from .layout import compose, reduced_layout
+from .layout import take as _take
+from .llm_stages import LLMStages, LMSegment
+from .methods import Context, Method
+from .methods.inllm import mean_tokens
 
 logger = logging.getLogger(__name__)
 
 _SESSION_ATTR = "_vlm_accel_session"
+KV_GROUP, KV_RESIDUAL = 32, 32  # quantized KV: group size, full-precision window of recent entries (KIVI)
 _MISSING = object()
 
 
 @dataclass
 class Stats:
-    """What the last prefill did (summed over the batch)."""
+    """What the last prefill did (summed over the batch).
+
+    ``visual_tokens_kept`` is what the last LLM layer processed; ``visual_tokens_per_layer`` what each LLM layer
+    processed and ``visual_tokens_mean`` their mean, the number to compare methods at equal compute (a pre-LLM
+    method keeps the same count in every layer; an in-LLM method more in the layers before its stages)."""
 
     visual_tokens_in: int = 0
     visual_tokens_kept: int = 0
@@ -36,6 +47,9 @@ class Stats:
     selection_ms: float = 0.0
     frames_in: int = 0
     frames_encoded: int = 0
+    visual_tokens_per_layer: list = field(default_factory=list)
+    visual_tokens_mean: float = 0.0
+    kv_entries_per_layer: list = field(default_factory=list)
 
 
 @dataclass
@@ -49,6 +63,9 @@ class Trace:
         position_ids: position ids the language model received (``[B, L']`` or ``[3|4, B, L']``).
         attention_mask: ``[B, L']`` 2-D mask the language model received.
         extra: other reduced per-position inputs (Qwen3-VL ``visual_pos_masks``, ``deepstack_visual_embeds``).
+        stages: in-LLM stages: ``(layer, index [B, n], valid [B, n])``, the slots of the language model's input that
+            layers ``layer..`` processed.
+        output_index / output_valid: ``[B, L'']`` original position of each slot the returned logits cover.
     """
 
     index: torch.Tensor
@@ -57,19 +74,20 @@ class Trace:
     position_ids: torch.Tensor
     attention_mask: torch.Tensor
     extra: dict = field(default_factory=dict)
+    stages: list = field(default_factory=list)
+    output_index: torch.Tensor | None = None
+    output_valid: torch.Tensor | None = None
 
 
 @dataclass
 class _Decode:
-    """Translation from the full-length sequence the caller sees to the reduced KV cache."""
+    """Translation from the full-length sequence the caller sees to the shorter KV cache of layer 0 (and every layer
+    that holds as many entries): ``prefix_mask`` covers the cache's first entries, every later entry is a decoded
+    token; ``delta`` = caller positions - cache slots (grows when decoding evicts entries)."""
 
-    full_len: int
-    prefix_mask: torch.Tensor  # [B, L'] reduced attention mask of the prefill
+    prefix_mask: torch.Tensor  # [B, n] validity of the cache's first n entries
+    delta: int
     cache: weakref.ref | None = None
-
-    @property
-    def delta(self) -> int:
-        return self.full_len - self.prefix_mask.shape[1]
 
 
 @dataclass
@@ -148,13 +166,28 @@ class Session:
     """An accelerated model. Use :meth:`restore` (or ``with``) to return the model to exactly what it was."""
 
     def __init__(
-        self, model, budget: Budget, method: str, adapter: Adapter, seed: int = 0, frame_cache: float | None = None
+        self,
+        model,
+        budget: Budget,
+        method: str,
+        adapter: Adapter,
+        seed: int = 0,
+        frame_cache: float | None = None,
+        method_options: dict | None = None,
+        kv_press="vision",
     ):
         self.model = model
         self.budget = budget
         self.adapter = adapter
         self.method_name = method
-        self.method = _methods.get(method)
+        pre, llm = _split_method(method)
+        self.method = pre or _KEEP_ALL
+        self.llm_method = llm
+        self.options = (llm or pre).resolve(method_options)
+        self._pre_budget, self._llm_budget = _split_budget(budget, pre, llm)
+        self.stages: LLMStages | None = None
+        self.kv: KVCompressor | None = None
+        self.kv_press = kv_press
         self.stats = Stats()
         self.trace: Trace | None = None
         self._generator = torch.Generator().manual_seed(seed)
@@ -200,10 +233,21 @@ class Session:
         self._patch(self.model, "_loss_function", self._wrap_loss(self.model.loss_function), keep_previous=True)
         if hasattr(inner, "compute_3d_position_ids"):  # M-RoPE families derive decode positions from the cache
             self._patch(inner, "compute_3d_position_ids", self._wrap_positions(inner.compute_3d_position_ids))
+        if self.llm_method is not None and not _full(self._llm_budget):
+            self.stages = LLMStages(self.llm_method, self.options, lm, self._patch)
+        b = self.budget
+        if b.kv != 1.0 or isinstance(b.kv, int) or b.kv_max is not None or b.kv_important:
+            self.kv = KVCompressor(
+                self.kv_press, lm.layers, b.kv, b.kv_max, on_valid=self._kv_evicted, important=b.kv_important
+            )
         setattr(self.model, _SESSION_ATTR, self)
 
     def restore(self) -> None:
         """Remove every patch; the model is bit-exact what it was before :func:`accelerate`."""
+        if self.stages is not None:
+            self.stages.remove()
+        if self.kv is not None:
+            self.kv.remove()
         for obj, name, previous in reversed(self._patched):
             if previous is not _MISSING:
                 setattr(obj, name, previous)
@@ -280,19 +324,39 @@ class Session:
             pending, self._pending = self._pending, _Pending()
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             past = cache.get_seq_length() if cache is not None else 0
+            stages = self.stages
+            if stages is not None:
+                stages.run = None
             if pending.ready():
                 if past:
                     logger.warning("vlm_accel: images after a non-empty cache are not reduced")
                     self._decode = None
                 else:
                     return self._prefill(orig, kwargs, pending)
-            elif past and self._decode is not None and self._decode.cache is not None:
-                if self._decode.cache() is cache:
-                    return orig(**self._translate_decode(kwargs, past))
+            elif past:
+                if stages is not None:
+                    stages.begin_decode(cache)
+                if self.kv is not None:
+                    self.kv.begin_decode(cache)
+                try:
+                    if self._decode is not None and self._decode.cache is not None and self._decode.cache() is cache:
+                        out = orig(**self._translate_decode(kwargs, past))
+                    else:
+                        out = orig(**kwargs)
+                    if self.kv is not None or self.budget.kv_bits < 16:
+                        self._kv_stats(out)
+                    return out
+                finally:
+                    if stages is not None:
+                        stages.run = None
+                    if self.kv is not None:
+                        self.kv.end_forward()
             if not past and pending.masks and self._replay is not None:
                 return self._prefill(orig, kwargs, pending, replay=self._replay)
             if not past:
                 self._decode = None
+                if self.kv is not None or self.budget.kv_bits < 16:
+                    return self._plain_prefill(orig, kwargs)
             return orig(**kwargs)
 
         return forward
@@ -329,13 +393,13 @@ class Session:
             labels = kwargs["labels"] if "labels" in kwargs else args[1]
             tr = self.trace
             if labels is not None and labels.shape[1] != logits.shape[1]:
-                if tr is None or tuple(tr.index.shape) != tuple(logits.shape[:2]):
+                if tr is None or tuple(tr.output_index.shape) != tuple(logits.shape[:2]):
                     raise ValueError(
                         "vlm_accel: labels cover the full sequence but the logits are reduced and no matching "
                         "reduction was recorded; pass labels to the same forward call as the images"
                     )
                 dev = labels.device
-                labels = labels.gather(1, tr.index.to(dev)).masked_fill(~tr.valid.to(dev), -100)
+                labels = labels.gather(1, tr.output_index.to(dev)).masked_fill(~tr.output_valid.to(dev), -100)
                 if "labels" in kwargs:
                     kwargs["labels"] = labels
                 else:
@@ -381,26 +445,24 @@ class Session:
         if self.frame_cache is not None:
             self.stats.frames_in = self.frame_cache.stats.frames_in
             self.stats.frames_encoded = self.frame_cache.stats.frames_encoded
-        if bool(keep.all()):  # nothing dropped: the model runs exactly as unpatched
+        if bool(keep.all()):  # nothing dropped before the LLM: the language model gets exactly its input
             self.stats.visual_tokens_kept = n_vis
             self.stats.seq_len_kept = n_in
             self.stats.selection_ms = (time.perf_counter() - t0) * 1e3
-            out = orig(**kwargs)
             self._decode = None
-            self._record_cache(out)
-            return out
+            index = torch.arange(seq, device=embeds.device).expand(bsz, seq)
+            valid = torch.ones_like(mask) if attn is None else attn.bool()
+            kw = dict(kwargs)
+            self.trace = Trace(index, valid, embeds, kwargs.get("position_ids"), kwargs.get("attention_mask"))
+            return self._run_lm(orig, kw, kw, pending, masks, mask, keep, replay is not None, t0)
 
         # reduced layout: per row, kept tokens in order (padding dropped too), left-padded to the longest row
         if attn is not None:
             keep &= attn.bool()
-        new_len = int(keep.sum(1).max())
-        index = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, seq - new_len :]
-        valid = keep.gather(1, index)
+        index, valid = reduced_layout(keep)
 
         def take(x: torch.Tensor) -> torch.Tensor:  # [..., B, L(, D)] -> [..., B, L'(, D)]
-            if x.dim() == 3 and x.shape[:2] == (bsz, seq):
-                return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
-            return x.gather(-1, index.expand(*x.shape[:-2], bsz, new_len))
+            return _take(x, index)
 
         kw = dict(kwargs)
         kw["inputs_embeds"] = take(_apply_merges(embeds, merges))
@@ -425,14 +487,158 @@ class Session:
         self.stats.selection_ms = (time.perf_counter() - t0) * 1e3
         extra = {k: kw[k] for k in ("visual_pos_masks", "deepstack_visual_embeds") if k in kw}
         self.trace = Trace(index, valid, kw["inputs_embeds"], kw["position_ids"], kw["attention_mask"], extra)
-        out = orig(**dict(kw, attention_mask=_fit_to(kw["attention_mask"], kwargs.get("attention_mask"))))
-        self._decode = _Decode(seq, kw["attention_mask"])
+        self._decode = _Decode(kw["attention_mask"], seq - kw["attention_mask"].shape[1])
+        run_kw = dict(kw, attention_mask=_fit_to(kw["attention_mask"], kwargs.get("attention_mask")))
+        return self._run_lm(orig, run_kw, kw, pending, masks, mask, keep, replay is not None, t0)
+
+    def _run_lm(self, orig, run_kw: dict, kw: dict, pending, masks, mask, keep, replay: bool, t0: float):
+        """Run the language model on its (possibly reduced) input ``run_kw``, with the in-LLM stages if any, and
+        account for what every layer processed."""
+        tr = self.trace
+        n_layers = len(self.adapter.language_model.layers)
+        stages = self.stages
+        vis = mask.gather(1, tr.index) & tr.valid
+        if stages is not None:
+            segments = [] if replay else self._lm_segments(masks, pending.infos, keep, tr.index, tr.valid)
+            stages.begin_prefill(segments, tr.valid, vis, replay=replay)
+        if self.budget.kv_bits < 16:
+            run_kw = self._quantized_cache(run_kw)
+        if self.kv is not None:
+            _refuse_static(run_kw.get("cache", run_kw.get("past_key_values")))
+            self.kv.begin_prefill(functools.partial(self._prompt_entries, tr.valid, vis))
+        try:
+            out = orig(**run_kw)
+        except BaseException:
+            if stages is not None:
+                stages.run = None
+            if self.kv is not None:
+                self.kv.end_forward()
+            raise
+        run = stages.end(out) if stages is not None else None
+        if self.kv is not None:
+            kept = self.kv.end_prefill(_cache_of(out))
+            if 0 in kept and (self._decode is None or kept[0].shape[1] != self._decode.prefix_mask.shape[1]):
+                self._decode = _Decode(kept[0], mask.shape[1] - kept[0].shape[1])
+            if run is not None:
+                run.cache_valid.update({i: v for i, v in kept.items() if i >= stages.starts[0]})
+        tr.output_index, tr.output_valid = tr.index, tr.valid
+        per_layer = [self.stats.visual_tokens_kept] * n_layers
+        if run is not None and run.stages:
+            tr.stages = run.stages
+            tr.output_index, tr.output_valid = compose((tr.index, tr.valid), run.layout)
+            per_layer = stages.visual_per_layer(run)
+            self.stats.visual_tokens_kept = per_layer[-1]
+            self.stats.seq_len_kept = int(tr.output_valid.sum())
+            self.stats.selection_ms = (time.perf_counter() - t0) * 1e3
+        self.stats.visual_tokens_per_layer = per_layer
+        self.stats.visual_tokens_mean = mean_tokens(per_layer)
         self._record_cache(out)
         return out
 
+    def _plain_prefill(self, orig, kwargs: dict):
+        """A prefill that brings no images to reduce (text only, or embeddings prepared by the caller, e.g. a
+        stream's held frames): only the KV budget applies. Visual entries are those of ``visual_pos_masks`` when
+        given (Qwen3-VL), else unknown (the vision-aware press then ranks every entry alike)."""
+        embeds = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids")
+        bsz, seq = (embeds if embeds is not None else ids).shape[:2]
+        dev = (embeds if embeds is not None else ids).device
+        attn = _padding_mask(kwargs.get("attention_mask"), seq)
+        valid = torch.ones(bsz, seq, dtype=torch.bool, device=dev) if attn is None else attn.bool()
+        vis = kwargs.get("visual_pos_masks")
+        vis = vis.to(dev).bool() if vis is not None and tuple(vis.shape) == (bsz, seq) else None
+        kw = self._quantized_cache(dict(kwargs)) if self.budget.kv_bits < 16 else dict(kwargs)
+        if self.kv is not None:
+            _refuse_static(kw.get("cache", kw.get("past_key_values")))
+            self.kv.begin_prefill(lambda layer: (valid, vis))
+        try:
+            out = orig(**kw)
+        except BaseException:
+            if self.kv is not None:
+                self.kv.end_forward()
+            raise
+        kept = self.kv.end_prefill(_cache_of(out)) if self.kv is not None else {}
+        if 0 in kept and kept[0].shape[1] != seq:
+            self._decode = _Decode(kept[0], seq - kept[0].shape[1])
+        self._record_cache(out)
+        return out
+
+    def _quantized_cache(self, kw: dict) -> dict:
+        """``Budget(kv_bits=...)``: the prefill's fresh cache replaced by a quantized one (``generate`` carries on
+        with the cache the model returns). A cache the caller filled or chose (static, quantized) is left alone."""
+        from transformers.cache_utils import DynamicCache
+
+        from .kv.quant import MixedPrecisionKVCache, QuantizedKVCache
+
+        key = "cache" if "cache" in kw else "past_key_values"
+        cache = kw.get(key)
+        if cache is None and not kw.get("use_cache", True):
+            return kw
+        if cache is not None and (type(cache) is not DynamicCache or cache.get_seq_length()):
+            return kw
+        b = self.budget
+        q = dict(group_size=KV_GROUP, residual=KV_RESIDUAL)
+        if b.kv_important:
+            new = MixedPrecisionKVCache(bits=b.kv_bits, high_bits=8, **q)
+        else:
+            new = QuantizedKVCache(bits=b.kv_bits, **q)
+        return dict(kw, **{key: new})
+
+    def _prompt_entries(self, valid: torch.Tensor, vis: torch.Tensor, layer: int):
+        """``(valid [B, n], visual [B, n])`` of the prompt entries layer ``layer`` caches (its in-LLM stage's layout,
+        or the language model's input)."""
+        run = self.stages.run if self.stages is not None else None
+        lay = run.layout_of(layer) if run is not None else None
+        if lay is None:
+            return valid, vis
+        return lay[1], run.vis.gather(1, lay[0]) & lay[1]
+
+    def _kv_evicted(self, layer: int, valid: torch.Tensor, evicted: int) -> None:
+        """A decoding step evicted ``evicted`` entries per row of ``layer``'s cache (``kv_max``)."""
+        if self.kv is None or not self.kv.decoding:
+            return
+        if layer == 0 and self._decode is not None:
+            self._decode.prefix_mask = valid
+            self._decode.delta += evicted
+        last = self.stages.last if self.stages is not None else None
+        if last is not None and layer >= self.stages.starts[0]:
+            last.cache_valid[layer] = valid
+
+    def _lm_segments(self, masks, infos, keep, index, valid) -> list[LMSegment]:
+        """The budgeted segments (image / crop / frame) of every row, at their kept positions in the language
+        model's input, with the in-LLM stage's final quota."""
+        bsz, seq = keep.shape
+        where = torch.full((bsz, seq), -1, dtype=torch.long, device=keep.device)
+        where.scatter_(1, index, torch.arange(index.shape[1], device=keep.device).expand_as(index))
+        where = where.masked_fill(~keep, -1)
+        slot_ok = torch.zeros_like(keep)
+        slot_ok.scatter_(1, index, valid)
+        out = []
+        for m, mask in masks.items():
+            rows, cols = mask.nonzero(as_tuple=True)
+            off = 0
+            for info in infos[m]:
+                r, c = rows[off : off + info.n_tokens], cols[off : off + info.n_tokens]
+                off += info.n_tokens
+                for seg in self._segments(info):
+                    sr, sc = r[seg.idx.to(r.device)], c[seg.idx.to(c.device)]
+                    ok = (where[sr, sc] >= 0) & slot_ok[sr, sc]
+                    pos = where[sr, sc][ok]
+                    if pos.numel():
+                        final = self._llm_budget.visual_quota(pos.numel(), seg.units)
+                        out.append(LMSegment(int(sr[0]), pos, final))
+        return out
+
+    def _kv_stats(self, out) -> None:
+        """KV bytes really held (packed quantized data, scales, full-precision window) and entries per layer, after
+        the prefill and after every decoding step."""
+        cache = _cache_of(out)
+        self.stats.kv_bytes = kv_nbytes(cache) if cache is not None else 0
+        self.stats.kv_entries_per_layer = [int(layer.get_seq_length()) for layer in getattr(cache, "layers", [])]
+
     def _record_cache(self, out) -> None:
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        self.stats.kv_bytes = _cache_bytes(cache)
+        cache = _cache_of(out)
+        self._kv_stats(out)
         if self._decode is not None and cache is not None:
             self._decode.cache = weakref.ref(cache)
 
@@ -468,7 +674,7 @@ class Session:
         Returns ``None`` when the budget keeps everything, else per segment ``(idx [n], kept [K], weights [K, n] |
         None)`` with indices into ``x``."""
         segments = self._segments(info)
-        quotas = [self.budget.visual_quota(s.idx.numel(), s.units) for s in segments]
+        quotas = [self._pre_budget.visual_quota(s.idx.numel(), s.units) for s in segments]
         if all(q >= s.idx.numel() for q, s in zip(quotas, segments, strict=True)):
             return None
         parts = []
@@ -544,12 +750,13 @@ class Session:
             else kwargs["input_ids"].shape[1]
         )
         attn = kwargs.get("attention_mask")
+        n_new = int(past) + q - st.prefix_mask.shape[1]  # decoded entries after this step: never padding
+        new = st.prefix_mask.new_ones(st.prefix_mask.shape[0], n_new)
         if attn is not None and not (torch.is_tensor(attn) and attn.dim() == 2):
-            # prepared for a static cache (from the reduced cache length): rebuild it; new tokens are never padding
-            new = st.prefix_mask.new_ones(st.prefix_mask.shape[0], int(past) + q - st.prefix_mask.shape[1])
+            # prepared for a static cache (from the reduced cache length): rebuild it
             kw["attention_mask"] = _fit_to(torch.cat([st.prefix_mask, new], dim=1), attn)
-        elif attn is not None and attn.shape[1] >= st.full_len:
-            kw["attention_mask"] = torch.cat([st.prefix_mask.to(attn.dtype), attn[:, st.full_len :]], dim=1)
+        elif attn is not None and attn.shape[1] >= past + st.delta + q:
+            kw["attention_mask"] = torch.cat([st.prefix_mask, new], dim=1).to(attn.dtype)
         if kwargs.get("position_ids") is None:
             dev = st.prefix_mask.device
             kw["position_ids"] = (torch.arange(q, device=dev) + past + st.delta)[None].expand(
@@ -606,13 +813,18 @@ def _apply_merges(x: torch.Tensor, merges) -> torch.Tensor:
     return x
 
 
-def _cache_bytes(cache) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", []) or []:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+def _cache_of(out):
+    """The cache a model output carries (``cache`` or ``past_key_values``), or ``None``."""
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
+def _refuse_static(cache) -> None:
+    layers = getattr(cache, "layers", None) or []
+    if any(getattr(layer, "max_cache_len", None) is not None for layer in layers):
+        raise ValueError(
+            "KV eviction (Budget.kv / kv_max) needs a growing cache; static caches keep their full length "
+            "(drop cache_implementation='static')"
+        )
 
 
 def _auto_method(adapter: Adapter) -> str:
@@ -627,7 +839,61 @@ def _auto_method(adapter: Adapter) -> str:
     return "visionzip" if has_cls else "divprune"
 
 
-def accelerate(model, budget=0.25, method: str = "auto", *, seed: int = 0, frame_cache: float | None = None) -> Session:
+def _keep_all(x, k, ctx):  # never called: the pre-LLM budget of an in-LLM-only session keeps everything
+    raise RuntimeError("no pre-LLM method")
+
+
+_KEEP_ALL = Method("none", _keep_all)
+
+
+def _split_method(name: str) -> tuple[Method | None, Method | None]:
+    """``"visionzip"`` / ``"fastv"`` / ``"visionzip+fastv"`` -> (pre-LLM method, in-LLM method)."""
+    if not isinstance(name, str):
+        _methods.get(name)  # raises TypeError naming the methods
+    parts = [p.strip() for p in name.split("+")]
+    found = [_methods.get(p) for p in parts]
+    pre = [m for m in found if m.stage == "pre"]
+    llm = [m for m in found if m.stage == "llm"]
+    if len(pre) > 1 or len(llm) > 1:
+        raise ValueError(
+            f"method {name!r}: combine at most one pre-LLM method with one in-LLM method, e.g. 'visionzip+fastv' "
+            f"(pre-LLM: {[m for m in _methods.names() if _methods.get(m).stage == 'pre']}; "
+            f"in-LLM: {[m for m in _methods.names() if _methods.get(m).stage == 'llm']})"
+        )
+    return (pre[0] if pre else None), (llm[0] if llm else None)
+
+
+def _split_budget(budget: Budget, pre: Method | None, llm: Method | None) -> tuple[Budget, Budget]:
+    """(budget of the pre-LLM method, budget of the in-LLM stages), each read through ``visual_quota``."""
+    full = Budget(video=budget.video)
+    if llm is None:
+        if budget.llm != 1.0:
+            raise ValueError("Budget.llm is the in-LLM share of a composite method such as 'visionzip+fastv'")
+        return budget, full
+    if pre is None:
+        if budget.llm != 1.0 and budget.visual != 1.0:
+            raise ValueError(
+                f"{llm.name} alone takes one budget: pass Budget(visual=...) (the share kept after its last stage)"
+            )
+        share = budget.llm if budget.llm != 1.0 else budget.visual
+        return full, Budget(visual=share, video=budget.video)
+    return Budget(visual=budget.visual, video=budget.video), Budget(visual=budget.llm, video=budget.video)
+
+
+def _full(b: Budget) -> bool:
+    return b.visual == 1.0 and not isinstance(b.visual, int)
+
+
+def accelerate(
+    model,
+    budget=0.25,
+    method: str = "auto",
+    *,
+    seed: int = 0,
+    frame_cache: float | None = None,
+    method_options: dict | None = None,
+    kv_press="vision",
+) -> Session:
     """Patch ``model`` in place so its language model runs only on the visual tokens that matter.
 
     Args:
@@ -636,24 +902,50 @@ def accelerate(model, budget=0.25, method: str = "auto", *, seed: int = 0, frame
             ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``).
         budget: float in (0, 1] (fraction of visual tokens kept per image / crop), int >= 1 (tokens kept per image
             / crop) or a :class:`Budget`. ``1.0`` leaves the outputs bit-identical.
-        method: a name from :func:`vlm_accel.methods`, or ``"auto"`` for the family's default.
+        method: a name from :func:`vlm_accel.methods`, ``"auto"`` for the family's default, or a pre-LLM and an
+            in-LLM method joined by ``+`` (``"visionzip+fastv"``: the pre-LLM one spends ``Budget.visual``, the in-LLM
+            one ``Budget.llm``). In-LLM methods (``fastv``, ``pdrop``): the budget is what the LLM keeps of each
+            image / crop / frame after the last stage; ``stats.visual_tokens_mean`` is the per-layer average.
         seed: seed of stochastic methods (``random``).
         frame_cache: reuse the vision encoder's features for video frames whose pixels changed by at most this
             mean absolute difference since the last encoded frame (``0.0``: exact repeats only; ``None``: off).
             ``session.stats.frames_in`` / ``frames_encoded`` count the frames seen and encoded.
+        method_options: options of the method (of its in-LLM part for a composite), e.g. ``{"layer": 2}`` for
+            ``fastv``; ``vlm-accel methods`` lists them. Unknown names or bad values raise ``ValueError``.
+        kv_press: how ``Budget(kv=..., kv_max=...)`` evicts KV entries: ``"vision"`` (visual entries first, text
+            kept; SnapKV inside each kind), ``"snapkv"``, ``"h2o"``, ``"streaming"``, or a
+            :class:`vlm_accel.kv.Press`.
 
     Returns:
         A :class:`Session`; ``session.restore()`` (or leaving a ``with`` block) undoes every patch. Accelerating an
         already accelerated model re-configures it: the previous session is restored first.
     """
     budget = Budget.of(budget)
-    if budget.kv != 1.0:
-        raise NotImplementedError("KV-cache compression (Budget.kv < 1) is not available yet; use kv=1.0")
     adapter = adapter_for(model)
     name = _auto_method(adapter) if method == "auto" else method
-    _methods.get(name)  # validates
+    if isinstance(name, str) and "+" in name:
+        name = "+".join(_auto_method(adapter) if p.strip() == "auto" else p.strip() for p in name.split("+"))
+    pre, llm = _split_method(name)  # validates
+    options = (llm or pre).resolve(method_options)
+    _split_budget(budget, pre, llm)
+    if llm is not None:
+        from .methods.inllm import stage_layers
+
+        stage_layers(llm.name, options, len(adapter.language_model.layers))
     previous = getattr(model, _SESSION_ATTR, None)
     if previous is not None:
         logger.info("vlm_accel: model already accelerated (%r); restoring it before re-configuring", previous)
         previous.restore()
-    return Session(model, budget, name, adapter, seed=seed, frame_cache=frame_cache)
+    from .kv.presses import get_press
+
+    get_press(kv_press)  # validates
+    return Session(
+        model,
+        budget,
+        name,
+        adapter,
+        seed=seed,
+        frame_cache=frame_cache,
+        method_options=method_options,
+        kv_press=kv_press,
+    )

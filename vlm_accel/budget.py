@@ -45,7 +45,16 @@ class Budget:
         visual: float in (0, 1] = fraction of visual tokens kept per image / crop / frame; int >= 1 = tokens kept
             per image (per crop for anyres images, per frame for video). A count above the available tokens keeps
             them all.
-        kv: fraction of the KV cache kept (1.0 = no KV compression).
+        kv: KV entries kept per layer after prefill: a fraction of the prompt's (1.0 = no eviction) or a count.
+        kv_bits: 16 (off), 4 or 2: the KV cache quantized KIVI-style (keys per channel, values per token, a
+            full-precision window of recent tokens).
+        kv_max: at most this many KV entries per layer and row while decoding, however long the generation or the
+            stream (``None``: no bound).
+        kv_important: with ``kv_bits`` 2 or 4, this fraction of each layer's prompt entries (those the KV press
+            scores highest) is kept at 8 bits: mixed precision (MiKV / ZipVL style).
+        llm: for a composite method (``"visionzip+fastv"``): what the in-LLM stage keeps of the visual tokens that
+            enter the LLM, after its last stage (fraction, or count per image / crop / frame). A single in-LLM method
+            (``"fastv"``, ``"pdrop"``) uses ``visual`` for that.
         video: ``"frame"`` (default): the visual budget applies to every frame of a video; ``"clip"``: to the whole
             clip (an int is then the tokens kept for the clip, and methods see all its frames at once).
     """
@@ -53,10 +62,30 @@ class Budget:
     visual: float | int = 1.0
     kv: float | int = 1.0
     video: str = "frame"
+    llm: float | int = 1.0
+    kv_bits: int = 16
+    kv_max: int | None = None
+    kv_important: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "visual", _check_fraction_or_count("visual", self.visual))
         object.__setattr__(self, "kv", _check_fraction_or_count("kv", self.kv))
+        object.__setattr__(self, "llm", _check_fraction_or_count("llm", self.llm))
+        bits = _as_number(self.kv_bits)
+        if isinstance(bits, bool) or bits not in (2, 4, 16):
+            raise ValueError(f"Budget.kv_bits must be 16 (no quantization), 4 or 2; got {self.kv_bits!r}")
+        object.__setattr__(self, "kv_bits", int(bits))
+        if self.kv_max is not None:
+            m = _as_number(self.kv_max)
+            if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+                raise ValueError(f"Budget.kv_max must be None or an int >= 1 (entries per layer); got {self.kv_max!r}")
+            object.__setattr__(self, "kv_max", m)
+        imp = _as_number(self.kv_important)
+        if isinstance(imp, bool) or not isinstance(imp, (int, float)) or not 0.0 <= imp < 1.0:
+            raise ValueError(f"Budget.kv_important must be a fraction in [0, 1); got {self.kv_important!r}")
+        if imp and self.kv_bits == 16:
+            raise ValueError("Budget.kv_important needs kv_bits=2 or 4 (the other entries are quantized to those bits)")
+        object.__setattr__(self, "kv_important", float(imp))
         if self.video not in ("frame", "clip"):
             raise ValueError(f"Budget.video must be 'frame' or 'clip', got {self.video!r}")
 
@@ -71,7 +100,9 @@ class Budget:
 
     @property
     def is_full(self) -> bool:
-        return self.visual == 1.0 and not isinstance(self.visual, int) and self.kv == 1.0
+        visual_full = self.visual == 1.0 and not isinstance(self.visual, int)
+        kv_full = self.kv == 1.0 and not isinstance(self.kv, int) and self.kv_bits == 16 and self.kv_max is None
+        return visual_full and kv_full and self.llm == 1.0 and not self.kv_important
 
     def visual_quota(self, n_tokens: int, units: int = 1) -> int:
         """Tokens to keep of a segment of ``n_tokens`` that counts as ``units`` images/crops/frames."""

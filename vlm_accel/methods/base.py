@@ -55,13 +55,25 @@ class Reduction:
 MethodFn = Callable[[torch.Tensor, int, Context], Reduction]
 
 
+@dataclass(frozen=True)
+class Option:
+    """One documented option of a method: its default, a check, and a line for listings."""
+
+    default: object
+    doc: str
+    check: Callable[[object], bool] = lambda v: True
+
+
 @dataclass
 class Method:
     """A registered reducer: ``fn(x [N, D], k, ctx) -> Reduction``.
 
     ``needs`` names the evidence the adapter must collect (``"importance"``; ``"clip"`` = give me a whole video
     clip as one segment, not frame by frame); ``exact=False`` lets a method keep fewer tokens than its quota (e.g.
-    when merging static tokens leaves fewer); ``description`` is one line for listings.
+    when merging static tokens leaves fewer); ``description`` is one line for listings. ``stage`` is ``"pre"`` for
+    methods that act between the vision encoder and the LLM, ``"llm"`` for methods that act inside the LLM (their
+    ``ctx.importance`` is the attention the tokens receive in the LLM); ``options`` are what ``method_options=``
+    may set.
     """
 
     name: str
@@ -69,6 +81,22 @@ class Method:
     needs: frozenset[str] = field(default_factory=frozenset)
     description: str = ""
     exact: bool = True
+    stage: str = "pre"
+    options: dict[str, Option] = field(default_factory=dict)
+
+    def resolve(self, given: dict | None) -> dict:
+        """Defaults updated by ``given``; unknown names or bad values -> ``ValueError`` naming the valid ones."""
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            valid = ", ".join(f"{k} ({o.doc})" for k, o in self.options.items()) or "none"
+            raise ValueError(f"method {self.name!r} has no option(s) {unknown}; valid options: {valid}")
+        out = {k: o.default for k, o in self.options.items()}
+        for k, v in given.items():
+            if not self.options[k].check(v):
+                raise ValueError(f"method {self.name!r}: bad value {v!r} for option {k!r} ({self.options[k].doc})")
+            out[k] = v
+        return out
 
     def __call__(self, x: torch.Tensor, k: int, ctx: Context) -> Reduction:
         n = x.shape[0]
@@ -84,14 +112,24 @@ class Method:
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, *, needs: tuple[str, ...] = (), description: str = "", exact: bool = True):
+def register(
+    name: str,
+    *,
+    needs: tuple[str, ...] = (),
+    description: str = "",
+    exact: bool = True,
+    stage: str = "pre",
+    options: dict[str, Option] | None = None,
+):
     """Decorator: register ``fn(x [N, D], k, ctx) -> Reduction`` under ``name``."""
 
     def deco(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
+        if stage not in ("pre", "llm"):
+            raise ValueError(f"stage must be 'pre' or 'llm', got {stage!r}")
         doc = description or (fn.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[name] = Method(name, fn, frozenset(needs), doc, exact)
+        _REGISTRY[name] = Method(name, fn, frozenset(needs), doc, exact, stage, dict(options or {}))
         return fn
 
     return deco

@@ -1,0 +1,198 @@
+"""KV eviction presses: one small class per rule, a ``score()`` to override (shaped like NVIDIA kvpress's).
+
+A press scores every cached entry of one layer, per KV head; the lowest scores are evicted, the same number per row
+and head. Scores that need attention come from :func:`vlm_accel.attention.row_attention` (a few query rows
+recomputed from the layer's own projections and rotary embedding, against the cached keys), so every press works
+under ``eager``, ``sdpa`` and flash attention alike.
+
+Presses are pure functions of tensors plus their options; :mod:`vlm_accel.kv.compress` applies them to a model
+(after prefill, and during decoding for ``kv_max``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import attention_probs, causal_allowed, project_queries
+
+TEXT_BONUS = 1e4  # vision-aware: every text entry outranks every visual one
+
+
+@dataclass
+class PressInput:
+    """What a press may look at for one layer.
+
+    Attributes:
+        attn: the layer's attention module.
+        hidden: ``[B, L, D]`` the attention input of the prompt (after the input norm), or ``None`` while decoding.
+        position_embeddings: ``(cos, sin)`` for ``hidden``'s positions, or ``None``.
+        keys: ``[B, H_kv, L, hd]`` cached post-rotary keys.
+        values: ``[B, H_kv, L, hd]`` cached values.
+        valid: ``[B, L]`` False for padding entries (never kept over a real one).
+        visual: ``[B, L]`` True for visual entries, or ``None`` (text-only models).
+        query: ``[B, H, q, hd]`` post-rotary queries of the current decoding step, or ``None``.
+    """
+
+    attn: torch.nn.Module
+    hidden: torch.Tensor | None
+    position_embeddings: tuple | None
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+    visual: torch.Tensor | None = None
+    query: torch.Tensor | None = None
+
+
+def _per_kv_head(probs: torch.Tensor, h_kv: int) -> torch.Tensor:
+    """``[B, H, R, L]`` -> ``[B, H_kv, L]``: mean over query rows and the heads of each group."""
+    b, h, r, n = probs.shape
+    return probs.view(b, h_kv, h // h_kv, r, n).mean(dim=(2, 3))
+
+
+def window_attention(inp: PressInput, window: int) -> torch.Tensor:
+    """``[B, H_kv, L]``: attention the last ``window`` prompt tokens pay each entry (prefill), or the attention of
+    the current step's queries (decoding)."""
+    h_kv, n = inp.keys.shape[1], inp.keys.shape[2]
+    if inp.query is not None:
+        probs = attention_probs(inp.query, inp.keys, inp.attn.scaling, inp.valid[:, None, :].bool())
+        return _per_kv_head(probs, h_kv)
+    w = min(window, n)
+    rows = torch.arange(n - w, n, device=inp.keys.device).expand(inp.keys.shape[0], w)
+    q = project_queries(inp.attn, inp.hidden, inp.position_embeddings, rows)
+    probs = attention_probs(q, inp.keys, inp.attn.scaling, causal_allowed(rows, inp.valid, n))
+    return _per_kv_head(probs, h_kv)
+
+
+class Press:
+    """Base class: ``score(inp) -> [B, H_kv, L]``; higher stays. ``needs_attention`` presses recompute query rows."""
+
+    name = ""
+    needs_attention = False
+
+    def score(self, inp: PressInput) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({opts})"
+
+
+class SnapKVPress(Press):
+    """SnapKV: the observation window (the last ``window`` prompt tokens, i.e. the question) votes with its attention,
+    smoothed over neighbouring entries (``kernel``); the window itself is always kept."""
+
+    name = "snapkv"
+    needs_attention = True
+
+    def __init__(self, window: int = 32, kernel: int = 5):
+        if window < 1 or kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"snapkv: window >= 1 and an odd kernel >= 1 required; got {window=}, {kernel=}")
+        self.window, self.kernel = window, kernel
+
+    def score(self, inp: PressInput) -> torch.Tensor:
+        s = window_attention(inp, self.window)
+        if self.kernel > 1:
+            b, h, n = s.shape
+            s = F.avg_pool1d(s.reshape(b * h, 1, n), self.kernel, stride=1, padding=self.kernel // 2).view(b, h, n)
+        if inp.query is None:  # prefill: keep the observation window
+            s[..., -min(self.window, s.shape[-1]) :] = float("inf")
+        return s
+
+
+class H2OPress(Press):
+    """Heavy hitters (H2O / TOVA): entries that received the most attention, summed over the last ``window``
+    prompt rows at prefill (TOVA: ``window=1``) and over every decoding step since (accumulated)."""
+
+    name = "h2o"
+    needs_attention = True
+    accumulates = True
+
+    def __init__(self, window: int = 1):
+        if window < 1:
+            raise ValueError(f"h2o: window must be >= 1, got {window}")
+        self.window = window
+
+    def score(self, inp: PressInput) -> torch.Tensor:
+        return window_attention(inp, self.window)
+
+
+class StreamingPress(Press):
+    """StreamingLLM: the first ``sinks`` entries (attention sinks) and the most recent ones; no attention needed."""
+
+    name = "streaming"
+
+    def __init__(self, sinks: int = 4):
+        if sinks < 0:
+            raise ValueError(f"streaming: sinks must be >= 0, got {sinks}")
+        self.sinks = sinks
+
+    def score(self, inp: PressInput) -> torch.Tensor:
+        b, h, n = inp.keys.shape[:3]
+        valid = inp.valid.bool()
+        rank = valid.long().cumsum(1) - 1  # index among the row's real entries
+        s = torch.arange(n, device=valid.device, dtype=torch.float32).expand(b, n).clone()
+        s[(rank < self.sinks) & valid] = float("inf")
+        return s[:, None, :].expand(b, h, n).clone()
+
+
+class VisionAwarePress(Press):
+    """Spends the eviction on visual entries first and keeps the text: every text entry outranks every visual one;
+    within each kind, ``inner`` decides (default SnapKV)."""
+
+    name = "vision"
+
+    def __init__(self, inner: Press | None = None):
+        self.inner = inner or SnapKVPress()
+        self.needs_attention = self.inner.needs_attention
+
+    def score(self, inp: PressInput) -> torch.Tensor:
+        s = self.inner.score(inp)
+        if inp.visual is None:
+            return s
+        finite = torch.nan_to_num(s, posinf=TEXT_BONUS / 2).clamp(-TEXT_BONUS / 2, TEXT_BONUS / 2)
+        bonus = (~inp.visual.bool()).float()[:, None, :] * TEXT_BONUS
+        return torch.where(torch.isinf(s) & (s > 0), s, finite + bonus)
+
+
+PRESSES = {p.name: p for p in (SnapKVPress, H2OPress, StreamingPress, VisionAwarePress)}
+
+
+def get_press(name_or_press) -> Press:
+    """A press instance from a name (``"snapkv"``, ``"h2o"``, ``"streaming"``, ``"vision"``) or a :class:`Press`."""
+    if isinstance(name_or_press, Press):
+        return name_or_press
+    if name_or_press not in PRESSES:
+        raise ValueError(f"unknown KV press {name_or_press!r}; available: {sorted(PRESSES)} or a Press instance")
+    return PRESSES[name_or_press]()
+
+
+def select(scores: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries to keep, the same count per head of a row, left-padded across rows.
+
+    Args:
+        scores: ``[B, H_kv, L]`` (higher stays).
+        valid: ``[B, L]`` False for padding entries (evicted first).
+        keep: ``[B]`` entries each row keeps (``<=`` its valid entries).
+    Returns:
+        ``index [B, H_kv, K]`` (ascending positions per head; padding slots first, pointing at entry 0) and
+        ``valid [B, K]`` (False for the padding slots), ``K = keep.max()``.
+    """
+    b, h, n = scores.shape
+    k = int(keep.max())
+    s = scores.float().masked_fill(~valid.bool()[:, None, :], float("-inf"))
+    top = s.topk(k, dim=-1).indices  # [B, H, K], best first
+    rank = torch.arange(k, device=scores.device)
+    kept = rank[None, None, :] < keep.to(scores.device)[:, None, None]
+    order = torch.where(kept, top, torch.full_like(top, -1)).sort(dim=-1).values
+    new_valid = rank[None, :] >= (k - keep.to(scores.device))[:, None]
+    return order.clamp_min(0), new_valid
+
+
+def quota(n_valid: torch.Tensor, kv) -> torch.Tensor:
+    """``[B]`` entries kept per row: a fraction of the row's valid entries (at least one) or a count."""
+    if isinstance(kv, float):
+        return torch.clamp((n_valid.float() * kv).round().long(), min=1).minimum(n_valid)
+    return torch.clamp(n_valid, max=int(kv))

@@ -1,0 +1,141 @@
+"""Reduced sequence layouts, shared by pre-LLM reduction, in-LLM pruning and KV eviction.
+
+A *layout* is what survives of a sequence: ``index`` ``[B, L']`` (for each slot of the reduced sequence, the position
+it came from) and ``valid`` ``[B, L']`` (False for slots that only pad a shorter row). Kept tokens stay in their
+original order and rows are left-padded to the longest, so the last slot of every row is its last real token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reduced_layout(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keep`` ``[B, L]`` bool -> ``(index [B, L'], valid [B, L'])``, ``L'`` = the most kept in any row."""
+    seq = keep.shape[1]
+    new_len = int(keep.sum(1).max()) if keep.numel() else 0
+    index = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, seq - new_len :]
+    return index, keep.gather(1, index)
+
+
+def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather along the sequence axis at ``index`` ``[B, L']``.
+
+    ``x``: ``[B, L, D]`` (or ``[1, L, D]``, broadcast over rows), or ``[..., B|1, L]`` (masks, position ids,
+    M-RoPE ``[3, B, L]``)."""
+    bsz, new_len = index.shape
+    if x.dim() == 3 and x.shape[0] in (1, bsz) and x.shape[1] != bsz:
+        x = x.expand(bsz, *x.shape[1:])
+        return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+    x = x.expand(*x.shape[:-2], bsz, x.shape[-1])
+    return x.gather(-1, index.expand(*x.shape[:-2], bsz, new_len))
+
+
+def compose(outer: tuple[torch.Tensor, torch.Tensor], inner: tuple[torch.Tensor, torch.Tensor]):
+    """Layout of a layout: ``inner`` indexes ``outer``'s slots; the result indexes ``outer``'s source."""
+    o_idx, o_valid = outer
+    i_idx, i_valid = inner
+    return o_idx.gather(1, i_idx), o_valid.gather(1, i_idx) & i_valid
+
+
+def _fill(mask: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``mask`` with ``where`` set to 'may not attend' (False for bool masks, the dtype's min for additive ones)."""
+    if mask.dtype == torch.bool:
+        return mask & ~where
+    return mask.masked_fill(where, torch.finfo(mask.dtype).min)
+
+
+def _allow(mask: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return mask | where
+    return mask.masked_fill(where, 0.0)
+
+
+def gather_mask(
+    mask,
+    key_index: torch.Tensor,
+    key_valid: torch.Tensor,
+    query_index: torch.Tensor | None = None,
+    query_valid: torch.Tensor | None = None,
+    width: int | None = None,
+    q: int = 1,
+):
+    """A prepared attention mask for a reduced set of keys (and queries).
+
+    Args:
+        mask: what the decoder layers received: ``None`` (causal, no padding), a 2-D ``[B, KV]`` key mask
+            (flash attention) or a 4-D ``[B, 1, Q, KV]`` bool / additive mask.
+        key_index: ``[B, KV']`` the original key column of each reduced key slot.
+        key_valid: ``[B, KV']`` False for padding slots (never attended).
+        query_index: ``[B, Q']`` original query rows to keep (prefill), or ``None`` to keep the rows as they are.
+        query_valid: ``[B, Q']`` False for padding query rows (they attend only to their own slot, so no row is
+            empty and no NaN reaches the valid rows).
+        width: pad the key axis with masked columns to this width (static caches keep their full length).
+        q: decoding (``query_index`` is ``None``) from a ``None`` mask: the queries are the last ``q`` key slots.
+    Returns:
+        A mask of the same kind for the reduced keys, or ``None`` when the reduced set is still plainly causal.
+    """
+    bsz = key_index.shape[0]
+    if mask is None:
+        if bool(key_valid.all()) and (query_valid is None or bool(query_valid.all())) and width is None:
+            return None
+        # causal over original order, padding slots masked
+        q_pos = query_index if query_index is not None else key_index[:, -q:]
+        mask = key_index[:, None, None, :] <= q_pos[:, None, :, None]  # [B, 1, Q', KV']
+        mask = mask & key_valid[:, None, None, :]
+        if query_index is not None and query_valid is not None:
+            n = query_index.shape[1]
+            diag = torch.zeros_like(mask)
+            diag[..., :, key_index.shape[1] - n :] = torch.eye(n, dtype=torch.bool, device=mask.device)
+            mask = mask | (diag & ~query_valid[:, None, :, None])
+        return _pad_keys(mask, width)
+    if mask.dim() == 2:
+        out = mask.gather(1, key_index) * key_valid.to(mask.dtype)
+        return out if width is None else torch.nn.functional.pad(out, (0, max(0, width - out.shape[-1])))
+    m = mask.expand(bsz, *mask.shape[1:])
+    if query_index is not None:
+        m = m.gather(2, query_index[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[3]))
+    m = m.gather(3, key_index[:, None, None, :].expand(-1, m.shape[1], m.shape[2], -1))
+    m = _fill(m, ~key_valid[:, None, None, :])
+    if query_index is not None and query_valid is not None and not bool(query_valid.all()):
+        n = query_index.shape[1]
+        eye = torch.zeros(bsz, 1, n, m.shape[-1], dtype=torch.bool, device=m.device)
+        eye[..., :, m.shape[-1] - n :] = torch.eye(n, dtype=torch.bool, device=m.device)
+        m = _allow(m, eye & ~query_valid[:, None, :, None])
+    return _pad_keys(m, width)
+
+
+def _pad_keys(m: torch.Tensor, width: int | None) -> torch.Tensor:
+    """Masked key columns appended up to ``width``."""
+    if width is None or width <= m.shape[-1]:
+        return m
+    fill = False if m.dtype == torch.bool else torch.finfo(m.dtype).min
+    return torch.cat([m, torch.full((*m.shape[:-1], width - m.shape[-1]), fill, dtype=m.dtype, device=m.device)], -1)
+
+
+def decode_mask(base, prefix_valid: torch.Tensor, extra: int, q: int, width: int | None = None):
+    """The mask of a decoding step for a layer whose cache holds its own prefix.
+
+    Args:
+        base: the mask the decoder layers received this step (``None``, 2-D ``[B, KV]`` or 4-D ``[B, 1, q, KV]`` bool /
+            additive); only its kind and dtype are used.
+        prefix_valid: ``[B, n]`` which of the layer's ``n`` cached prompt entries may be attended.
+        extra: decoded entries in the layer's cache after this step (this step's ``q`` queries are the last ``q``).
+        q: queries this step.
+        width: pad the key axis with masked columns to this width (static caches).
+    Returns:
+        A mask of ``base``'s kind over ``n + extra`` keys (``None`` when plain causal attention is right).
+    """
+    bsz, n = prefix_valid.shape
+    dev = prefix_valid.device
+    if base is None and width is None and bool(prefix_valid.all()):
+        return None
+    if torch.is_tensor(base) and base.dim() == 2:
+        out = torch.cat([prefix_valid.to(base.dtype), base.new_ones(bsz, extra)], 1)
+        return out if width is None else torch.nn.functional.pad(out, (0, max(0, width - out.shape[1])))
+    new = torch.arange(extra, device=dev)[None, :] <= torch.arange(extra - q, extra, device=dev)[:, None]  # [q, extra]
+    m = torch.cat([prefix_valid.bool()[:, None, :].expand(bsz, q, n), new[None].expand(bsz, q, extra)], -1)[:, None]
+    m = _pad_keys(m, width)
+    if torch.is_tensor(base) and base.dtype != torch.bool:
+        return torch.zeros(m.shape, dtype=base.dtype, device=dev).masked_fill(~m, torch.finfo(base.dtype).min)
+    return m
