@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 ROW_ELEMENTS = 1 << 24  # attention_scores materialises at most this many logits at once
+CACHE_ELEMENTS = 1 << 22  # max_min_select's matrix form handles at most this many token features at once (16 MB)
 GRAM_ELEMENTS = 1 << 26  # max_min_select computes the full distance matrix up to this size (256 MB in fp32)
 EPS = 1e-12  # torch.nn.functional.normalize's eps: x / max(||x||, EPS)
 
@@ -68,11 +69,20 @@ def max_min_select(
         distance to the segment; each next pick is the token whose distance to its nearest chosen token is largest
         (first index on ties).
     """
-    bsz, n, _ = x.shape
-    xn = normalize(x)
-    valid = valid_mask(lengths, bsz, n, x.device)
+    bsz, n, d = x.shape
     if gram is None:
         gram = bsz * n * n <= GRAM_ELEMENTS
+    per = max(1, CACHE_ELEMENTS // (n * d))
+    if gram and bsz > per:  # a few segments at a time, so each one's tokens are still in cache for its matrix
+
+        def part(t, i):
+            return None if t is None else t[i : i + per]
+
+        return torch.cat(
+            [max_min_select(x[i : i + per], k, part(lengths, i), part(init, i), True) for i in range(0, bsz, per)]
+        )
+    xn = normalize(x)
+    valid = valid_mask(lengths, bsz, n, x.device)
     if gram:
         dist = torch.bmm(xn, xn.transpose(1, 2)).neg_().add_(1.0)  # [B, N, N] 1 - cos, in place (same rounding)
         min_d, first = _gram_state(dist, valid, lengths, init)

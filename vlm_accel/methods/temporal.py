@@ -19,7 +19,7 @@ def temporal_runs(x: torch.Tensor, frames: int, tau: float = STATIC_SIMILARITY) 
     Returns ``[frames * P]`` run ids, numbered in order of the run's first token.
     """
     p = x.shape[0] // frames
-    xs = x.view(frames, p, -1)
+    xs = x.reshape(frames, p, -1)
     starts = torch.ones(frames, p, dtype=torch.bool, device=x.device)
     starts[1:] = kernels.patch_similarity(xs[1:], xs[:-1]) <= tau  # [frames - 1, P] frame difference
     index = torch.arange(frames * p, device=x.device).view(frames, p)
