@@ -109,6 +109,11 @@ def test_attention_scores_reference_equals_attention_probs(reduce, monkeypatch):
     torch.testing.assert_close(kernels.attention_scores(q, k, 0.3, allowed, reduce), want)
     monkeypatch.setattr(reference, "ROW_ELEMENTS", 30)  # rows in chunks: same result
     torch.testing.assert_close(kernels.attention_scores(q, k, 0.3, allowed, reduce), want)
+    keys_ok = allowed[:, :1]  # [B, 1, L]: the same validity for every row, broadcast
+    torch.testing.assert_close(
+        kernels.attention_scores(q, k, 0.3, keys_ok, reduce),
+        kernels.attention_scores(q, k, 0.3, keys_ok.expand(-1, 3, -1), reduce),
+    )
 
 
 def test_dispatch_errors_name_what_to_do(monkeypatch):
@@ -119,6 +124,8 @@ def test_dispatch_errors_name_what_to_do(monkeypatch):
         kernels.sim_argmax(x, randn(3, 5, 4))
     with pytest.raises(ValueError, match="multiple"):
         kernels.attention_scores(randn(1, 3, 2, 4), randn(1, 2, 5, 4), 1.0)
+    with pytest.raises(ValueError, match="broadcast"):
+        kernels.attention_scores(randn(1, 2, 2, 4), randn(1, 2, 5, 4), 1.0, torch.ones(1, 3, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="reduce"):
         kernels.attention_scores(randn(1, 2, 2, 4), randn(1, 2, 5, 4), 1.0, reduce="sum")
     if kernels.triton_available():

@@ -150,7 +150,8 @@ def attention_scores(
 ) -> torch.Tensor:
     """Attention each key receives from the query rows, averaged over rows (and heads for ``reduce="mean"``).
 
-    ``q`` ``[B, H, R, hd]``, ``k`` ``[B, H_kv, L, hd]``, ``allowed`` ``[B, R, L]`` bool or ``None`` -> ``[B, L]``
+    ``q`` ``[B, H, R, hd]``, ``k`` ``[B, H_kv, L, hd]``, ``allowed`` ``[B, R, L]`` bool (or broadcastable to it, e.g.
+    ``[B, 1, L]`` key validity) or ``None`` -> ``[B, L]``
     (``"mean"``) or ``[B, H, L]`` (``"head"``), fp32. Equals ``attention_probs(q, k, scaling, allowed)`` of
     :mod:`vlm_accel.attention` averaged over its row (and head) axes; see :func:`reference.attention_scores`.
     """
@@ -158,8 +159,11 @@ def attention_scores(
         raise ValueError(f"attention_scores: q [B, H, R, hd] and k [B, H_kv, L, hd], got {q.shape} and {k.shape}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"attention_scores: {q.shape[1]} query heads is not a multiple of {k.shape[1]} key heads")
-    if allowed is not None and tuple(allowed.shape) != (q.shape[0], q.shape[2], k.shape[2]):
-        raise ValueError(f"attention_scores: allowed must be [B, R, L], got {tuple(allowed.shape)}")
+    if allowed is not None:
+        want = (q.shape[0], q.shape[2], k.shape[2])
+        if allowed.dim() != 3 or any(a not in (1, w) for a, w in zip(allowed.shape, want, strict=True)):
+            raise ValueError(f"attention_scores: allowed must be [B, R, L] (or broadcast to it), got {allowed.shape}")
+        allowed = allowed.expand(want)
     if reduce not in ("mean", "head"):
         raise ValueError(f"attention_scores: reduce must be 'mean' or 'head', got {reduce!r}")
     fn = _triton_module().attention_scores if _use_triton(q, backend) else reference.attention_scores

@@ -21,8 +21,9 @@ def max_min_diverse(x: torch.Tensor, k: int, init: torch.Tensor | None = None) -
     duplicate tokens never give a repeated index, which DivPrune's can; and the running minimum distance is updated
     incrementally, ``O(kN)`` per selection instead of ``O(k^2 N)``.
 
-    No ``N x N`` matrix: the mean distance is ``1 - x_i . mean(x)`` on unit rows and every pick costs one
-    matrix-vector product (:func:`vlm_accel.kernels.max_min_select`, a fused kernel on CUDA).
+    :func:`vlm_accel.kernels.max_min_select` does the work: on CUDA without an ``N x N`` matrix (the mean distance is
+    ``1 - x_i . mean(x)`` on unit rows, each pick one fused matrix-vector kernel for every segment); on CPU with one
+    distance matrix per segment when it fits (a matrix product, then each pick reads a row).
     """
     mask = None
     if init is not None and init.numel():
