@@ -187,6 +187,8 @@ class Session:
         self._pre_budget, self._llm_budget = _split_budget(budget, pre, llm)
         self.stages: LLMStages | None = None
         self.kv: KVCompressor | None = None
+        self._entered = False
+        self._outer: Session | None = None
         self.kv_press = kv_press
         self.stats = Stats()
         self.trace: Trace | None = None
@@ -240,10 +242,30 @@ class Session:
             self.kv = KVCompressor(
                 self.kv_press, lm.layers, b.kv, b.kv_max, on_valid=self._kv_evicted, important=b.kv_important
             )
+        # copies and pickles of an accelerated model: a clean unaccelerated copy / a clear error, never wrappers bound
+        # to this model's modules
+        self._patch(self.model, "__deepcopy__", self._deepcopy)
+        self._patch(self.model, "__reduce_ex__", _refuse_pickle)
         setattr(self.model, _SESSION_ATTR, self)
+
+    def _deepcopy(self, memo):
+        """``copy.deepcopy(model)``: the model as it is without acceleration (this session stays on the original)."""
+        import copy
+
+        self._unpatch()
+        try:
+            return copy.deepcopy(self.model, memo)
+        finally:
+            self._install()
 
     def restore(self) -> None:
         """Remove every patch; the model is bit-exact what it was before :func:`accelerate`."""
+        self._unpatch()
+        self._pending = _Pending()
+        self._decode = None
+        self._replay = None
+
+    def _unpatch(self) -> None:
         if self.stages is not None:
             self.stages.remove()
         if self.kv is not None:
@@ -256,19 +278,28 @@ class Session:
         self._patched.clear()
         if getattr(self.model, _SESSION_ATTR, None) is self:
             delattr(self.model, _SESSION_ATTR)
-        self._pending = _Pending()
-        self._decode = None
-        self._replay = None
 
     @property
     def active(self) -> bool:
         return bool(self._patched)
 
     def __enter__(self) -> Session:
+        self._entered = True
         return self
 
     def __exit__(self, *exc) -> None:
+        """Leaving a ``with`` block restores the model; when this session displaced one whose ``with`` block is still
+        open (nested blocks), that outer session is put back on, so the rest of its block stays accelerated."""
+        self._entered = False
         self.restore()
+        outer, self._outer = self._outer, None
+        if (
+            outer is not None
+            and outer._entered
+            and not outer.active
+            and getattr(self.model, _SESSION_ATTR, None) is None
+        ):
+            outer._install()
 
     # --- wrappers ---------------------------------------------------------------------------------------------
     def _wrap_features(self, orig, modality: str):
@@ -289,6 +320,9 @@ class Session:
                     captured["hidden"] = a[0] if a else kw["hidden_states"]
 
                 handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+            tuple_out = kwargs.get("return_dict") is False  # computed as a dict, handed back as the caller's tuple
+            if tuple_out:
+                kwargs = dict(kwargs, return_dict=True)
             self._encoding = True
             try:
                 out = orig(*args, **kwargs)
@@ -303,7 +337,7 @@ class Session:
             feats = out.pooler_output if hasattr(out, "pooler_output") else out[-1]
             describe = self.adapter.describe if modality == "image" else self.adapter.describe_video
             self._pending.infos.setdefault(modality, []).extend(describe(list(feats), call, cls_attn))
-            return out
+            return out.to_tuple() if tuple_out else out
 
         return get_features
 
@@ -818,6 +852,13 @@ def _cache_of(out):
     return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
 
 
+def _refuse_pickle(*args, **kwargs):
+    raise TypeError(
+        "an accelerated model cannot be pickled (torch.save / pickle): call session.restore() first, or pickle "
+        "copy.deepcopy(model), which is an unaccelerated copy"
+    )
+
+
 def _refuse_static(cache) -> None:
     layers = getattr(cache, "layers", None) or []
     if any(getattr(layer, "max_cache_len", None) is not None for layer in layers):
@@ -939,7 +980,7 @@ def accelerate(
     from .kv.presses import get_press
 
     get_press(kv_press)  # validates
-    return Session(
+    sess = Session(
         model,
         budget,
         name,
@@ -949,3 +990,5 @@ def accelerate(
         method_options=method_options,
         kv_press=kv_press,
     )
+    sess._outer = previous  # put back when this session's ``with`` block ends inside the previous one's
+    return sess

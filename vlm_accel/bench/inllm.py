@@ -42,8 +42,7 @@ def accuracy(n: int = 200, budgets=(0.33, 0.11), batch: int = 16, seed: int = 0,
 
     model, processor = vlm_accel.load_default()
     items = load_items(None, n, seed)
-    n_vis = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    n_vis = n_vis * n_vis
+    n_vis = _visual_tokens_per_image(model, processor, items[0])
     full = score(model, processor, items, batch, "full")
     full_acc = sum(full) / len(full)
     rows = [
@@ -92,6 +91,15 @@ def accuracy(n: int = 200, budgets=(0.33, 0.11), batch: int = 16, seed: int = 0,
     _plot(rows, path.with_suffix(".png"))
     print(format_table(rows, ["method", "options", "budget", "mean_frac", "accuracy", "retained_pct"]))
     return rows
+
+
+@torch.no_grad()
+def _visual_tokens_per_image(model, processor, item) -> int:
+    """Placeholder tokens of one image as the processor lays them out (the tower may interpolate positions)."""
+    from ..zoo import build_prompt
+
+    ids = processor(images=[item["image"]], text=[build_prompt(processor, item["question"])])["input_ids"]
+    return int((torch.as_tensor(ids) == model.config.image_token_id).sum())
 
 
 def _score_tracking(model, processor, items, batch, sess, desc):

@@ -151,9 +151,10 @@ class KVCompressor:
         if index.shape[2] < n or not bool(valid.all()):
             _set_entries(layer, index)
         self.valid[i] = new_valid
-        if marks:
+        if marks:  # the entries a press protects outright (score +inf: SnapKV's window) are exact already
             k = max(1, round(self.important * index.shape[2]))
-            top = kept_scores.topk(k, dim=-1).indices
+            ranked = kept_scores.masked_fill(torch.isinf(kept_scores), float("-inf"))
+            top = ranked.topk(k, dim=-1).indices
             flags = torch.zeros_like(kept_scores, dtype=torch.bool).scatter_(2, top, True) & new_valid[:, None, :]
             layer.set_important(flags)
         if self.on_valid is not None:
