@@ -395,13 +395,15 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     width = 0.8 / (2 * len(names))
     colours = plt.get_cmap("tab10")
     for ax, d in zip(axes[0], dims, strict=True):
+        labelled = set()
         for j, name in enumerate(names):
             for i, total in enumerate(totals):
                 r = next((r for r in rows if r["dim"] == d and r["tokens"] == total and r["method"] == name), None)
                 if r is None:
                     continue
                 x = i + (2 * j - len(names)) * width
-                ax.bar(x, r["new_s"], width, color=colours(j), label=name if i == 0 else None)
+                ax.bar(x, r["new_s"], width, color=colours(j), label=None if name in labelled else name)
+                labelled.add(name)
                 if r["old_s"] is not None:
                     ax.bar(x + width, r["old_s"], width, color=colours(j), alpha=0.35, hatch="//")
         for i, total in enumerate(totals):
