@@ -223,3 +223,23 @@ def test_standalone_press_on_a_text_decoder():
         padded[0, :3] = 0
         with vlm_accel.kv.KVPress(model, "snapkv", kv=0.5), pytest.raises(ValueError, match="padded"):
             model.generate(input_ids=ids.repeat(2, 1), attention_mask=padded, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("family,kind", tiny.CASES)
+@pytest.mark.parametrize("press", sorted(PRESSES))
+def test_press_matrix(models, press, family, kind, batch):
+    """Every registered press x every family and input kind x batch {1, 2} x generate. New presses join by
+    registering in ``PRESSES``."""
+    model = models(family)
+    inputs = tiny.inputs_for(model, family, kind, batch=batch, seed=batch)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    budget = Budget(visual=0.5, kv=0.25, kv_max=40)
+    with vlm_accel.accelerate(model, budget=budget, method="divprune", kv_press=press) as sess, torch.no_grad():
+        gen = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        kept = {i: v.shape[1] for i, v in sess.kv.valid.items()}
+    assert gen.shape == (batch, inputs["input_ids"].shape[1] + 4)
+    assert max(kept.values()) <= 40 and len(kept) == len(model.model.language_model.layers)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)  # restored exactly
