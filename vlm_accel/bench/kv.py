@@ -83,16 +83,17 @@ def _decode_speed(model, processor, item, budget, press, repeats_tokens: int = 4
 
 
 @torch.no_grad()
-def run(n: int = 100, seed: int = 0, repeats: int = 3, out_dir="eval/results", name="kv_default"):
+def run(n: int = 100, seed: int = 0, repeats: int = 3, out_dir="eval/results", name="kv_default", configs=None):
     from ..zoo import normalize_answer
     from .vqa import load_items
 
     model, processor = vlm_accel.load_default()
     items = load_items(None, n, seed)
+    chosen = [c for c in CONFIGS if configs is None or c[0] in configs or c[0] == "unpatched"]
     rows = []
     full_hits = None
     dense = None
-    for label, budget, press in CONFIGS:
+    for label, budget, press in chosen:
         sess = (
             None if budget is None else vlm_accel.accelerate(model, budget=budget, method="visionzip", kv_press=press)
         )
@@ -121,9 +122,9 @@ def run(n: int = 100, seed: int = 0, repeats: int = 3, out_dir="eval/results", n
             row[f"acc_{t}"] = round(sum(sel) / len(sel), 3)
         logger.info("%s: %.1f %% retained, %.1f %% of the bytes", label, row["retained_pct"], row["kv_bytes_pct"])
         rows.append(row)
-    speeds = {label: [] for label, _, _ in CONFIGS}
+    speeds = {label: [] for label, _, _ in chosen}
     for _ in range(repeats):  # interleaved
-        for label, budget, press in CONFIGS:
+        for label, budget, press in chosen:
             sess = (
                 None
                 if budget is None
@@ -171,10 +172,11 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="eval/results")
     p.add_argument("--name", default="kv_default")
+    p.add_argument("--configs", nargs="+", default=None, help="labels of CONFIGS to run (default: all)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
-    run(a.n, a.seed, a.repeats, a.out, a.name)
+    run(a.n, a.seed, a.repeats, a.out, a.name, a.configs)
 
 
 if __name__ == "__main__":
