@@ -43,6 +43,7 @@ def accuracy(n: int = 200, budgets=(0.33, 0.11), batch: int = 16, seed: int = 0,
     model, processor = vlm_accel.load_default()
     items = load_items(None, n, seed)
     n_vis = _visual_tokens_per_image(model, processor, items[0])
+    meta = {"command": " ".join(sys.argv), "env": environment("cpu"), "n": n, "visual_tokens_per_image": n_vis}
     full = score(model, processor, items, batch, "full")
     full_acc = sum(full) / len(full)
     rows = [
@@ -70,6 +71,7 @@ def accuracy(n: int = 200, budgets=(0.33, 0.11), batch: int = 16, seed: int = 0,
         }
         logger.info("%s @ %s: mean %.3f, %.1f %% retained", label, budget, mean_frac, r["retained_pct"])
         rows.append(r)
+        write_results(out_dir, name or "inllm_default", meta, rows)  # after every row: a long run can be stopped
 
     means = set()
     for method, options in IN_LLM:
@@ -86,7 +88,6 @@ def accuracy(n: int = 200, budgets=(0.33, 0.11), batch: int = 16, seed: int = 0,
             with vlm_accel.accelerate(model, budget=k, method=method):
                 hits = score(model, processor, items, batch, f"{method}@{k}")
             row(method, k, hits, k / n_vis, [k / n_vis])
-    meta = {"command": " ".join(sys.argv), "env": environment("cpu"), "n": n, "visual_tokens_per_image": n_vis}
     path = write_results(out_dir, name or "inllm_default", meta, rows)
     _plot(rows, path.with_suffix(".png"))
     print(format_table(rows, ["method", "options", "budget", "mean_frac", "accuracy", "retained_pct"]))
