@@ -43,9 +43,13 @@ def test_unknown_method_lists_registered(models):
         vlm_accel.accelerate(models("llava"), budget=0.5, method="fastest")
 
 
-def test_kv_budget_not_yet_available(models):
-    with pytest.raises(NotImplementedError, match="kv"):
-        vlm_accel.accelerate(models("llava"), budget=Budget(visual=0.5, kv=0.5))
+def test_kv_budget_combines_with_visual(models):
+    model = models("llava")
+    with vlm_accel.accelerate(model, budget=Budget(visual=0.5, kv=0.5)) as sess:
+        assert sess.kv is not None
+    assert not hasattr(model, "_vlm_accel_session")
+    with pytest.raises(ValueError, match="kv_bits"):
+        Budget(kv_bits=3)
 
 
 def test_budget_object_and_large_int(models):
