@@ -39,3 +39,15 @@ def test_ask_video_streams_the_sampled_frames(tmp_path, capsys, caplog):
     (msg,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("frames:")]
     held = int(msg.split("(")[1].split()[0])
     assert msg.startswith("frames: 4 sampled") and held % 16 == 0 and 16 <= held <= 64
+
+
+def test_in_llm_method_with_options_and_listing(capsys):
+    s = zoo.samples()[0]
+    args = ["ask", str(s["path"]), s["question"], "--budget", "0.33", "--method", "fastv", "--option", "layer=1"]
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == s["answer"]
+    assert cli.main(args[:-1] + ["K=1"]) == 2
+    assert "valid options: layer" in capsys.readouterr().err
+    assert cli.main(["methods"]) == 0
+    listing = capsys.readouterr().out
+    assert "fastv" in listing and "--option layer=" in listing and "snapkv" in listing

@@ -55,9 +55,23 @@ def _positive_int(text: str) -> int:
 def _method(text: str) -> str:
     from .methods import names
 
-    if text != "auto" and text not in names():
-        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose auto or one of: {', '.join(names())}")
+    for part in text.split("+"):  # a pre-LLM and an in-LLM method may be joined: visionzip+fastv
+        if part != "auto" and part not in names():
+            raise argparse.ArgumentTypeError(f"unknown method {part!r}; choose auto or one of: {', '.join(names())}")
     return text
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` (the value read as a Python literal when it is one: ``layer=2``, ``layers=[4,8]``)."""
+    import ast
+
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:
@@ -92,7 +106,8 @@ def cmd_ask(a) -> int:
     image = load_image(a.image)  # clear ValueError before loading any model
     model, processor = load_model(a.model)
     if a.budget is not None and not (isinstance(a.budget, float) and a.budget == 1.0):
-        with vlm_accel.accelerate(model, budget=a.budget, method=a.method) as sess:
+        options = dict(a.option) or None
+        with vlm_accel.accelerate(model, budget=a.budget, method=a.method, method_options=options) as sess:
             answer = zoo.ask(model, processor, image, a.question, max_new_tokens=a.max_new_tokens)
         logger.info("visual tokens kept: %d of %d", sess.stats.visual_tokens_kept, sess.stats.visual_tokens_in)
     else:
@@ -120,10 +135,17 @@ def _ask_video(a) -> int:
 
 
 def cmd_methods(a) -> int:
+    from .kv.presses import PRESSES
     from .methods import get, names
 
     for n in names():
-        print(f"{n:12s} {get(n).description}")  # noqa: T201
+        m = get(n)
+        print(f"{n:12s} {'[in-LLM] ' if m.stage == 'llm' else ''}{m.description}")  # noqa: T201
+        for k, o in m.options.items():
+            print(f"{'':14s}--option {k}=...  {o.doc} (default {o.default!r})")  # noqa: T201
+    print("KV presses (accelerate(..., kv_press=NAME) with Budget(kv=..., kv_max=...)):")  # noqa: T201
+    for n, cls in PRESSES.items():
+        print(f"{n:12s} {(cls.__doc__ or '').split(chr(10))[0]}")  # noqa: T201
     return 0
 
 
@@ -144,6 +166,9 @@ def main(argv=None) -> int:
         help="fraction of visual tokens kept, e.g. 0.25 (1.0: all), or an integer count per image / frame (1: one)",
     )
     q.add_argument("--method", type=_method, default="auto", help="auto or a name from `vlm-accel methods`")
+    q.add_argument(
+        "--option", type=_option, action="append", default=[], help="method option NAME=VALUE, e.g. layer=2 (repeat)"
+    )
     q.add_argument("--model", default=None, help="local model directory (default: the embedded model)")
     q.add_argument("--max-new-tokens", type=_positive_int, default=8)
     q.add_argument("--frames", type=_positive_int, default=8, help="video: frames sampled uniformly")
@@ -176,6 +201,17 @@ def main(argv=None) -> int:
     vs = bsub.add_parser("video", help="video prefill speed vs frames and frame-cache savings")
     video.add_arguments(vs)
     vs.set_defaults(fn=video.cli)
+    from .bench import inllm, kernels, kv
+
+    k = bsub.add_parser("kernels", help="selection time per method vs one decoder layer (kernel vs reference)")
+    kernels.add_arguments(k)
+    k.set_defaults(fn=kernels.cli)
+    kvp = bsub.add_parser("kv", help="KV compression: bytes held, decode speed, accuracy retained")
+    kv.add_arguments(kvp)
+    kvp.set_defaults(fn=kv.cli)
+    ip = bsub.add_parser("inllm", help="in-LLM pruning vs pre-LLM at equal mean tokens; LLM prefill speed")
+    inllm.add_arguments(ip)
+    ip.set_defaults(fn=inllm.cli)
 
     a = p.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")

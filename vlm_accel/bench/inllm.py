@@ -210,44 +210,37 @@ def speed(
         "env": environment("cpu"),
         "llm_layers": llm_layers,
         "repeats": repeats,
-        "cpu": _cpu(),
     }
     write_results(out_dir, name or f"speed_inllm_cpu_{llm_layers}l", meta, rows)
     print(format_table(rows, list(rows[0])))
     return rows
 
 
-def _cpu() -> str:
-    try:
-        info = open("/proc/cpuinfo").read()
-    except OSError:
-        return "unknown"
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-    ext = [f for f in ("avx2", "avx512f", "amx_tile", "avx512_bf16") if f" {f}" in flags]
-    return f"{model}; {'/'.join(ext)}; {torch.get_num_threads()} threads"
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=["accuracy", "speed"])
+    p.add_argument("--n", type=int, default=200, help="accuracy: held-out questions")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.33, 0.11])
+    p.add_argument("--llm-layers", type=int, default=8, help="speed: LLM depth of the LLaVA-1.5-shaped model")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="eval/results")
+    p.add_argument("--name", default=None)
+
+
+def cli(a: argparse.Namespace) -> int:
+    if a.what == "accuracy":
+        accuracy(a.n, tuple(a.budgets), a.batch, out_dir=a.out, name=a.name)
+    else:
+        speed(a.llm_layers, tuple(a.budgets), repeats=a.repeats, threads=a.threads, out_dir=a.out, name=a.name)
+    return 0
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="what", required=True)
-    a = sub.add_parser("accuracy")
-    a.add_argument("--n", type=int, default=200)
-    a.add_argument("--batch", type=int, default=16)
-    a.add_argument("--budgets", type=float, nargs="+", default=[0.33, 0.11])
-    s = sub.add_parser("speed")
-    s.add_argument("--llm-layers", type=int, default=8)
-    s.add_argument("--repeats", type=int, default=3)
-    s.add_argument("--threads", type=int, default=1)
-    for q in (a, s):
-        q.add_argument("--out", default="eval/results")
-        q.add_argument("--name", default=None)
-    args = p.parse_args(argv)
+    add_arguments(p)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.what == "accuracy":
-        accuracy(args.n, tuple(args.budgets), args.batch, out_dir=args.out, name=args.name)
-    else:
-        speed(args.llm_layers, repeats=args.repeats, threads=args.threads, out_dir=args.out, name=args.name)
+    cli(p.parse_args(argv))
 
 
 if __name__ == "__main__":

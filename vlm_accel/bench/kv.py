@@ -165,18 +165,26 @@ def _plot(rows, path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="eval/results")
     p.add_argument("--name", default="kv_default")
     p.add_argument("--configs", nargs="+", default=None, help="labels of CONFIGS to run (default: all)")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def cli(a: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     run(a.n, a.seed, a.repeats, a.out, a.name, a.configs)
+    return 0
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli(p.parse_args(argv))
 
 
 if __name__ == "__main__":
