@@ -56,3 +56,29 @@ def test_get_image_features_tuple_output(models):
             out = model.model.get_image_features(inputs["pixel_values"], return_dict=False)
     assert isinstance(out, tuple) and len(out) == len(ref)
     assert torch.equal(out[0], ref[0])
+
+
+@pytest.mark.parametrize("budget", [0.5, vlm_accel.Budget(kv=0.5)])
+@pytest.mark.parametrize(
+    "family",
+    [
+        f if f != "qwen3_vl" else pytest.param(f, marks=pytest.mark.xfail(strict=True, reason="M-RoPE continuation"))
+        for f in tiny.FAMILIES
+    ],
+)
+def test_generate_continues_from_a_returned_cache(models, family, budget):
+    """Multi-turn: generate, then generate again from the returned (reduced) cache = one uninterrupted generate."""
+    model = models(family)
+    inputs = tiny.inputs_for(model, family, "image", batch=2, seed=1)
+    kw = dict(do_sample=False, suppress_tokens=[tiny.IMAGE_ID, tiny.VIDEO_ID])
+    with vlm_accel.accelerate(model, budget=budget, method="divprune"), torch.no_grad():
+        full = model.generate(**inputs, max_new_tokens=6, **kw)
+        first = model.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True, **kw)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, 3, dtype=torch.long)], 1)
+        rest = {}
+        if "mm_token_type_ids" in inputs:
+            rest["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(2, 3, dtype=torch.long)], 1)
+        cont = model.generate(
+            input_ids=first.sequences, attention_mask=mask, cache=first.past_key_values, max_new_tokens=3, **rest, **kw
+        )
+    assert torch.equal(cont, full)

@@ -233,6 +233,11 @@ class Session:
         self._patch(lm, "forward", self._wrap_lm_forward(lm.forward))
         # the model's loss (``labels``) reads reduced logits: labels follow the kept tokens
         self._patch(self.model, "_loss_function", self._wrap_loss(self.model.loss_function), keep_previous=True)
+        self._patch(
+            self.model,
+            "prepare_inputs_for_generation",
+            self._wrap_generation_inputs(self.model.prepare_inputs_for_generation),
+        )
         if hasattr(inner, "compute_3d_position_ids"):  # M-RoPE families derive decode positions from the cache
             self._patch(inner, "compute_3d_position_ids", self._wrap_positions(inner.compute_3d_position_ids))
         if self.llm_method is not None and not _full(self._llm_budget):
@@ -361,6 +366,8 @@ class Session:
             stages = self.stages
             if stages is not None:
                 stages.run = None
+            if past and not any(bool(m.any()) for m in pending.masks.values()):
+                pending = _Pending()  # images re-encoded for a continuation whose new tokens hold no placeholder
             if pending.ready():
                 if past:
                     logger.warning("vlm_accel: images after a non-empty cache are not reduced")
@@ -394,6 +401,30 @@ class Session:
             return orig(**kwargs)
 
         return forward
+
+    def _wrap_generation_inputs(self, orig):
+        """``generate(input_ids=previous.sequences, past_key_values=previous_cache)`` (multi-turn continuation) feeds
+        the tokens past ``cache.get_seq_length()``; a reduced cache is shorter than the sequence it stands for by
+        ``delta``, so the new tokens start ``delta`` later."""
+
+        @functools.wraps(orig)
+        def prepare(input_ids, *args, next_sequence_length=None, is_first_iteration=False, **kwargs):
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            st = self._decode
+            if (
+                is_first_iteration
+                and next_sequence_length is not None
+                and cache is not None
+                and st is not None
+                and st.cache is not None
+                and st.cache() is cache
+                and next_sequence_length == input_ids.shape[1] - cache.get_seq_length()
+            ):
+                next_sequence_length -= st.delta
+            kwargs.update(next_sequence_length=next_sequence_length, is_first_iteration=is_first_iteration)
+            return orig(input_ids, *args, **kwargs)
+
+        return prepare
 
     def _wrap_positions(self, orig):
         """Without an attention mask, M-RoPE models number decode tokens from the cache length, which is shorter

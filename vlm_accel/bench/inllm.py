@@ -37,7 +37,16 @@ def _label(method: str, options: dict) -> str:
 
 
 @torch.no_grad()
-def accuracy(n: int = 200, budgets=(0.33, 0.11), batch: int = 16, seed: int = 0, out_dir="eval/results", name=None):
+def accuracy(
+    n: int = 200,
+    budgets=(0.33, 0.11),
+    batch: int = 16,
+    seed: int = 0,
+    out_dir="eval/results",
+    name=None,
+    in_llm=None,
+    pre=None,
+):
     from .vqa import load_items, score
 
     model, processor = vlm_accel.load_default()
@@ -75,6 +84,8 @@ def accuracy(n: int = 200, budgets=(0.33, 0.11), batch: int = 16, seed: int = 0,
 
     means = set()
     for method, options in IN_LLM:
+        if in_llm is not None and _label(method, options) not in in_llm:
+            continue
         for b in budgets:
             with vlm_accel.accelerate(model, budget=b, method=method, method_options=options) as sess:
                 hits = _score_tracking(model, processor, items, batch, sess, _label(method, options))
@@ -84,7 +95,7 @@ def accuracy(n: int = 200, budgets=(0.33, 0.11), batch: int = 16, seed: int = 0,
             row(_label(method, options), b, hits, mean, per_layer)
     for mean in sorted(means):
         k = max(1, round(mean * n_vis))  # tokens per image: the same count in every layer
-        for method in PRE:
+        for method in PRE if pre is None else pre:
             with vlm_accel.accelerate(model, budget=k, method=method):
                 hits = score(model, processor, items, batch, f"{method}@{k}")
             row(method, k, hits, k / n_vis, [k / n_vis])
@@ -226,11 +237,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="eval/results")
     p.add_argument("--name", default=None)
+    p.add_argument("--in-llm", nargs="+", default=None, help="accuracy: in-LLM configs to run, e.g. 'fastv layer=1'")
+    p.add_argument("--pre", nargs="+", default=None, help="accuracy: pre-LLM methods at the same means")
 
 
 def cli(a: argparse.Namespace) -> int:
     if a.what == "accuracy":
-        accuracy(a.n, tuple(a.budgets), a.batch, out_dir=a.out, name=a.name)
+        accuracy(a.n, tuple(a.budgets), a.batch, out_dir=a.out, name=a.name, in_llm=a.in_llm, pre=a.pre)
     else:
         speed(a.llm_layers, tuple(a.budgets), repeats=a.repeats, threads=a.threads, out_dir=a.out, name=a.name)
     return 0
