@@ -17,8 +17,9 @@ from .adapters import Adapter, ImageInfo, Segment, adapter_for
 from .adapters.base import cls_attention
 from .budget import Budget
 from .kv.compress import KVCompressor
+from .kv.presses import get_press
 from .kv.quant import nbytes as kv_nbytes
-from .layout import compose, reduced_layout
+from .layout import compose, reduced_layout, slots
 from .layout import take as _take
 from .llm_stages import LLMStages, LMSegment
 from .methods import Context, Method
@@ -566,26 +567,12 @@ class Session:
         if stages is not None:
             segments = [] if replay else self._lm_segments(masks, pending.infos, keep, tr.index, tr.valid)
             stages.begin_prefill(segments, tr.valid, vis, replay=replay)
-        if self.budget.kv_bits < 16:
-            run_kw = self._quantized_cache(run_kw)
-        if self.kv is not None:
-            _refuse_static(run_kw.get("cache", run_kw.get("past_key_values")))
-            self.kv.begin_prefill(functools.partial(self._prompt_entries, tr.valid, vis))
-        try:
-            out = orig(**run_kw)
-        except BaseException:
-            if stages is not None:
-                stages.run = None
-            if self.kv is not None:
-                self.kv.end_forward()
-            raise
+        out, kept = self._prefill_with_kv(
+            orig, run_kw, functools.partial(self._prompt_entries, tr.valid, vis), mask.shape[1]
+        )
         run = stages.end(out) if stages is not None else None
-        if self.kv is not None:
-            kept = self.kv.end_prefill(_cache_of(out))
-            if 0 in kept and (self._decode is None or kept[0].shape[1] != self._decode.prefix_mask.shape[1]):
-                self._decode = _Decode(kept[0], mask.shape[1] - kept[0].shape[1])
-            if run is not None:
-                run.cache_valid.update({i: v for i, v in kept.items() if i >= stages.starts[0]})
+        if run is not None:
+            run.cache_valid.update({i: v for i, v in kept.items() if i >= stages.starts[0]})
         tr.output_index, tr.output_valid = tr.index, tr.valid
         per_layer = [self.stats.visual_tokens_kept] * n_layers
         if run is not None and run.stages:
@@ -612,21 +599,33 @@ class Session:
         valid = torch.ones(bsz, seq, dtype=torch.bool, device=dev) if attn is None else attn.bool()
         vis = kwargs.get("visual_pos_masks")
         vis = vis.to(dev).bool() if vis is not None and tuple(vis.shape) == (bsz, seq) else None
-        kw = self._quantized_cache(dict(kwargs)) if self.budget.kv_bits < 16 else dict(kwargs)
+        out, _ = self._prefill_with_kv(orig, dict(kwargs), lambda layer: (valid, vis), seq)
+        self._record_cache(out)
+        return out
+
+    def _prefill_with_kv(self, orig, kw: dict, prompt, full_len: int):
+        """Run a prefill under the KV budget: quantized cache (``kv_bits``), eviction (``kv`` / ``kv_max``; ``prompt(
+        layer) -> (valid, visual)`` of each layer's prompt entries). When the kept cache is shorter than what the
+        decode translation assumed, layer 0's kept validity becomes the new prefix (``full_len``: the caller's
+        length). Returns ``(output, {layer: kept validity})``."""
+        if self.budget.kv_bits < 16:
+            kw = self._quantized_cache(kw)
         if self.kv is not None:
             _refuse_static(kw.get("cache", kw.get("past_key_values")))
-            self.kv.begin_prefill(lambda layer: (valid, vis))
+            self.kv.begin_prefill(prompt)
         try:
             out = orig(**kw)
         except BaseException:
+            if self.stages is not None:
+                self.stages.run = None
             if self.kv is not None:
                 self.kv.end_forward()
             raise
         kept = self.kv.end_prefill(_cache_of(out)) if self.kv is not None else {}
-        if 0 in kept and kept[0].shape[1] != seq:
-            self._decode = _Decode(kept[0], seq - kept[0].shape[1])
-        self._record_cache(out)
-        return out
+        expected = full_len if self._decode is None else self._decode.prefix_mask.shape[1]
+        if 0 in kept and kept[0].shape[1] != expected:
+            self._decode = _Decode(kept[0], full_len - kept[0].shape[1])
+        return out, kept
 
     def _quantized_cache(self, kw: dict) -> dict:
         """``Budget(kv_bits=...)``: the prefill's fresh cache replaced by a quantized one (``generate`` carries on
@@ -672,10 +671,8 @@ class Session:
     def _lm_segments(self, masks, infos, keep, index, valid) -> list[LMSegment]:
         """The budgeted segments (image / crop / frame) of every row, at their kept positions in the language
         model's input, with the in-LLM stage's final quota."""
-        bsz, seq = keep.shape
-        where = torch.full((bsz, seq), -1, dtype=torch.long, device=keep.device)
-        where.scatter_(1, index, torch.arange(index.shape[1], device=keep.device).expand_as(index))
-        where = where.masked_fill(~keep, -1)
+        seq = keep.shape[1]
+        where = slots(index, seq).masked_fill(~keep, -1)
         slot_ok = torch.zeros_like(keep)
         slot_ok.scatter_(1, index, valid)
         out = []
@@ -1004,13 +1001,11 @@ def accelerate(
         from .methods.inllm import stage_layers
 
         stage_layers(llm.name, options, len(adapter.language_model.layers))
+    get_press(kv_press)  # validates, before the previous session is touched
     previous = getattr(model, _SESSION_ATTR, None)
     if previous is not None:
         logger.info("vlm_accel: model already accelerated (%r); restoring it before re-configuring", previous)
         previous.restore()
-    from .kv.presses import get_press
-
-    get_press(kv_press)  # validates
     sess = Session(
         model,
         budget,

@@ -51,57 +51,44 @@ def _allow(mask: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill(where, 0.0)
 
 
-def gather_mask(
-    mask,
-    key_index: torch.Tensor,
-    key_valid: torch.Tensor,
-    query_index: torch.Tensor | None = None,
-    query_valid: torch.Tensor | None = None,
-    width: int | None = None,
-    q: int = 1,
-):
-    """A prepared attention mask for a reduced set of keys (and queries).
+def slots(index: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of a layout: ``[B, length]`` slot of each original position in ``index`` ``[B, L']``, ``-1`` where
+    the position is not in the layout."""
+    out = torch.full((index.shape[0], length), -1, dtype=torch.long, device=index.device)
+    return out.scatter_(1, index, torch.arange(index.shape[1], device=index.device).expand_as(index))
+
+
+def gather_mask(mask, index: torch.Tensor, valid: torch.Tensor, width: int | None = None):
+    """A prepared attention mask for a prefill over a reduced layout (queries and keys are the same slots).
 
     Args:
         mask: what the decoder layers received: ``None`` (causal, no padding), a 2-D ``[B, KV]`` key mask
             (flash attention) or a 4-D ``[B, 1, Q, KV]`` bool / additive mask.
-        key_index: ``[B, KV']`` the original key column of each reduced key slot.
-        key_valid: ``[B, KV']`` False for padding slots (never attended).
-        query_index: ``[B, Q']`` original query rows to keep (prefill), or ``None`` to keep the rows as they are.
-        query_valid: ``[B, Q']`` False for padding query rows (they attend only to their own slot, so no row is
+        index: ``[B, n]`` the original position of each slot.
+        valid: ``[B, n]`` False for padding slots: never attended, and attending only to themselves (so no row is
             empty and no NaN reaches the valid rows).
         width: pad the key axis with masked columns to this width (static caches keep their full length).
-        q: decoding (``query_index`` is ``None``) from a ``None`` mask: the queries are the last ``q`` key slots.
     Returns:
-        A mask of the same kind for the reduced keys, or ``None`` when the reduced set is still plainly causal.
+        A mask of the same kind for the reduced slots, or ``None`` when the reduced set is still plainly causal.
     """
-    bsz = key_index.shape[0]
+    bsz, n = index.shape
     if mask is None:
-        if bool(key_valid.all()) and (query_valid is None or bool(query_valid.all())) and width is None:
+        if bool(valid.all()) and width is None:
             return None
         # causal over original order, padding slots masked
-        q_pos = query_index if query_index is not None else key_index[:, -q:]
-        mask = key_index[:, None, None, :] <= q_pos[:, None, :, None]  # [B, 1, Q', KV']
-        mask = mask & key_valid[:, None, None, :]
-        if query_index is not None and query_valid is not None:
-            n = query_index.shape[1]
-            diag = torch.zeros_like(mask)
-            diag[..., :, key_index.shape[1] - n :] = torch.eye(n, dtype=torch.bool, device=mask.device)
-            mask = mask | (diag & ~query_valid[:, None, :, None])
-        return _pad_keys(mask, width)
+        m = (index[:, None, None, :] <= index[:, None, :, None]) & valid[:, None, None, :]  # [B, 1, n, n]
+        m = m | (torch.eye(n, dtype=torch.bool, device=m.device) & ~valid[:, None, :, None])
+        return _pad_keys(m, width)
     if mask.dim() == 2:
-        out = mask.gather(1, key_index) * key_valid.to(mask.dtype)
+        out = mask.gather(1, index) * valid.to(mask.dtype)
         return out if width is None else torch.nn.functional.pad(out, (0, max(0, width - out.shape[-1])))
     m = mask.expand(bsz, *mask.shape[1:])
-    if query_index is not None:
-        m = m.gather(2, query_index[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[3]))
-    m = m.gather(3, key_index[:, None, None, :].expand(-1, m.shape[1], m.shape[2], -1))
-    m = _fill(m, ~key_valid[:, None, None, :])
-    if query_index is not None and query_valid is not None and not bool(query_valid.all()):
-        n = query_index.shape[1]
-        eye = torch.zeros(bsz, 1, n, m.shape[-1], dtype=torch.bool, device=m.device)
-        eye[..., :, m.shape[-1] - n :] = torch.eye(n, dtype=torch.bool, device=m.device)
-        m = _allow(m, eye & ~query_valid[:, None, :, None])
+    m = m.gather(2, index[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[3]))
+    m = m.gather(3, index[:, None, None, :].expand(-1, m.shape[1], m.shape[2], -1))
+    m = _fill(m, ~valid[:, None, None, :])
+    if not bool(valid.all()):
+        eye = torch.eye(n, dtype=torch.bool, device=m.device).expand(bsz, 1, n, n)
+        m = _allow(m, eye & ~valid[:, None, :, None])
     return _pad_keys(m, width)
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .attention import row_attention
-from .layout import compose, decode_mask, gather_mask, reduced_layout, take
+from .layout import compose, decode_mask, gather_mask, reduced_layout, slots, take
 from .methods import Context, Method
 from .methods.inllm import stage_layers, stage_quota
 
@@ -156,10 +156,7 @@ class LLMStages:
             red = self.method(hidden[seg.row, pos], k, ctx)
             keep[seg.row, pos[red.keep]] = True
         inner = reduced_layout(keep)
-        # where each kept old slot lands in the new layout
-        where = torch.full_like(keep, -1, dtype=torch.long)
-        where.scatter_(1, inner[0], torch.arange(inner[0].shape[1], device=keep.device).expand_as(inner[0]))
-        where = where.masked_fill(~keep, -1)
+        where = slots(inner[0], keep.shape[1]).masked_fill(~keep, -1)  # each kept old slot's new slot
         pairs = zip(run.seg_pos, run.segments, strict=True)
         run.seg_pos = [where[seg.row, pos][keep[seg.row, pos]] for pos, seg in pairs]
         return inner
@@ -202,7 +199,7 @@ class LLMStages:
             idx, valid = run.layout
             kw = dict(kwargs)
             width = _static_width(cache, i, kwargs.get("attention_mask"))
-            kw["attention_mask"] = gather_mask(kwargs.get("attention_mask"), idx, valid, idx, valid, width=width)
+            kw["attention_mask"] = gather_mask(kwargs.get("attention_mask"), idx, valid, width=width)
             if kwargs.get("position_embeddings") is not None:
                 kw["position_embeddings"] = tuple(take(p, idx) for p in kwargs["position_embeddings"])
             if torch.is_tensor(kwargs.get("position_ids")):
@@ -243,9 +240,7 @@ class LLMStages:
 def _relative(cur_idx: torch.Tensor, stage_idx: torch.Tensor, stage_valid: torch.Tensor):
     """A stage layout (indices into the LM input) as indices into the current layout ``cur_idx`` ``[B, n]``."""
     n0 = int(max(cur_idx.max(), stage_idx.max())) + 1
-    where = torch.zeros(cur_idx.shape[0], n0, dtype=torch.long, device=cur_idx.device)
-    where.scatter_(1, cur_idx, torch.arange(cur_idx.shape[1], device=cur_idx.device).expand_as(cur_idx))
-    return where.gather(1, stage_idx), stage_valid
+    return slots(cur_idx, n0).gather(1, stage_idx).clamp_min(0), stage_valid  # padding slots: any valid index
 
 
 def _static_width(cache, i: int, mask) -> int | None:

@@ -102,8 +102,8 @@ class KVCompressor:
     # --- hooks --------------------------------------------------------------------------------------------------
     def _pre(self, i: int):
         def hook(attn, args, kwargs):
-            if self.prompt is None and not self.decoding:
-                return None
+            if self.prompt is None and not (self.decoding and self.kv_max is not None):
+                return None  # nothing to evict in this forward: keep nothing
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             self._captured[i] = (hidden, kwargs.get("position_embeddings"))
             return None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import attention_probs, causal_allowed, project_queries
+from ..attention import attention_probs, row_attention
 
 TEXT_BONUS = 1e4  # vision-aware: every text entry outranks every visual one
 
@@ -61,8 +61,7 @@ def window_attention(inp: PressInput, window: int) -> torch.Tensor:
         return _per_kv_head(probs, h_kv)
     w = min(window, n)
     rows = torch.arange(n - w, n, device=inp.keys.device).expand(inp.keys.shape[0], w)
-    q = project_queries(inp.attn, inp.hidden, inp.position_embeddings, rows)
-    probs = attention_probs(q, inp.keys, inp.attn.scaling, causal_allowed(rows, inp.valid, n))
+    probs = row_attention(inp.attn, inp.hidden, inp.position_embeddings, rows, inp.valid, keys=inp.keys)
     return _per_kv_head(probs, h_kv)
 
 
