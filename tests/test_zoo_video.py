@@ -20,13 +20,19 @@ def image_model():
 
 
 @pytest.fixture(scope="module")
-def ov(tmp_path_factory):
-    """The shipped image weights in the OneVision layout, saved and loaded back the way ``load_default`` loads."""
+def ov_dir(tmp_path_factory):
+    """The shipped image weights in the OneVision layout, saved as a model directory."""
     model, processor = onevision.from_image_model()
     d = tmp_path_factory.mktemp("ov")
     model.save_pretrained(d)
     onevision.save_processor(processor, d)
-    return zoo.load_default(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def ov(ov_dir):
+    """That directory loaded back the way ``load_default`` loads."""
+    return zoo.load_default(ov_dir)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +147,63 @@ def test_ask_video_on_an_image_only_model_streams_frames(image_model, clip_file)
     assert not zoo.has_video_input(model, processor)
     path, item = clip_file
     assert isinstance(zoo.ask(model, processor, path, item["question"], num_frames=4), str)
+
+
+def test_load_model_routes_zoo_directories(ov_dir):
+    """``loading.load_model`` (CLI, demo, benchmarks) loads a zoo OneVision directory through the zoo loader (its
+    processor is assembled there: no torchvision needed) and the image model as before."""
+    from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
+
+    from vlm_accel.loading import is_zoo_dir, load_model
+
+    model, processor = load_model(ov_dir)
+    assert isinstance(model, LlavaOnevisionForConditionalGeneration) and zoo.has_video_input(model, processor)
+    assert not model.training
+    image_model, image_processor = load_model(zoo.DEFAULT_DIR)
+    assert isinstance(image_model, LlavaForConditionalGeneration)
+    assert not zoo.has_video_input(image_model, image_processor)
+    assert not is_zoo_dir({"model_type": "llava_onevision", "vision_config": {"model_type": "siglip_vision_model"}})
+
+
+def test_cli_ask_video_goes_through_the_video_input(ov, ov_dir, clip_file, capsys, caplog):
+    """``vlm-accel ask CLIP.mp4 q --model DIR`` answers what ``zoo.ask`` answers (the model's video input, 8
+    frames); with a budget the log reports the video's tokens kept of 8 × 64 + 1."""
+    import logging
+
+    import vlm_accel
+    from vlm_accel import cli
+
+    model, processor = ov
+    path, item = clip_file
+    q = item["question"]
+    assert cli.main(["ask", str(path), q, "--model", str(ov_dir)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == zoo.ask(model, processor, path, q)
+    with vlm_accel.accelerate(model, budget=0.5, method="visionzip") as sess:
+        want = zoo.ask(model, processor, path, q)
+    kept = sess.stats.visual_tokens_kept
+    with caplog.at_level(logging.INFO, logger="vlm_accel.cli"):
+        rc = cli.main(["ask", str(path), q, "--model", str(ov_dir), "--budget", "0.5", "--method", "visionzip"])
+    assert rc == 0 and capsys.readouterr().out.strip().splitlines()[-1] == want
+    assert f"visual tokens kept: {kept} of {8 * 64 + 1}" in [r.getMessage() for r in caplog.records]
+    assert 0 < kept < 8 * 64 + 1
+
+
+def test_demo_video_tab_goes_through_the_video_input(ov, clip_file):
+    import vlm_accel
+    from vlm_accel.demo import Demo
+
+    model, processor = ov
+    path, item = clip_file
+    answer, info, gallery = Demo(model, processor, max_new_tokens=8).answer_video(
+        path, item["question"], budget=0.25, method="temporal", frames=8
+    )
+    with vlm_accel.accelerate(model, budget=0.25, method="temporal") as sess:
+        assert answer == zoo.ask(model, processor, path, item["question"])
+    assert info["visual tokens"] == f"{sess.stats.visual_tokens_kept} of {8 * 64 + 1}"
+    assert info["method"] == "temporal" and info["frames sampled"] == 8 == len(gallery)
+    np.testing.assert_array_equal(np.asarray(gallery[-1][0]), load(path, num_frames=8).frames[-1])
+    with pytest.raises(ValueError, match="no video"):
+        Demo(model, processor).answer_video(None, "What shape disappears?")
 
 
 @pytest.mark.slow  # ~45 s of CPU: five generations of a 513-token clip plus a streamed one

@@ -117,11 +117,26 @@ def cmd_ask(a) -> int:
 
 
 def _ask_video(a) -> int:
+    """A video: through the model's own video input when it has one (``zoo.ask``, ``--frames`` sampled uniformly,
+    ``--budget`` per frame), else its frames streamed as images (:func:`vlm_accel.video.ask_video`)."""
+    import vlm_accel
+
+    from . import zoo
     from .video import ask_video, load
 
     clip = load(a.image, num_frames=a.frames)  # decoded once; a clear ValueError before loading any model
     model, processor = load_model(a.model)
     budget = 1.0 if a.budget is None else a.budget
+    if zoo.has_video_input(model, processor):
+        if budget == 1.0 and isinstance(budget, float):
+            answer = zoo.ask(model, processor, clip, a.question, a.max_new_tokens, num_frames=a.frames)
+        else:
+            options = dict(a.option) or None
+            with vlm_accel.accelerate(model, budget=budget, method=a.method, method_options=options) as sess:
+                answer = zoo.ask(model, processor, clip, a.question, a.max_new_tokens, num_frames=a.frames)
+            logger.info("visual tokens kept: %d of %d", sess.stats.visual_tokens_kept, sess.stats.visual_tokens_in)
+        print(answer)  # noqa: T201
+        return 0
     answer, st = ask_video(model, processor, clip, a.question, budget, a.method, max_new_tokens=a.max_new_tokens)
     logger.info(
         "frames: %d sampled, %d encoded, %d held (%d tokens)",

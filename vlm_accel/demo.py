@@ -90,9 +90,12 @@ class Demo:
         ``gallery``: per sampled frame ``(image, caption)``, the dropped tokens dimmed (single-view token grids), a
         frame reused from the frame cache framed in orange and captioned so."""
         from .video import ask_video
+        from .zoo import has_video_input
 
         if path is None:
             raise ValueError("no video: upload a video file first")
+        if has_video_input(self.model, self.processor):
+            return self._answer_video_input(path, question, budget, method, int(frames))
         gallery = []
 
         def on_frame(frame, last):
@@ -115,6 +118,29 @@ class Demo:
             "frames reused (frame cache)": st.frames_seen - st.frames_encoded,
             "frames held": st.frames_held,
             "visual tokens held": st.tokens_held,
+        }
+        return answer, info, gallery
+
+    @torch.no_grad()
+    def _answer_video_input(self, path, question: str, budget: float, method: str, frames: int):
+        """A model with a video input (LLaVA-OneVision, Qwen-VL): ``frames`` frames sampled uniformly go through it
+        (``zoo.ask``), reduced to ``budget`` per frame; the gallery shows the sampled frames."""
+        from .video import load
+
+        clip = load(path, num_frames=frames)  # a clear ValueError naming the file before any model work
+        with accelerate(self.model, budget=budget, method=method) as sess:
+            answer = ask(self.model, self.processor, clip, question, self.max_new_tokens, num_frames=frames)
+            stats = sess.stats
+        gallery = [
+            (Image.fromarray(f), f"frame {i + 1} (t = {t:.2f} s)")
+            for i, (f, t) in enumerate(zip(clip.frames, clip.timestamps, strict=True))
+        ]
+        info = {
+            "input": "the model's video input",
+            "method": sess.method_name,
+            "budget per frame": budget,
+            "frames sampled": len(clip.frames),
+            "visual tokens": f"{stats.visual_tokens_kept} of {stats.visual_tokens_in}",
         }
         return answer, info, gallery
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_context", "context_length", "load_image", "load_model"]
+__all__ = ["check_context", "context_length", "is_zoo_dir", "load_image", "load_model"]
 
 
 def load_model(path: str | os.PathLike | None = None):
@@ -32,9 +32,14 @@ def load_model(path: str | os.PathLike | None = None):
     if not config.is_file():
         raise ValueError(f"{p}: not a model directory (no config.json)")
     try:
-        json.loads(config.read_text())
+        cfg = json.loads(config.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{config}: not a valid config file ({e})") from None
+    if is_zoo_dir(cfg):
+        try:
+            return zoo.load_default(p)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot load the zoo model from {p}: {_first_line(e)}") from None
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
@@ -53,6 +58,15 @@ def load_model(path: str | os.PathLike | None = None):
             "processor); save the model's processor with processor.save_pretrained(dir)"
         )
     return model, processor
+
+
+def is_zoo_dir(config: dict) -> bool:
+    """Whether a ``config.json`` (as a dict) is a zoo-built model (DINOv2 tower in a LLaVA / LLaVA-OneVision).
+
+    Those load through :func:`vlm_accel.zoo.load_default`: the OneVision form's processor is assembled there, because
+    ``AutoProcessor`` would need torchvision for the stock ``LlavaOnevisionVideoProcessor``."""
+    vision = config.get("vision_config") or {}
+    return config.get("model_type") in ("llava", "llava_onevision") and vision.get("model_type") == "dinov2"
 
 
 def _first_line(e: BaseException) -> str:
