@@ -3,9 +3,11 @@ undoes it."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -16,6 +18,8 @@ from . import methods as _methods
 from .adapters import Adapter, ImageInfo, Segment, adapter_for
 from .adapters.base import cls_attention
 from .budget import Budget
+from .controller import Controller, Plan
+from .encoder_merge import ENCODER_METHODS, NEEDS_FULL_GRID, TowerMerge
 from .kv.compress import KVCompressor
 from .kv.presses import get_press
 from .kv.quant import nbytes as kv_nbytes
@@ -23,6 +27,7 @@ from .layout import compose, reduced_layout, slots
 from .layout import take as _take
 from .llm_stages import LLMStages, LMSegment
 from .methods import Context, Method
+from .methods.batch import reduce_segments
 from .methods.inllm import mean_tokens
 
 logger = logging.getLogger(__name__)
@@ -118,6 +123,7 @@ class _Pending:
 
     infos: dict[str, list[ImageInfo]] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    encode_ms: float = 0.0  # the vision tower's time in this forward
 
     def ready(self) -> list[str]:
         return [m for m in self.masks if self.infos.get(m)]
@@ -186,6 +192,9 @@ class Session:
         self.llm_method = llm
         self.options = (llm or pre).resolve(method_options)
         self._pre_budget, self._llm_budget = _split_budget(budget, pre, llm)
+        self.controller = Controller(budget, model, adapter.language_model)
+        self.plan: Plan | None = None  # what the controller chose for the last prefill
+        self._quotas: dict[int, list[int]] = {}  # id(info) -> per-segment quotas of the last prefill
         self.stages: LLMStages | None = None
         self.kv: KVCompressor | None = None
         self._entered = False
@@ -196,7 +205,11 @@ class Session:
         self._generator = torch.Generator().manual_seed(seed)
         self._patched: list[tuple[object, str, object]] = []  # (object, attribute, previous instance value)
         self._pending = _Pending()
-        self._decode: _Decode | None = None
+        self._decode: _Decode | None = None  # the current request's (the cache being decoded, or the last prefill)
+        self._decodes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> _Decode of its prefill
+        self._made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> number of its prefill
+        self._prefills = 0
+        self._lock = threading.RLock()  # one top-level call (forward, generate, encode_images) at a time
         self._replay: _Replay | None = None
         self._encoding = False
         self.frame_cache = None
@@ -241,15 +254,20 @@ class Session:
         )
         if hasattr(inner, "compute_3d_position_ids"):  # M-RoPE families derive decode positions from the cache
             self._patch(inner, "compute_3d_position_ids", self._wrap_positions(inner.compute_3d_position_ids))
-        if self.llm_method is not None and not _full(self._llm_budget):
+        steered = self.budget.has_target and self._stage_budget()[0] == "in-LLM"
+        if self.llm_method is not None and (steered or not _full(self._llm_budget)):
             self.stages = LLMStages(self.llm_method, self.options, lm, self._patch)
+        self.tower = _tower_merge(self.method_name, self.budget, self.options, self.adapter, self._patch)
         b = self.budget
-        if b.kv != 1.0 or isinstance(b.kv, int) or b.kv_max is not None or b.kv_important:
+        if b.kv != 1.0 or isinstance(b.kv, int) or b.kv_max is not None or b.kv_important or b.memory_gb is not None:
             self.kv = KVCompressor(
                 self.kv_press, lm.layers, b.kv, b.kv_max, on_valid=self._kv_evicted, important=b.kv_important
             )
         # copies and pickles of an accelerated model: a clean unaccelerated copy / a clear error, never wrappers bound
         # to this model's modules
+        # threads: whole calls are serialised, so one request's pending / decode state never mixes with another's
+        self._patch(self.model, "forward", self._locked(self.model.forward), keep_previous=True)
+        self._patch(self.model, "generate", self._locked(self.model.generate), keep_previous=True)
         self._patch(self.model, "__deepcopy__", self._deepcopy)
         self._patch(self.model, "__reduce_ex__", _refuse_pickle)
         setattr(self.model, _SESSION_ATTR, self)
@@ -269,6 +287,8 @@ class Session:
         self._unpatch()
         self._pending = _Pending()
         self._decode = None
+        self._decodes = weakref.WeakKeyDictionary()
+        self._made = weakref.WeakKeyDictionary()
         self._replay = None
 
     def _unpatch(self) -> None:
@@ -330,22 +350,54 @@ class Session:
             if tuple_out:
                 kwargs = dict(kwargs, return_dict=True)
             self._encoding = True
+            t0 = time.perf_counter()
             try:
+                if self.tower is not None:  # merging inside the vision tower, for this call only
+                    self.tower.begin(call, modality)
                 out = orig(*args, **kwargs)
             finally:
                 self._encoding = False
+                run = self.tower.end() if self.tower is not None else None
                 if handle is not None:
                     handle.remove()
             cls_attn = None
             if "hidden" in captured:
                 with torch.no_grad():
                     cls_attn = cls_attention(layer, captured["hidden"])
+            self._pending.encode_ms += (time.perf_counter() - t0) * 1e3
             feats = out.pooler_output if hasattr(out, "pooler_output") else out[-1]
             describe = self.adapter.describe if modality == "image" else self.adapter.describe_video
-            self._pending.infos.setdefault(modality, []).extend(describe(list(feats), call, cls_attn))
+            infos = describe(list(feats), call, cls_attn)
+            if run is not None:
+                self.tower.fill_alive(run, infos, call)
+            self._pending.infos.setdefault(modality, []).extend(infos)
             return out.to_tuple() if tuple_out else out
 
         return get_features
+
+    def _locked(self, orig):
+        @functools.wraps(orig)
+        def call(*args, **kwargs):
+            with self._lock:
+                return orig(*args, **kwargs)
+
+        return call
+
+    def _decode_for(self, cache) -> _Decode | None:
+        """The decode state of the prefill that made ``cache`` (a reduced cache), or ``None``."""
+        if cache is None:
+            return None
+        try:
+            return self._decodes.get(cache)
+        except TypeError:  # an unhashable cache object: only the last prefill's
+            st = self._decode
+            return st if st is not None and st.cache is not None and st.cache() is cache else None
+
+    def _made_by(self, cache) -> int | None:
+        try:
+            return self._made.get(cache)
+        except TypeError:
+            return None
 
     def _wrap_placeholder_mask(self, orig):
         @functools.wraps(orig)
@@ -376,12 +428,22 @@ class Session:
                 else:
                     return self._prefill(orig, kwargs, pending)
             elif past:
+                st = self._decode_for(cache)
+                made = self._made_by(cache)
+                if made is not None and made != self._prefills and (stages is not None or self.kv is not None):
+                    raise RuntimeError(
+                        "vlm_accel: this cache comes from an earlier prefill of this session; with in-LLM stages or "
+                        "KV eviction only the latest prefill's cache can be continued (finish one request before "
+                        "starting the next, e.g. use generate, or one accelerated model per request stream)"
+                    )
+                if st is not None:
+                    self._decode = st
                 if stages is not None:
                     stages.begin_decode(cache)
                 if self.kv is not None:
                     self.kv.begin_decode(cache)
                 try:
-                    if self._decode is not None and self._decode.cache is not None and self._decode.cache() is cache:
+                    if st is not None:
                         out = orig(**self._translate_decode(kwargs, past))
                     else:
                         out = orig(**kwargs)
@@ -411,14 +473,11 @@ class Session:
         @functools.wraps(orig)
         def prepare(input_ids, *args, next_sequence_length=None, is_first_iteration=False, **kwargs):
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            st = self._decode
+            st = self._decode_for(cache)
             if (
                 is_first_iteration
                 and next_sequence_length is not None
-                and cache is not None
                 and st is not None
-                and st.cache is not None
-                and st.cache() is cache
                 and next_sequence_length == input_ids.shape[1] - cache.get_seq_length()
             ):
                 next_sequence_length -= st.delta
@@ -434,14 +493,12 @@ class Session:
         @functools.wraps(orig)
         def compute_3d_position_ids(*args, **kwargs):
             pos = orig(*args, **kwargs)
-            st, cache = self._decode, kwargs.get("cache", kwargs.get("past_key_values"))
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            st = self._decode_for(cache)
             if (
                 pos is not None
                 and kwargs.get("attention_mask") is None
-                and cache is not None
                 and st is not None
-                and st.cache is not None
-                and st.cache() is cache
                 and cache.get_seq_length() > 0
             ):
                 pos = pos + st.delta
@@ -500,8 +557,7 @@ class Session:
         keep = ~mask
         merges = []
         if replay is None:
-            for m in modalities:
-                self._select(embeds, masks[m], pending.infos[m], attn, keep, merges)
+            self._select(embeds, masks, pending, attn, keep, merges)
             self._replay = _Replay(mask, keep.clone(), merges, embeds.detach())
         else:
             keep[:, : replay.keep.shape[1]] = replay.keep
@@ -682,12 +738,15 @@ class Session:
             for info in infos[m]:
                 r, c = rows[off : off + info.n_tokens], cols[off : off + info.n_tokens]
                 off += info.n_tokens
-                for seg in self._segments(info):
+                alloc = self._quotas.get(id(info)) if self._stage_budget()[0] == "in-LLM" else None
+                for j, seg in enumerate(self._segments(info)):
                     sr, sc = r[seg.idx.to(r.device)], c[seg.idx.to(c.device)]
                     ok = (where[sr, sc] >= 0) & slot_ok[sr, sc]
                     pos = where[sr, sc][ok]
                     if pos.numel():
                         final = self._llm_budget.visual_quota(pos.numel(), seg.units)
+                        if alloc is not None:
+                            final = min(final, alloc[j])
                         out.append(LMSegment(int(sr[0]), pos, final))
         return out
 
@@ -701,56 +760,111 @@ class Session:
     def _record_cache(self, out) -> None:
         cache = _cache_of(out)
         self._kv_stats(out)
-        if self._decode is not None and cache is not None:
+        if cache is None:
+            return
+        if self._decode is not None:
             self._decode.cache = weakref.ref(cache)
+        self._prefills += 1
+        try:
+            self._made[cache] = self._prefills
+            if self._decode is not None:
+                self._decodes[cache] = self._decode
+            else:
+                self._decodes.pop(cache, None)
+        except TypeError:  # unhashable cache object
+            pass
 
-    def _select(self, embeds, mask, infos: list[ImageInfo], attn, keep, merges) -> None:
-        """Run the method on every segment of ``infos`` (the inputs behind ``mask``, in placeholder order).
+    def _select(self, embeds, masks: dict, pending: _Pending, attn, keep, merges) -> None:
+        """Run the method on every segment of every input (per modality, ``pending.infos[m]`` are the inputs behind
+        ``masks[m]``, in placeholder order), under the quotas the controller sets.
 
         Marks kept positions in ``keep`` ``[B, L]`` and appends merge ops ``(rows, cols, src_rows, src_cols,
         weights [K, n])`` to ``merges``, to be applied to any per-position tensor."""
-        rows, cols = mask.nonzero(as_tuple=True)
-        feats = embeds[mask]  # [N, D] in placeholder order
-        off = 0
-        done: dict[int, list | None] = {}  # generate's copies of one prompt share its infos: reduce once, same result
-        for info in infos:
-            sl = slice(off, off + info.n_tokens)
-            r, c = rows[sl], cols[sl]
-            off += info.n_tokens
-            if id(info) in done:
+        inputs = []  # (modality, number, info, rows [n], cols [n], features [n, D]); one per distinct input
+        seen: set[int] = set()  # generate's copies of one prompt share its infos: reduce once, same result
+        for m, mask in masks.items():
+            rows, cols = mask.nonzero(as_tuple=True)
+            feats = embeds[mask]  # [N, D] in placeholder order
+            off = 0
+            for j, info in enumerate(pending.infos[m]):
+                sl = slice(off, off + info.n_tokens)
+                off += info.n_tokens
+                if id(info) in seen:
+                    continue
+                seen.add(id(info))
+                inputs.append((m, j, info, rows[sl], cols[sl], feats[sl]))
+        self._quotas = self.controller.quotas(
+            inputs, self._alive_segments, self._stage_budget(), pending.encode_ms, attn, masks
+        )
+        self.plan = self.controller.plan
+        if self.kv is not None and self.budget.memory_gb is not None:
+            self.kv.kv_max = self.plan.kv_max
+        done: dict[int, list | None] = {}
+        for m, mask in masks.items():
+            rows, cols = mask.nonzero(as_tuple=True)
+            feats = embeds[mask]
+            off = 0
+            for info in pending.infos[m]:
+                sl = slice(off, off + info.n_tokens)
+                r, c = rows[sl], cols[sl]
+                off += info.n_tokens
+                if id(info) not in done:
+                    query = self._query(embeds, mask, attn, int(r[0])) if "query" in self.method.needs else None
+                    done[id(info)] = self._reduce(feats[sl], info, query)
                 parts = done[id(info)]
-            else:
-                query = self._query(embeds, mask, attn, int(r[0])) if "query" in self.method.needs else None
-                parts = done[id(info)] = self._reduce(feats[sl], info, query)
-            if parts is None:
-                keep[r, c] = True  # nothing to reduce: structural tokens stay too
-                continue
-            for idx, kept, weights in parts:
-                keep[r[kept], c[kept]] = True
-                if weights is not None:
-                    merges.append((r[kept], c[kept], r[idx], c[idx], weights))
+                if parts is None:
+                    keep[r, c] = True  # nothing to reduce: structural tokens stay too
+                    continue
+                for idx, kept, weights in parts:
+                    keep[r[kept], c[kept]] = True
+                    if weights is not None:
+                        merges.append((r[kept], c[kept], r[idx], c[idx], weights))
+
+    def _stage_budget(self) -> tuple[str, Budget]:
+        """The stage a total target steers (the pre-LLM method when there is one, else the in-LLM stages) and that
+        stage's own per-segment budget."""
+        if self.method is _KEEP_ALL and self.llm_method is not None:
+            return "in-LLM", self._llm_budget
+        return "pre-LLM", self._pre_budget
+
+    def _alive_segments(self, info: ImageInfo) -> list[Segment]:
+        """The budgeted segments of ``info``, restricted to the tokens a tower merge left (``info.alive``)."""
+        segments = self._segments(info)
+        if info.alive is None:
+            return segments
+        alive = info.alive.to(segments[0].idx.device) if segments else info.alive
+        return [dataclasses.replace(s, idx=s.idx[alive[s.idx]]) for s in segments]
 
     def _reduce(self, x: torch.Tensor, info: ImageInfo, query: torch.Tensor | None = None):
         """Apply the method to each segment of one input ``x`` ``[n_tokens, D]``.
 
         Returns ``None`` when the budget keeps everything, else per segment ``(idx [n], kept [K], weights [K, n] |
-        None)`` with indices into ``x``."""
-        segments = self._segments(info)
-        quotas = [self._pre_budget.visual_quota(s.idx.numel(), s.units) for s in segments]
-        if all(q >= s.idx.numel() for q, s in zip(quotas, segments, strict=True)):
+        None)`` with indices into ``x``. Tokens a tower merge folded away (``info.alive``) never reach the method."""
+        segments = self._alive_segments(info)
+        quotas = self._quotas.get(id(info)) if self._stage_budget()[0] == "pre-LLM" else None
+        if quotas is None:
+            quotas = [self._pre_budget.visual_quota(s.idx.numel(), s.units) for s in segments]
+        if info.alive is None and all(q >= s.idx.numel() for q, s in zip(quotas, segments, strict=True)):
             return None
-        parts = []
-        for seg, k in zip(segments, quotas, strict=True):
-            idx = seg.idx.to(x.device)
-            ctx = Context(
-                grid=seg.grid,
-                frames=seg.frames,
-                importance=None if info.importance is None else info.importance.to(x.device)[idx],
+        todo = [i for i, (q, s) in enumerate(zip(quotas, segments, strict=True)) if q < s.idx.numel()]
+        imp = None if info.importance is None else info.importance.to(x.device)
+        idxs = [s.idx.to(x.device) for s in segments]
+        ctxs = [
+            Context(
+                grid=segments[i].grid,
+                frames=segments[i].frames,
+                importance=None if imp is None else imp[idxs[i]],
                 query=query,
                 generator=self._generator,
             )
-            red = self.method(x[idx], k, ctx)
-            parts.append((idx, idx[red.keep], red.weights))
+            for i in todo
+        ]
+        found = reduce_segments(self.method, [x[idxs[i]] for i in todo], [quotas[i] for i in todo], ctxs)
+        reds = dict(zip(todo, found, strict=True))
+        parts = []
+        for i, idx in enumerate(idxs):
+            red = reds.get(i)
+            parts.append((idx, idx, None) if red is None else (idx, idx[red.keep], red.weights))
         return parts
 
     @torch.no_grad()
@@ -760,6 +874,10 @@ class Session:
         Takes what the processor returns for images (``pixel_values``, ``image_sizes``, ``image_grid_thw`` ...).
         Returns per image its kept (or merged) features ``[K_i, D]`` in original token order; with ``detailed``, per
         image an :class:`Encoded` (features, the kept tokens' places among the image's tokens, deepstack features)."""
+        with self._lock:
+            return self._encode_images(detailed, vision_inputs)
+
+    def _encode_images(self, detailed: bool, vision_inputs: dict) -> list:
         self._pending = _Pending()
         out = self.adapter.inner.get_image_features(**vision_inputs)
         infos = self._pending.infos.pop("image")
@@ -915,30 +1033,53 @@ def _keep_all(x, k, ctx):  # never called: the pre-LLM budget of an in-LLM-only 
 _KEEP_ALL = Method("none", _keep_all)
 
 
+def _find_method(name: str) -> Method:
+    """A registered method, or a method acting inside the vision tower (``tome_vit``)."""
+    if isinstance(name, str) and name in ENCODER_METHODS:
+        return ENCODER_METHODS[name]
+    return _methods.get(name)
+
+
 def _split_method(name: str) -> tuple[Method | None, Method | None]:
-    """``"visionzip"`` / ``"fastv"`` / ``"visionzip+fastv"`` -> (pre-LLM method, in-LLM method)."""
+    """``"visionzip"`` / ``"fastv"`` / ``"visionzip+fastv"`` / ``"tome_vit+visionzip"`` -> (pre-LLM method, in-LLM
+    method). A vision-tower method (stage ``"encoder"``) without a pre-LLM method stands in for it: it selects
+    nothing after the tower (every token that leaves the tower alive reaches the LLM)."""
     if not isinstance(name, str):
         _methods.get(name)  # raises TypeError naming the methods
     parts = [p.strip() for p in name.split("+")]
-    found = [_methods.get(p) for p in parts]
+    found = [_find_method(p) for p in parts]
     pre = [m for m in found if m.stage == "pre"]
     llm = [m for m in found if m.stage == "llm"]
-    if len(pre) > 1 or len(llm) > 1:
+    enc = [m for m in found if m.stage == "encoder"]
+    if len(pre) > 1 or len(llm) > 1 or len(enc) > 1:
         raise ValueError(
-            f"method {name!r}: combine at most one pre-LLM method with one in-LLM method, e.g. 'visionzip+fastv' "
-            f"(pre-LLM: {[m for m in _methods.names() if _methods.get(m).stage == 'pre']}; "
+            f"method {name!r}: combine at most one vision-tower method, one pre-LLM method and one in-LLM method, "
+            f"e.g. 'visionzip+fastv' or 'tome_vit+visionzip' "
+            f"(tower: {sorted(ENCODER_METHODS)}; "
+            f"pre-LLM: {[m for m in _methods.names() if _methods.get(m).stage == 'pre']}; "
             f"in-LLM: {[m for m in _methods.names() if _methods.get(m).stage == 'llm']})"
         )
-    return (pre[0] if pre else None), (llm[0] if llm else None)
+    if enc and pre and pre[0].name in NEEDS_FULL_GRID:
+        raise ValueError(
+            f"method {name!r}: {pre[0].name} needs every token of the image's grid, but {enc[0].name} has merged "
+            "tokens inside the vision tower; combine it with a method that selects among tokens (visionzip, "
+            "divprune, tome, random, relevance)"
+        )
+    return (pre[0] if pre else (enc[0] if enc else None)), (llm[0] if llm else None)
 
 
 def _split_budget(budget: Budget, pre: Method | None, llm: Method | None) -> tuple[Budget, Budget]:
-    """(budget of the pre-LLM method, budget of the in-LLM stages), each read through ``visual_quota``."""
+    """(budget of the pre-LLM method, budget of the in-LLM stages), each read through ``visual_quota``. A
+    vision-tower method standing in for the pre-LLM one keeps everything after the tower (its own share:
+    :func:`_encoder_budget`)."""
     full = Budget(video=budget.video)
+    tower_only = pre is not None and pre.stage == "encoder"
+    if tower_only:
+        pre = None
     if llm is None:
         if budget.llm != 1.0:
             raise ValueError("Budget.llm is the in-LLM share of a composite method such as 'visionzip+fastv'")
-        return budget, full
+        return (full if tower_only else budget), full
     if pre is None:
         if budget.llm != 1.0 and budget.visual != 1.0:
             raise ValueError(
@@ -947,6 +1088,34 @@ def _split_budget(budget: Budget, pre: Method | None, llm: Method | None) -> tup
         share = budget.llm if budget.llm != 1.0 else budget.visual
         return full, Budget(visual=share, video=budget.video)
     return Budget(visual=budget.visual, video=budget.video), Budget(visual=budget.llm, video=budget.video)
+
+
+def _encoder_budget(budget: Budget, name: str) -> tuple[Method | None, Budget | None]:
+    """(the vision-tower method of ``name`` or ``None``, what leaves the tower per image / crop): ``Budget.visual``
+    for the tower method alone, ``Budget.encoder`` in a composite (``"tome_vit+visionzip"``, ``"tome_vit+fastv"``)."""
+    parts = [_find_method(p.strip()) for p in name.split("+")]
+    enc = next((m for m in parts if m.stage == "encoder"), None)
+    if enc is None:
+        if budget.encoder != 1.0:
+            raise ValueError(
+                "Budget.encoder is the vision tower's share in a composite method such as 'tome_vit+visionzip'"
+            )
+        return None, None
+    if len(parts) == 1:
+        if budget.encoder != 1.0:
+            raise ValueError(f"{enc.name} alone takes one budget: pass Budget(visual=...) (what leaves the tower)")
+        return enc, Budget(visual=budget.visual)
+    return enc, Budget(visual=budget.encoder)
+
+
+def _tower_merge(name: str, budget: Budget, options: dict, adapter: Adapter, patch) -> TowerMerge | None:
+    """Install merging inside the vision tower when ``name`` has a tower method and its budget reduces (its options
+    are the session's when it is the only method, its defaults in a composite)."""
+    enc, share = _encoder_budget(budget, name)
+    if enc is None or _full(share):
+        return None
+    opts = options if name.strip() == enc.name else enc.resolve(None)
+    return TowerMerge.install(adapter, share, opts, patch)
 
 
 def _full(b: Budget) -> bool:
@@ -995,8 +1164,20 @@ def accelerate(
     if isinstance(name, str) and "+" in name:
         name = "+".join(_auto_method(adapter) if p.strip() == "auto" else p.strip() for p in name.split("+"))
     pre, llm = _split_method(name)  # validates
+    if budget.latency_ms is not None and pre is None:
+        raise ValueError(
+            f"Budget(latency_ms=...) steers a pre-LLM method; {name!r} has none: use e.g. 'divprune' or "
+            f"'visionzip+{name}' (the in-LLM part then spends Budget.llm)"
+        )
     options = (llm or pre).resolve(method_options)
     _split_budget(budget, pre, llm)
+    if _encoder_budget(budget, name)[0] is not None:
+        adapter.tower_spec()  # ValueError for towers it cannot merge inside
+        if getattr(budget, "has_target", False) and pre is not None and pre.stage == "encoder":
+            raise ValueError(
+                f"a total target (Budget tokens / latency_ms / memory_gb) steers a pre-LLM method; {name!r} has "
+                "none: use e.g. 'tome_vit+visionzip' (the tower then spends Budget.encoder)"
+            )
     if llm is not None:
         from .methods.inllm import stage_layers
 

@@ -164,6 +164,19 @@ def cmd_methods(a) -> int:
     return 0
 
 
+def cmd_calibrate(a) -> int:
+    from .calibration import cache_dir, calibrate
+    from .loading import load_model
+
+    model, _ = load_model(a.model)
+    model.to(a.device)
+    cost = calibrate(model, model.model.language_model)
+    print(f"prefill cost: {cost.describe()}")  # noqa: T201
+    print(f"measured: {dict(zip(cost.lengths, [round(m, 2) for m in cost.measured_ms], strict=True))} (tokens: ms)")  # noqa: T201
+    print(f"cached in {cache_dir() / 'calibration.json'} under {cost.key}")  # noqa: T201
+    return 0
+
+
 def main(argv=None) -> int:
     p = _Parser(prog="vlm-accel", description="Make vision-language models fast with one line.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -198,6 +211,11 @@ def main(argv=None) -> int:
     m = sub.add_parser("methods", help="list the registered token-reduction methods")
     m.set_defaults(fn=cmd_methods)
 
+    c = sub.add_parser("calibrate", help="measure the latency cost model used by Budget(latency_ms=...) and cache it")
+    c.add_argument("--model", default=None, help="local model directory (default: the embedded model)")
+    c.add_argument("--device", default="cpu", help="device to calibrate on (cpu, cuda, cuda:1 ...)")
+    c.set_defaults(fn=cmd_calibrate)
+
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     from .bench import speed
@@ -224,9 +242,19 @@ def main(argv=None) -> int:
     kvp = bsub.add_parser("kv", help="KV compression: bytes held, decode speed, accuracy retained")
     kv.add_arguments(kvp)
     kvp.set_defaults(fn=kv.cli)
+    from .bench import controller
+
+    cp = bsub.add_parser("controller", help="budget controller: latency / memory targets met, information-aware split")
+    controller.add_arguments(cp)
+    cp.set_defaults(fn=controller.cli)
     ip = bsub.add_parser("inllm", help="in-LLM pruning vs pre-LLM at equal mean tokens; LLM prefill speed")
     inllm.add_arguments(ip)
     ip.set_defaults(fn=inllm.cli)
+    from .bench import encoder
+
+    ep = bsub.add_parser("encoder", help="token merging inside the vision tower: end-to-end speed, ViT share, accuracy")
+    encoder.add_arguments(ep)
+    ep.set_defaults(fn=encoder.cli)
 
     a = p.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")

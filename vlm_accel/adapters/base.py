@@ -41,12 +41,16 @@ class ImageInfo:
         segments: the budgeted groups.
         importance: ``[n_tokens]`` vision-tower importance per token (``nan`` for structural tokens), or ``None``.
         frames: for a video, its number of frames (then ``segments`` are its frames, in order).
+        alive: ``[n_tokens]`` bool, the tokens that left the vision tower as themselves when token merging inside the
+            tower folded the others into them (their features then stand for the merged group), or ``None``. Only
+            alive tokens reach the language model; a pre-LLM method selects further among them.
     """
 
     n_tokens: int
     segments: list[Segment] = field(default_factory=list)
     importance: torch.Tensor | None = None
     frames: int = 1
+    alive: torch.Tensor | None = None
 
 
 class Adapter:
@@ -97,6 +101,25 @@ class Adapter:
     def describe_video(self, features: list[torch.Tensor], call: dict, cls_attn: torch.Tensor | None):
         """One :class:`ImageInfo` per video (``frames`` set, one segment per frame)."""
         raise NotImplementedError(f"{type(self).__name__} has no video path")
+
+    # --- token merging inside the vision tower (``tome_vit``, :mod:`vlm_accel.encoder_merge`) --------------------
+    def tower_spec(self):
+        """The vision tower's layers, attention modules and protected prefix (a
+        :class:`vlm_accel.encoder_merge.TowerSpec`); ``ValueError`` when the family's tower cannot merge tokens."""
+        raise ValueError(f"tome_vit: merging inside the vision tower is not available for {self.family}")
+
+    def tower_feature_layer(self, call: dict) -> int:
+        """Index of the first tower layer whose output becomes image features (merging must be done by then)."""
+        raise NotImplementedError
+
+    def tower_dropped(self, call: dict) -> int:
+        """Tokens at the front of every view that the features leave out (CLS under the ``default`` strategy)."""
+        return 0
+
+    def describe_alive(self, infos: list[ImageInfo], views: torch.Tensor, call: dict) -> None:
+        """Set ``info.alive`` of every image from ``views`` ``[num_views, n_feat]`` (True: a merged group's
+        representative), laid out as the features are."""
+        raise NotImplementedError
 
     # --- frame cache: split a get_video_features call into independently encoded frames and back -------------
     has_video = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -10,6 +11,9 @@ from torch import nn
 from .base import Adapter, ImageInfo, Segment, encoder_layers, feature_layer_index, frame_segments
 
 CLS_TOWERS = ("clip_vision_model", "dinov2")
+MERGE_TOWERS = ("clip_vision_model", "siglip_vision_model", "dinov2")  # towers tome_vit can merge inside
+
+logger = logging.getLogger(__name__)
 
 
 class LlavaAdapter(Adapter):
@@ -35,6 +39,39 @@ class LlavaAdapter(Adapter):
     def side(self) -> int:
         vcfg = self.model.config.vision_config
         return vcfg.image_size // vcfg.patch_size
+
+    def tower_spec(self):
+        from ..encoder_merge import TowerSpec
+
+        vcfg = self.model.config.vision_config
+        if vcfg.model_type not in MERGE_TOWERS:
+            raise ValueError(
+                f"tome_vit merges inside {', '.join(MERGE_TOWERS)} towers; this model's is {vcfg.model_type!r}"
+            )
+        impl = getattr(vcfg, "_attn_implementation", None) or "eager"
+        if impl not in ("eager", "sdpa"):
+            raise ValueError(
+                f"tome_vit adds log(size) to the vision tower's attention logits, which {impl!r} cannot take: load "
+                "the model with attn_implementation='sdpa' or 'eager' for the vision tower"
+            )
+        layers = list(encoder_layers(self.tower))
+        attns = [getattr(layer, "self_attn", None) or layer.attention for layer in layers]
+        return TowerSpec(layers, attns, prefix=1 if vcfg.model_type in CLS_TOWERS else 0)
+
+    def tower_feature_layer(self, call):
+        chosen = self._option(call, "vision_feature_layer")
+        n = len(encoder_layers(self.tower))
+        first = min(feature_layer_index(n, f) for f in (chosen if isinstance(chosen, (list, tuple)) else [chosen]))
+        if first < 0:
+            raise ValueError("tome_vit: the image features are the tower's embeddings; there is no layer to merge in")
+        return first
+
+    def tower_dropped(self, call):
+        return 1 if self._option(call, "vision_feature_select_strategy") == "default" else 0
+
+    def describe_alive(self, infos, views, call):
+        for info, alive in zip(infos, views, strict=True):
+            info.alive = alive.to(info.segments[0].idx.device) if alive.numel() == info.n_tokens else None
 
     def describe(self, features, call, cls_attn):
         infos = []
@@ -95,6 +132,21 @@ class LlavaNextAdapter(LlavaAdapter):
                 imp[~is_nl] = packed_imp[i].reshape(-1).to(f.device)
             infos.append(ImageInfo(n, segments, imp))
         return infos
+
+    def describe_alive(self, infos, views, call):
+        """The views' alive marks packed like the features (base view, unpadded crops; newlines alive). Where the
+        packing resamples the crops (OneVision's anyres_max), marks are no longer 0/1: that image stays unreduced."""
+        per_image = torch.split(views.float(), self._views_per_image(call))
+        packed = self._pack([v[..., None] for v in per_image], call)
+        for info, p in zip(infos, packed, strict=True):
+            p = p.reshape(-1)
+            if not bool(((p == 0) | (p == 1)).all()):
+                logger.warning("vlm_accel: tome_vit: the crops of an image were resampled; its tokens are all kept")
+                continue
+            idx = torch.cat([s.idx for s in info.segments]).sort().values
+            alive = torch.ones(info.n_tokens, dtype=torch.bool, device=idx.device)
+            alive[idx] = p.to(idx.device) > 0.5
+            info.alive = alive
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):

@@ -43,6 +43,14 @@ class Qwen2VLAdapter(Adapter):
             ]
         return out
 
+    def tower_spec(self):
+        raise ValueError(
+            f"tome_vit cannot merge inside {self.family}'s vision tower: every LLM token is a 2x2 unit of patches "
+            "that the patch merger concatenates (a merged patch has no unit of its own), the tower's attention runs "
+            "on per-image / per-window sequences (cu_seqlens) and 2-D rotary positions; use a pre-LLM method "
+            "(e.g. 'divprune') or an in-LLM one ('fastv')"
+        )
+
     def describe(self, features, call, cls_attn):
         grids = call["image_grid_thw"]
         m = self.model.config.vision_config.spatial_merge_size

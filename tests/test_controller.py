@@ -1,0 +1,218 @@
+"""The budget controller: total targets (tokens / latency / memory), information-aware allocation, calibration."""
+
+import json
+
+import pytest
+import torch
+
+import vlm_accel
+from vlm_accel import calibration
+from vlm_accel.budget import Budget
+from vlm_accel.controller import allocate, information, kv_bytes_per_entry
+
+import tiny
+
+
+# --- allocation ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "total,sizes,weights",
+    [
+        (10, [8, 8], [1.0, 1.0]),
+        (10, [8, 8], [3.0, 1.0]),
+        (13, [4, 64, 64], [1.0, 0.0, 5.0]),
+        (100, [8, 8], [1.0, 2.0]),  # more than there is: everything
+        (3, [5, 5, 5], [0.0, 0.0, 0.0]),
+        (50, [1, 30, 30, 30], [9.0, 0.1, 0.2, 0.7]),
+    ],
+)
+def test_allocate_is_exact_capped_and_floored(total, sizes, weights):
+    got = allocate(total, sizes, weights)
+    assert sum(got) == min(total, sum(sizes))
+    assert all(1 <= q <= s for q, s in zip(got, sizes, strict=True))
+
+
+def test_allocate_follows_information():
+    got = allocate(40, [64, 64, 64], [0.0, 1.0, 3.0])
+    assert got[0] == 1 and got[2] > got[1] > got[0]
+    assert abs(got[2] / got[1] - 3.0) < 0.2
+    assert allocate(9, [64, 64, 64], [1.0, 1.0, 1.0]) == [3, 3, 3]
+
+
+def test_allocate_refuses_too_small_total():
+    with pytest.raises(ValueError, match="cannot give 3 inputs"):
+        allocate(2, [5, 5, 5], [1.0, 1.0, 1.0])
+
+
+def test_information_static_and_uniform_content_is_zero():
+    x = torch.randn(16, 8)
+    assert information(x.mean(0, keepdim=True).expand(16, 8)) < 1e-6  # every token the same direction
+    assert information(x) > 0.3
+    assert information(x, previous=x) < 1e-6  # nothing changed since the previous frame
+    assert information(x, previous=torch.randn(16, 8)) > 0.1
+
+
+# --- tokens= target ----------------------------------------------------------------------------------------------
+def _kept_per_row(model, inputs, sess, final: bool = False) -> list[int]:
+    tr = sess.trace
+    ids = inputs["input_ids"]
+    placeholder = (ids == tiny.IMAGE_ID) | (ids == tiny.VIDEO_ID)
+    index, valid = (tr.output_index, tr.output_valid) if final else (tr.index, tr.valid)
+    return ((placeholder.gather(1, index.cpu()) & valid.cpu()).sum(1)).tolist()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("family,kind", tiny.CASES)
+def test_tokens_target_is_met_exactly(models, family, kind, batch):
+    model = models(family)
+    inputs = tiny.inputs_for(model, family, kind, batch=batch, seed=batch)
+    total = 20
+    with vlm_accel.accelerate(model, Budget(tokens=total), method="divprune") as sess, torch.no_grad():
+        model(**inputs)
+        kept = _kept_per_row(model, inputs, sess)
+        plan = sess.plan
+        gen = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert gen.shape[1] == inputs["input_ids"].shape[1] + 2
+    for row, k in enumerate(kept):
+        entries = [e for e in plan.entries if e.row == row]
+        if not entries:  # a text-only row
+            assert k == 0
+            continue
+        available = sum(e.tokens_in for e in entries)
+        assert k == min(total, available), (row, k, available)
+        assert sum(e.kept for e in entries) == k
+    assert "tokens=20" in str(plan)
+
+
+def test_tokens_target_in_llm_stage_and_with_fraction(models):
+    model = models("qwen2_vl")
+    inputs = tiny.inputs_for(model, "qwen2_vl", "multi", batch=2, seed=3)
+    with vlm_accel.accelerate(model, Budget(tokens=9), method="fastv") as sess, torch.no_grad():
+        model(**inputs)
+        assert _kept_per_row(model, inputs, sess, final=True) == [9, 9]
+        assert {e.stage for e in sess.plan.entries} == {"in-LLM"}
+    # a fraction caps every input, the total caps the row
+    with vlm_accel.accelerate(model, Budget(visual=0.1, tokens=500), method="divprune") as sess, torch.no_grad():
+        model(**inputs)
+        caps = [max(1, round(0.1 * e.tokens_in)) for e in sess.plan.entries]
+        assert [e.kept for e in sess.plan.entries] == caps
+
+
+def test_busy_inputs_get_more_tokens(models):
+    """Video frames that change get more tokens than static ones; a flat image fewer than a busy one."""
+    model = models("qwen2_vl")
+    inputs = tiny.make_video_inputs(model, "qwen2_vl", frames=4, static=True)
+    pix = inputs["pixel_values_videos"].clone()
+    per = pix.shape[0] // 4
+    pix[2 * per : 3 * per] = torch.randn(per, pix.shape[1], generator=torch.Generator().manual_seed(1))
+    inputs["pixel_values_videos"] = pix
+    with vlm_accel.accelerate(model, Budget(tokens=24), method="divprune") as sess, torch.no_grad():
+        model(**inputs)
+    kept = [e.kept for e in sess.plan.entries]
+    assert sum(kept) == 24
+    assert kept[2] == max(kept) and kept[1] == 1 and kept[3] > 1  # frame 2 changed (and frame 3 changes back)
+
+
+def test_unreachable_tokens_target(models):
+    model = models("llava_next")
+    inputs = tiny.inputs_for(model, "llava_next", "multi", batch=2)
+    with vlm_accel.accelerate(model, Budget(tokens=1), method="divprune"), torch.no_grad():
+        with pytest.raises(ValueError, match="nearest reachable: tokens="):
+            model(**inputs)
+
+
+# --- memory_gb target --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen3_vl"])
+def test_memory_target_never_exceeded(models, family):
+    model = models(family)
+    inputs = tiny.inputs_for(model, family, "image", batch=2, seed=1)
+    lm = model.model.language_model
+    per_entry = kv_bytes_per_entry(lm)
+    limit = 2 * 30 * per_entry + 200_000  # room for ~30 entries per row beside the activations
+    sess = vlm_accel.accelerate(model, Budget(memory_gb=limit / 1e9), method="divprune")
+    seen = []
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+            seen.append(sess.stats.kv_bytes)
+            model(**inputs)
+            seen.append(sess.stats.kv_bytes)
+    finally:
+        sess.restore()
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 12
+    assert sess.plan.kv_max is not None and sess.plan.kv_bytes_limit <= limit
+    assert all(0 < b <= sess.plan.kv_bytes_limit for b in seen), (seen, sess.plan.kv_bytes_limit)
+    assert "memory_gb=" in str(sess.plan)
+
+
+def test_unreachable_memory_target(models):
+    model = models("llava")
+    inputs = tiny.inputs_for(model, "llava", "image")
+    with vlm_accel.accelerate(model, Budget(memory_gb=1e-7)), torch.no_grad():
+        with pytest.raises(ValueError, match="nearest reachable: memory_gb="):
+            model(**inputs)
+
+
+# --- latency_ms target and calibration ---------------------------------------------------------------------------
+def test_calibration_is_keyed_cached_and_reused(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLM_ACCEL_CACHE", str(tmp_path))
+    model = models("llava")
+    lm = model.model.language_model
+    assert calibration.lookup(model, lm) is None
+    cost = calibration.calibrate(model, lm, lengths=(8, 16, 32), repeats=1)
+    data = json.loads((tmp_path / "calibration.json").read_text())
+    assert list(data) == [cost.key] and cost.key == calibration.model_key(model, lm)
+    assert calibration.lookup(model, lm) == cost
+    assert cost.llm_ms(1, 32) >= cost.llm_ms(1, 8) >= 0
+    other = models("llava", dtype=torch.bfloat16)  # another dtype: another key
+    assert calibration.lookup(other, other.model.language_model) is None
+    calls = []
+    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: calls.append(1))
+    assert calibration.calibrated(model, lm) == cost and not calls  # reused, not re-measured
+
+
+def test_latency_target_uses_cost_model(models, tmp_path, monkeypatch):
+    """With a known cost model the kept count is the most tokens whose predicted prefill fits the target."""
+    monkeypatch.setenv("VLM_ACCEL_CACHE", str(tmp_path))
+    model = models("llava")
+    lm = model.model.language_model
+    key = calibration.model_key(model, lm)
+    cost = calibration.CostModel(key, a=1.0, b=1000.0, c=0.0)  # a (virtual) second per token: the tower's time
+    calibration._save(key, cost)  # (well under 500 ms here) cannot move the count
+    inputs = tiny.inputs_for(model, "llava", "image")
+    n_text = int((inputs["input_ids"] != tiny.IMAGE_ID).sum())
+    with vlm_accel.accelerate(model, Budget(latency_ms=1e9)) as sess, torch.no_grad():
+        model(**inputs)  # generous: keeps every token
+        assert sess.stats.visual_tokens_kept == sess.stats.visual_tokens_in
+    target = cost.llm_ms(1, n_text + 10) + 500.0
+    with vlm_accel.accelerate(model, Budget(latency_ms=target)) as sess, torch.no_grad():
+        model(**inputs)
+    assert sess.stats.visual_tokens_kept == 10
+    assert abs(sess.plan.predicted_ms - target) < 500.0
+    assert "latency_ms=" in str(sess.plan)
+    with vlm_accel.accelerate(model, Budget(latency_ms=0.5)), torch.no_grad():
+        with pytest.raises(ValueError, match="nearest reachable: latency_ms="):
+            model(**inputs)
+
+
+def test_bad_targets():
+    for kw in (dict(tokens=0), dict(tokens=-3), dict(latency_ms=0), dict(latency_ms=-5.0), dict(memory_gb=0.0)):
+        with pytest.raises(ValueError, match="reachable"):
+            Budget(**kw)
+    for kw in (dict(tokens=2.5), dict(tokens=True), dict(latency_ms="fast"), dict(memory_gb=[1])):
+        with pytest.raises(TypeError):
+            Budget(**kw)
+
+
+def test_latency_with_in_llm_only_method_is_refused(models):
+    with pytest.raises(ValueError, match="pre-LLM"):
+        vlm_accel.accelerate(models("llava"), Budget(latency_ms=100.0), method="fastv")
+
+
+def test_identity_targets_that_keep_everything(models):
+    model = models("qwen2_vl")
+    inputs = tiny.inputs_for(model, "qwen2_vl", "image", batch=2)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with vlm_accel.accelerate(model, Budget(tokens=10_000)):
+            got = model(**inputs).logits
+    assert torch.equal(ref, got)

@@ -1,0 +1,282 @@
+"""Budget controller evidence: latency targets met, memory targets met, information-aware vs uniform allocation.
+
+``vlm-accel bench controller latency``: the unpatched prefill (median of ``--repeats``), then
+``Budget(latency_ms=f * unpatched)`` for ``f`` in 0.25 / 0.5 / 0.75: the achieved prefill (median), its ratio to the
+target, and (embedded default) accuracy retained on held-out questions at each target. Models: the embedded default
+and the LLaVA-1.5-shaped config (CLIP ViT-L/14-336 widths, random weights). A target the model cannot reach is
+reported with the controller's nearest reachable value.
+
+``... memory``: ``Budget(memory_gb=)`` at 0.25 / 0.5 / 0.75 of the unpatched request's KV + activations on the
+embedded default: largest ``stats.kv_bytes`` seen vs the target, accuracy retained.
+
+``... allocation``: two images per prompt (a held-out scene and a near-empty distractor, in random order, the question
+about the scene) at equal total visual tokens: ``Budget(tokens=T)`` (split by information) vs ``Budget(visual=T//2)``
+(an even split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import vlm_accel
+
+from ..budget import Budget
+from .common import environment, format_table, write_results
+
+logger = logging.getLogger(__name__)
+
+FRACTIONS = (0.25, 0.5, 0.75)
+
+
+def _command() -> str:
+    return "vlm-accel bench controller " + " ".join(sys.argv[3:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+
+
+@torch.no_grad()
+def _prefill_ms(model, inputs, repeats: int) -> float:
+    model(**inputs, use_cache=True)  # warm-up
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(**inputs, use_cache=True)
+        runs.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(runs)
+
+
+def _default_inputs(processor, item, images=None) -> dict:
+    from ..zoo.evaluate import build_prompt
+
+    return processor(
+        images=images or [item["image"]], text=[build_prompt(processor, item["question"])], return_tensors="pt"
+    )
+
+
+def _score(model, processor, items, budget, method) -> list[int]:
+    from ..zoo import normalize_answer
+    from ..zoo.evaluate import answer_batch
+
+    sess = vlm_accel.accelerate(model, budget, method=method) if budget is not None else None
+    try:
+        hits = []
+        for it in items:  # one request at a time: a latency target is per request
+            pred = answer_batch(model, processor, [it["image"]], [it["question"]])[0]
+            hits.append(int(normalize_answer(pred) == normalize_answer(it["answer"])))
+        return hits
+    finally:
+        if sess is not None:
+            sess.restore()
+
+
+def latency(which: str, n: int, repeats: int, method: str, fractions=FRACTIONS) -> list[dict]:
+    """Rows: per target fraction, target / achieved prefill ms, ratio, kept tokens, accuracy retained (default)."""
+    from ..calibration import calibrate
+
+    if which == "default":
+        from ..zoo import heldout, load_default
+
+        model, processor = load_default()
+        items = list(heldout(n, 7))
+        inputs = _default_inputs(processor, items[0])
+    else:
+        from .speed import llava15_shaped, make_inputs
+
+        model, processor, items = llava15_shaped(vision_layers=4, llm_layers=4), None, []
+        inputs = make_inputs(model)
+    cost = calibrate(model, model.model.language_model)
+    full_ms = _prefill_ms(model, inputs, repeats)
+    full_hits = _score(model, processor, items, None, method) if items else []
+    rows = []
+    for f in fractions:
+        target = f * full_ms
+        row = {"model": which, "fraction": f, "target_ms": target, "full_ms": full_ms, "method": method}
+        sess = vlm_accel.accelerate(model, Budget(latency_ms=target), method=method)
+        try:
+            row["achieved_ms"] = _prefill_ms(model, inputs, repeats)
+            row["ratio"] = row["achieved_ms"] / target
+            row["within_15pct"] = abs(row["ratio"] - 1) <= 0.15
+            row["visual_kept"], row["visual_in"] = sess.stats.visual_tokens_kept, sess.stats.visual_tokens_in
+            row["predicted_ms"] = sess.plan.predicted_ms
+            row["reachable"] = True
+        except ValueError as e:
+            row.update(reachable=False, note=str(e))
+        finally:
+            sess.restore()
+        if items and row["reachable"]:
+            hits = _score(model, processor, items, Budget(latency_ms=target), method)
+            row["accuracy"] = sum(hits) / len(hits)
+            row["retained_pct"] = 100.0 * sum(hits) / max(sum(full_hits), 1)
+        rows.append(row)
+        logger.info("latency %s %.2f: %s", which, f, row)
+    if items:
+        rows.insert(0, {"model": which, "fraction": 1.0, "full_ms": full_ms, "accuracy": sum(full_hits) / len(items)})
+    for r in rows:
+        r["calibration"] = cost.describe()
+    return rows
+
+
+def memory(n: int, method: str, fractions=FRACTIONS) -> list[dict]:
+    """Rows: per fraction of the unpatched request's KV + activations, the target, the largest ``stats.kv_bytes``
+    seen, the KV limit the controller set, accuracy retained."""
+    from ..controller import activation_bytes, kv_bytes_per_entry
+    from ..zoo import heldout, load_default, normalize_answer
+    from ..zoo.evaluate import answer_batch
+
+    model, processor = load_default()
+    items = list(heldout(n, 7))
+    lm = model.model.language_model
+    n_prompt = int(_default_inputs(processor, items[0])["input_ids"].shape[1])
+    full_bytes = kv_bytes_per_entry(lm) * (n_prompt + 4) + activation_bytes(lm, 1, n_prompt)
+    full_hits = _score(model, processor, items, None, method)
+    rows = [{"fraction": 1.0, "target_mb": full_bytes / 1e6, "accuracy": sum(full_hits) / n, "retained_pct": 100.0}]
+    for f in fractions:
+        target = f * full_bytes
+        sess = vlm_accel.accelerate(model, Budget(memory_gb=target / 1e9), method=method)
+        hits, peak, limit, kept = [], 0, 0, []
+        try:
+            with torch.no_grad():
+                for it in items:
+                    pred = answer_batch(model, processor, [it["image"]], [it["question"]])[0]
+                    hits.append(int(normalize_answer(pred) == normalize_answer(it["answer"])))
+                    peak, limit = max(peak, sess.stats.kv_bytes), max(limit, sess.plan.kv_bytes_limit)
+                    kept.append(sess.stats.visual_tokens_kept)
+        finally:
+            sess.restore()
+        rows.append(
+            {
+                "fraction": f,
+                "target_mb": target / 1e6,
+                "kv_limit_mb": limit / 1e6,
+                "max_kv_mb": peak / 1e6,
+                "met": peak <= target,
+                "visual_kept_mean": sum(kept) / len(kept),
+                "accuracy": sum(hits) / n,
+                "retained_pct": 100.0 * sum(hits) / max(sum(full_hits), 1),
+            }
+        )
+        logger.info("memory %.2f: %s", f, rows[-1])
+    return rows
+
+
+def allocation(n: int, totals, method: str) -> list[dict]:
+    """Two images per prompt, one question about the scene: tokens split by information vs evenly."""
+    import random
+
+    from PIL import Image
+
+    from ..zoo import heldout, load_default, normalize_answer
+    from ..zoo.evaluate import build_prompt
+
+    model, processor = load_default()
+    items = list(heldout(n, 11))
+    rng = random.Random(0)
+    cases = []
+    for it in items:
+        blank = Image.new("RGB", it["image"].size, tuple(rng.randint(225, 245) for _ in range(3)))
+        imgs = [blank, it["image"]] if rng.random() < 0.5 else [it["image"], blank]
+        q = build_prompt(processor, it["question"]).replace("<image>", "<image><image>", 1)
+        cases.append((processor(images=imgs, text=[q], return_tensors="pt"), it["answer"]))
+
+    def score(budget) -> float:
+        sess = vlm_accel.accelerate(model, budget, method=method) if budget is not None else None
+        try:
+            hits = 0
+            with torch.no_grad():
+                for inputs, answer in cases:
+                    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+                    pred = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                    hits += normalize_answer(pred) == normalize_answer(answer)
+            return hits / len(cases)
+        finally:
+            if sess is not None:
+                sess.restore()
+
+    full = score(None)
+    rows = [{"total_tokens": "all", "split": "none", "accuracy": full, "retained_pct": 100.0}]
+    for t in totals:
+        for split, budget in (("information", Budget(tokens=t)), ("uniform", Budget(visual=t // 2))):
+            acc = score(budget)
+            rows.append({"total_tokens": t, "split": split, "accuracy": acc, "retained_pct": 100.0 * acc / full})
+            logger.info("allocation %s %s: %.3f", t, split, acc)
+    return rows
+
+
+def _plot(rows: list[dict], path: Path, what: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if what == "latency":
+        for model in sorted({r["model"] for r in rows}):
+            sel = [r for r in rows if r["model"] == model and r.get("achieved_ms")]
+            ax.plot([r["target_ms"] for r in sel], [r["achieved_ms"] for r in sel], "o", label=model)
+        hi = max([r.get("target_ms", 0) for r in rows] + [1])
+        xs = [0, hi * 1.1]
+        ax.plot(xs, xs, "k-", lw=0.8)
+        ax.fill_between(xs, [x * 0.85 for x in xs], [x * 1.15 for x in xs], color="gray", alpha=0.2, label="±15 %")
+        ax.set_xlabel("latency target (ms)")
+        ax.set_ylabel("achieved prefill (ms, median)")
+    elif what == "memory":
+        sel = [r for r in rows if r["fraction"] < 1]
+        ax.plot([r["target_mb"] for r in sel], [r["max_kv_mb"] for r in sel], "o-", label="largest stats.kv_bytes")
+        ax.plot([r["target_mb"] for r in sel], [r["target_mb"] for r in sel], "k--", label="target")
+        ax.set_xlabel("memory target (MB)")
+        ax.set_ylabel("MB")
+    else:
+        for split in ("information", "uniform"):
+            sel = [r for r in rows if r["split"] == split]
+            ax.plot([r["total_tokens"] for r in sel], [r["retained_pct"] for r in sel], "o-", label=split)
+        ax.set_xlabel("visual tokens per prompt (two images)")
+        ax.set_ylabel("% of full accuracy")
+    ax.legend()
+    ax.set_title(f"budget controller: {what}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=["latency", "memory", "allocation"])
+    p.add_argument("--models", nargs="+", default=["default", "llava15"], help="latency: default and/or llava15")
+    p.add_argument("--n", type=int, default=100, help="held-out questions for accuracy")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--method", default="auto")
+    p.add_argument("--totals", type=int, nargs="+", default=[16, 32, 64], help="allocation: tokens per prompt")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="eval/results")
+    p.add_argument("--name", default=None)
+
+
+def cli(a: argparse.Namespace) -> int:
+    torch.set_num_threads(a.threads)
+    if a.what == "latency":
+        rows = [r for m in a.models for r in latency(m, a.n, a.repeats, a.method)]
+    elif a.what == "memory":
+        rows = memory(a.n, a.method)
+    else:
+        rows = allocation(a.n, a.totals, a.method)
+    name = a.name or f"controller_{a.what}"
+    meta = {"benchmark": f"controller {a.what}", "env": environment("cpu"), "command": _command()}
+    write_results(a.out, name, meta, rows)
+    _plot(rows, Path(a.out) / f"{name}.png", a.what)
+    print(format_table(rows, [k for k in rows[-1] if k not in ("note", "calibration")]))  # noqa: T201
+    return 0
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Cost model of a language model's prefill, calibrated once per model and device and cached on disk.
+
+``calibrated(model, lm)`` returns a :class:`CostModel`: prefill milliseconds as ``a + batch * (b n + c n^2)`` for
+``n`` input tokens, fitted to a few timed prefills of random embeddings (3-4 lengths, median of repeats). It is
+stored under ``$VLM_ACCEL_CACHE`` (default ``~/.cache/vlm_accel``) in ``calibration.json``, keyed by the model
+config's hash, the device, the dtype, the attention implementation and the number of CPU threads; a target that
+needs it and finds none calibrates on first use and logs that it did. ``vlm-accel calibrate [--model DIR]`` runs it
+explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("vlm_accel")
+
+LENGTHS = (64, 128, 256, 512)
+
+
+@dataclass
+class CostModel:
+    """``llm_ms(batch, n) = a + batch * (b * n + c * n**2)``: a language model prefill of ``n`` tokens per row."""
+
+    key: str
+    a: float
+    b: float
+    c: float
+    lengths: tuple = LENGTHS
+    measured_ms: tuple = ()
+    overhead_ms: float = 0.0
+
+    def llm_ms(self, batch: int, n: int) -> float:
+        return self.a + batch * (self.b * n + self.c * n * n)
+
+    def max_tokens(self, batch: int, ms: float) -> int:
+        """Most tokens per row whose prefill fits in ``ms`` (0 when none)."""
+        room = (ms - self.a) / max(batch, 1)
+        if room <= 0:
+            return 0
+        if self.c > 0:
+            n = (-self.b + math.sqrt(self.b * self.b + 4 * self.c * room)) / (2 * self.c)
+        else:
+            n = room / self.b if self.b > 0 else float(1 << 30)
+        return max(0, int(math.floor(n)))
+
+    def describe(self) -> str:
+        return f"{self.a:.2f} ms + {self.b * 1e3:.3f} us/token + {self.c * 1e6:.4f} ns/token^2"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("VLM_ACCEL_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "vlm_accel"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{platform.machine()}:{platform.processor() or 'unknown'}:threads={torch.get_num_threads()}"
+
+
+def model_key(model, lm) -> str:
+    """The cache key: config hash, device, dtype, attention implementation."""
+    p = next(lm.parameters())
+    cfg = model.config.to_json_string(use_diff=False) if hasattr(model.config, "to_json_string") else repr(model)
+    h = hashlib.sha1(cfg.encode()).hexdigest()[:16]
+    attn = getattr(lm.config, "_attn_implementation", None)
+    return f"{h}|{device_name(p.device)}|{p.dtype}|{attn}"
+
+
+def _load() -> dict:
+    path = cache_dir() / "calibration.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save(key: str, cost: CostModel) -> Path:
+    path = cache_dir() / "calibration.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _load()
+    data[key] = asdict(cost)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def lookup(model, lm) -> CostModel | None:
+    """The cached cost model of ``model`` on its device, or ``None``."""
+    key = model_key(model, lm)
+    got = _load().get(key)
+    if got is None:
+        return None
+    got["lengths"], got["measured_ms"] = tuple(got["lengths"]), tuple(got["measured_ms"])
+    return CostModel(**got)
+
+
+@torch.no_grad()
+def calibrate(model, lm, lengths=LENGTHS, repeats: int = 3, save: bool = True) -> CostModel:
+    """Time prefills of the language model ``lm`` on random embeddings at ``lengths`` (median of ``repeats`` after
+    one warm-up each) and fit the cost model. Stored in the calibration cache when ``save``."""
+    p = next(lm.parameters())
+    limit = getattr(lm.config, "max_position_embeddings", None) or max(lengths)
+    lengths = tuple(sorted({min(n, limit) for n in lengths}))
+    hidden = lm.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    for n in lengths:
+        x = (torch.randn(1, n, hidden, generator=gen) * 0.02).to(p.device, p.dtype)
+        runs = []
+        for i in range(repeats + 1):
+            if p.device.type == "cuda":
+                torch.cuda.synchronize(p.device)
+            t0 = time.perf_counter()
+            lm(inputs_embeds=x, use_cache=True)
+            if p.device.type == "cuda":
+                torch.cuda.synchronize(p.device)
+            if i:
+                runs.append((time.perf_counter() - t0) * 1e3)
+        times.append(statistics.median(runs))
+    a, b, c = _fit(lengths, times)
+    cost = CostModel(model_key(model, lm), a, b, c, lengths, tuple(times))
+    if save:
+        path = _save(cost.key, cost)
+        logger.info("vlm_accel: calibrated %s (%s) -> %s", cost.key, cost.describe(), path)
+    return cost
+
+
+def _fit(ns, ms) -> tuple[float, float, float]:
+    """Least squares ``ms = a + b n + c n^2`` with ``a, b, c >= 0`` (a negative coefficient is dropped and the rest
+    refitted)."""
+    n = torch.tensor(ns, dtype=torch.float64)
+    y = torch.tensor(ms, dtype=torch.float64)
+    cols = {"a": torch.ones_like(n), "b": n, "c": n * n}
+    use = list(cols)
+    while True:
+        A = torch.stack([cols[k] for k in use], 1)
+        sol = torch.linalg.lstsq(A, y[:, None]).solution[:, 0]
+        coef = dict(zip(use, sol.tolist(), strict=True))
+        neg = [k for k, v in coef.items() if v < 0]
+        if not neg or len(use) == 1:
+            break
+        use.remove(min(neg, key=lambda k: coef[k]))
+    return max(coef.get("a", 0.0), 0.0), max(coef.get("b", 0.0), 0.0), max(coef.get("c", 0.0), 0.0)
+
+
+def calibrated(model, lm) -> CostModel:
+    """The cached cost model, calibrating (and logging that it did) when there is none."""
+    cost = lookup(model, lm)
+    if cost is None:
+        logger.info("vlm_accel: no calibration for this model and device; calibrating now (a few prefills)")
+        cost = calibrate(model, lm)
+    return cost

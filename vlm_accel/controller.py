@@ -1,0 +1,316 @@
+"""One budget controller: user-level targets (tokens, latency, memory) become per-input token quotas.
+
+The controller answers two questions for every prefill:
+
+1. **How many visual tokens may this prompt row keep in total?** ``Budget(tokens=)`` says it directly;
+   ``latency_ms=`` through the calibrated cost model (the vision tower's time of this very request is measured, the
+   language model's prefill time is predicted from the calibration); ``memory_gb=`` through the KV bytes per token of
+   the model's config and an estimate of the prefill activations. Several targets: the strictest wins.
+2. **Where do those tokens go?** :func:`allocate` splits a total over the row's images, anyres crops and video frames
+   by their information (:func:`information`: feature spread, times what changed since the previous frame), at least
+   one token each, never more than a segment has, summing exactly to the total.
+
+Fractions and counts (``Budget(visual=...)``) still give every segment its own quota; a total target caps them.
+What was chosen and why is recorded in a :class:`Plan` (``session.plan``, printable).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .calibration import CostModel
+
+logger = logging.getLogger("vlm_accel")
+
+
+def information(x: torch.Tensor, previous: torch.Tensor | None = None) -> float:
+    """How much a segment's tokens say: ``x`` ``[N, D]`` features, ``previous`` ``[N, D]`` the previous frame's.
+
+    Spread of the token directions (``1 - |mean of unit vectors|``: 0 when every token is the same, near 1 for
+    diverse content) times, for a video frame after the first, the mean cosine distance of each token to the same
+    place in the previous frame (0 for a frame where nothing changed). Returned as a Python float in [0, 1]."""
+    u = torch.nn.functional.normalize(x.detach().float(), dim=-1)
+    spread = float(1.0 - u.mean(0).norm().clamp(max=1.0))
+    if previous is None or previous.shape != x.shape:
+        return spread
+    v = torch.nn.functional.normalize(previous.detach().float(), dim=-1)
+    change = float((1.0 - (u * v).sum(-1)).clamp(min=0.0, max=1.0).mean())
+    return spread * change
+
+
+def allocate(total: int, sizes: list[int], weights: list[float], floor: int = 1) -> list[int]:
+    """Split ``total`` tokens over segments of ``sizes`` tokens in proportion to ``weights``.
+
+    Every segment gets at least ``min(floor, size)`` and at most ``size``; the quotas sum exactly to
+    ``min(total, sum(sizes))`` (``ValueError`` when ``total`` cannot give every segment its floor). Water-filling:
+    shares above a segment's size are capped and the rest redistributed; integer rounding by largest remainder."""
+    if len(sizes) != len(weights):
+        raise ValueError(f"allocate: {len(sizes)} sizes and {len(weights)} weights")
+    floors = [min(floor, s) for s in sizes]
+    if total < sum(floors):
+        raise ValueError(f"a total of {total} tokens cannot give {len(sizes)} inputs {floor} token(s) each")
+    total = min(total, sum(sizes))
+    share = [float(f) for f in floors]
+    room = [s - f for s, f in zip(sizes, floors, strict=True)]
+    left = float(total - sum(floors))
+    w = [max(float(x), 0.0) if math.isfinite(x) else 0.0 for x in weights]
+    if sum(w[i] for i in range(len(w)) if room[i] > 0) <= 0:
+        w = [1.0] * len(w)  # no information anywhere: an even split
+    active = [i for i in range(len(sizes)) if room[i] > 0]
+    while left > 1e-9 and active:
+        wsum = sum(w[i] for i in active) or float(len(active))
+        capped = []
+        for i in active:
+            give = left * (w[i] / wsum if wsum else 1.0 / len(active))
+            if give >= room[i]:
+                capped.append(i)
+        if not capped:
+            for i in active:
+                give = left * (w[i] / wsum)
+                share[i] += give
+                room[i] -= give
+            left = 0.0
+            break
+        for i in capped:
+            share[i] += room[i]
+            left -= room[i]
+            room[i] = 0.0
+        active = [i for i in active if room[i] > 0 and w[i] > 0] or [i for i in active if room[i] > 0]
+    out = [int(math.floor(s + 1e-9)) for s in share]
+    rest = total - sum(out)
+    order = sorted(range(len(out)), key=lambda i: (share[i] - out[i], w[i]), reverse=True)
+    for i in order:
+        if rest <= 0:
+            break
+        if out[i] < sizes[i]:
+            out[i] += 1
+            rest -= 1
+    return out
+
+
+@dataclass
+class PlanEntry:
+    """One budgeted input of a prompt row: an image, a crop or a frame."""
+
+    row: int
+    input: str  # e.g. "image 0", "image 1 crop 3", "video 0 frame 5"
+    tokens_in: int
+    kept: int
+    weight: float
+    stage: str  # "pre-LLM" / "in-LLM"
+
+
+@dataclass
+class Plan:
+    """What the controller chose for the last prefill and why. ``str(plan)`` is a table."""
+
+    entries: list[PlanEntry] = field(default_factory=list)
+    totals: dict[int, int] = field(default_factory=dict)  # row -> visual tokens allowed in total
+    reasons: list[str] = field(default_factory=list)
+    kv_bits: int = 16
+    kv_max: int | None = None
+    predicted_ms: float | None = None
+    kv_bytes_limit: int | None = None
+
+    def __str__(self) -> str:
+        lines = [f"plan: KV {self.kv_bits}-bit" + (f", at most {self.kv_max} entries per layer" if self.kv_max else "")]
+        lines += [f"  {r}" for r in self.reasons]
+        if self.predicted_ms is not None:
+            lines.append(f"  predicted prefill {self.predicted_ms:.1f} ms")
+        lines.append(f"  {'row':>3} {'input':<24} {'in':>6} {'kept':>6} {'weight':>7}  stage")
+        for e in self.entries:
+            lines.append(f"  {e.row:>3} {e.input:<24} {e.tokens_in:>6} {e.kept:>6} {e.weight:>7.3f}  {e.stage}")
+        return "\n".join(lines)
+
+
+class Controller:
+    """Turns a :class:`~vlm_accel.budget.Budget`'s targets into per-row totals and per-segment quotas.
+
+    ``model`` is the accelerated VLM (for the cost model's calibration and the KV bytes of its config)."""
+
+    def __init__(self, budget, model, language_model):
+        self.budget = budget
+        self.model = model
+        self.lm = language_model
+        self._cost: CostModel | None = None
+        self.plan: Plan | None = None
+
+    @property
+    def has_total(self) -> bool:
+        b = self.budget
+        return b.tokens is not None or b.latency_ms is not None or b.memory_gb is not None
+
+    @property
+    def cost(self) -> CostModel:
+        if self._cost is None:
+            from .calibration import calibrated
+
+            self._cost = calibrated(self.model, self.lm)
+        return self._cost
+
+    # --- totals -----------------------------------------------------------------------------------------------
+    def row_totals(
+        self, n_text: list[int], n_visual: list[int], n_segments: list[int], encode_ms: float, plan: Plan
+    ) -> list[int]:
+        """Visual tokens each row may keep (the strictest target), given per row its text tokens ``n_text``, its
+        visual tokens ``n_visual`` and budgeted segments ``n_segments``; ``encode_ms``: the vision tower's time in
+        this request. Raises ``ValueError`` naming the nearest reachable value when a target cannot be met even at
+        one token per segment."""
+        b = self.budget
+        bsz = len(n_text)
+        totals = list(n_visual)
+        if b.tokens is not None:
+            floor = max(n_segments)
+            if b.tokens < floor:
+                raise ValueError(
+                    f"Budget(tokens={b.tokens}) is unreachable: this prompt has {floor} images / crops / frames and "
+                    f"each keeps at least one token; nearest reachable: tokens={floor}"
+                )
+            totals = [min(t, b.tokens) for t in totals]
+            plan.reasons.append(f"tokens={b.tokens}: at most {b.tokens} visual tokens per prompt")
+        if b.latency_ms is not None:
+            cost = self.cost
+            left = b.latency_ms - encode_ms - cost.overhead_ms
+            cap = []
+            for t, s, v in zip(n_text, n_segments, n_visual, strict=True):
+                least = cost.llm_ms(bsz, t + s)
+                if least > left:
+                    reach = encode_ms + cost.overhead_ms + least
+                    raise ValueError(
+                        f"Budget(latency_ms={b.latency_ms:g}) is unreachable for this input: the vision tower took "
+                        f"{encode_ms:.0f} ms and the language model needs {least:.0f} ms even at one token per image; "
+                        f"nearest reachable: latency_ms={math.ceil(reach)}"
+                    )
+                cap.append(min(v, cost.max_tokens(bsz, left) - t))
+            totals = [min(a, c) for a, c in zip(totals, cap, strict=True)]
+            plan.reasons.append(
+                f"latency_ms={b.latency_ms:g}: vision tower {encode_ms:.1f} ms (measured), language model budget "
+                f"{left:.1f} ms (calibrated: {cost.describe()})"
+            )
+            plan.predicted_ms = (
+                encode_ms + cost.overhead_ms + max(cost.llm_ms(bsz, t + v) for t, v in zip(n_text, totals, strict=True))
+            )
+        if b.memory_gb is not None:
+            totals = self._memory_totals(n_text, n_segments, totals, plan)
+        plan.totals = dict(enumerate(totals))
+        return totals
+
+    def _memory_totals(self, n_text, n_segments, totals, plan: Plan) -> list[int]:
+        """``memory_gb``: the prefill's activations (estimated from the config) plus the KV cache (exact bytes per
+        entry) stay under the target: the visual tokens are cut so the prompt fits, and ``kv_max`` bounds the cache
+        while decoding."""
+        b = self.budget
+        bsz = len(n_text)
+        limit = int(b.memory_gb * 1e9)
+        per_entry = kv_bytes_per_entry(self.lm)  # one entry of one row, all layers
+
+        def entries(p: int) -> int:  # KV entries per layer and row left beside a prefill of p tokens per row
+            return (limit - activation_bytes(self.lm, bsz, p)) // (bsz * per_entry)
+
+        def reserve(e: int) -> int:  # room for the answer before decoding starts evicting
+            return max(1, min(64, e // 8))
+
+        least = max(t + s for t, s in zip(n_text, n_segments, strict=True))  # one token per image
+        if entries(least) < least + 1:
+            reach = (activation_bytes(self.lm, bsz, least) + bsz * per_entry * (least + 1)) / 1e9
+            raise ValueError(
+                f"Budget(memory_gb={b.memory_gb:g}) is unreachable for this input: even at one token per image the "
+                f"prompt's KV cache and activations need {reach:.4g} GB; nearest reachable: memory_gb={reach:.4g}"
+            )
+        lo, hi = least, max(least, max(t + v for t, v in zip(n_text, totals, strict=True)))
+        while lo < hi:  # the longest prompt that fits with room for the answer (entries() falls as p grows)
+            mid = (lo + hi + 1) // 2
+            if mid + reserve(entries(mid)) <= entries(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        act = activation_bytes(self.lm, bsz, lo)
+        entries = entries(lo)
+        totals = [max(s, min(v, lo - t)) for t, v, s in zip(n_text, totals, n_segments, strict=True)]
+        plan.kv_max = int(entries)
+        plan.kv_bytes_limit = int(entries * bsz * per_entry)
+        plan.reasons.append(
+            f"memory_gb={b.memory_gb:g}: activations ~{act / 1e6:.1f} MB (estimated), KV {per_entry} B per entry "
+            f"and row -> at most {entries} entries per layer ({plan.kv_bytes_limit / 1e6:.2f} MB)"
+        )
+        return totals
+
+    # --- one prefill ----------------------------------------------------------------------------------------
+    def quotas(self, inputs, segments_of, stage, encode_ms: float, attn, masks) -> dict[int, list[int]]:
+        """Per input (``id(info)``) the quota of each of its segments for this prefill; records :attr:`plan`.
+
+        ``inputs``: ``(modality, number, info, rows [n], cols [n], features [n, D])`` per distinct input;
+        ``segments_of(info)``: its budgeted segments; ``stage``: ``(name, budget)`` of the stage the quotas steer;
+        ``attn`` ``[B, L]`` padding mask or ``None``; ``masks``: per modality the ``[B, L]`` placeholder masks."""
+        name, own = stage
+        plan = Plan(kv_bits=self.budget.kv_bits, kv_max=self.budget.kv_max)
+        per_row: dict[int, list] = {}  # row -> [(info, segment number, size, cap, weight)]
+        for m, j, info, rows, _, feats in inputs:
+            segs = segments_of(info)
+            prev = None
+            for k, seg in enumerate(segs):
+                x = feats[seg.idx.to(feats.device)]
+                w = information(x, prev if info.frames > 1 and len(segs) > 1 else None)
+                prev = x
+                size = seg.idx.numel()
+                label = f"{m} {j}" + (
+                    f" frame {k}" if info.frames > 1 and len(segs) > 1 else f" crop {k}" * (len(segs) > 1)
+                )
+                per_row.setdefault(int(rows[0]), []).append(
+                    (info, k, size, own.visual_quota(size, seg.units), w, label)
+                )
+        out: dict[int, list[int]] = {}
+        if self.has_total and per_row:
+            vis = torch.stack(list(masks.values())).any(0)
+            bsz, seq = vis.shape
+            lens = attn.sum(1) if attn is not None else torch.full((bsz,), seq)
+            rows = sorted(per_row)
+            n_text = [int(lens[r]) - int(vis[r].sum()) for r in rows]
+            n_vis = [sum(e[3] for e in per_row[r]) for r in rows]
+            n_seg = [len(per_row[r]) for r in rows]
+            totals = dict(zip(rows, self.row_totals(n_text, n_vis, n_seg, encode_ms, plan), strict=True))
+            for r in rows:
+                ents = per_row[r]
+                got = self.split(totals[r], [e[2] for e in ents], [e[4] for e in ents], [e[3] for e in ents])
+                for e, q in zip(ents, got, strict=True):
+                    out.setdefault(id(e[0]), [0] * len(segments_of(e[0])))[e[1]] = q
+        for r, ents in sorted(per_row.items()):
+            for e in ents:
+                kept = out[id(e[0])][e[1]] if out else e[3]
+                plan.entries.append(PlanEntry(r, e[5], e[2], kept, e[4], name))
+        self.plan = plan
+        return out
+
+    # --- split ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def split(total: int, sizes: list[int], weights: list[float], caps: list[int] | None = None) -> list[int]:
+        """Quotas for one row's segments: ``allocate`` under each segment's own cap (``caps``: its fraction /
+        count quota, when the budget also has one)."""
+        limits = sizes if caps is None else [min(s, c) for s, c in zip(sizes, caps, strict=True)]
+        return allocate(total, limits, weights)
+
+
+def kv_bytes_per_entry(lm) -> int:
+    """Bytes one KV entry (key + value, one row) takes over all layers of ``lm`` at its dtype."""
+    cfg = lm.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elem = next(lm.parameters()).element_size()
+    return 2 * len(lm.layers) * heads * head_dim * elem
+
+
+def activation_bytes(lm, batch: int, n: int) -> int:
+    """Estimated peak activation bytes of a prefill of ``n`` tokens: a layer's hidden states, MLP intermediate and
+    (eager attention only) its score matrix, at the model's dtype."""
+    cfg = lm.config
+    elem = next(lm.parameters()).element_size()
+    inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    per_token = 4 * cfg.hidden_size + 3 * inter
+    scores = 0
+    if getattr(cfg, "_attn_implementation", "eager") == "eager":
+        scores = 2 * cfg.num_attention_heads * n * n
+    return batch * (n * per_token + scores) * elem

@@ -1,0 +1,328 @@
+"""Token merging inside the vision tower (ToMe, Bolya et al. 2023): ``tome_vit``.
+
+Between the tower's layers, bipartite soft matching on the layer's keys folds the ``r`` most redundant tokens of
+each view into their best partners (a size-weighted mean), so every later layer runs on fewer tokens, and what
+leaves the tower at the feature layer is the budgeted count per image / crop. Attention is *proportional*: a token
+that stands for ``s`` patches gets ``+ log(s)`` on its attention logits (passed as an additive attention mask
+through the layer's own attention interface, eager or SDPA), so it weighs as its members did.
+
+The tower's outputs stay full length, because ``transformers`` scatters one feature per placeholder: every patch
+position holds its group's value, the group's *representative* (the surviving token, which keeps its original
+position) is marked ``alive`` in :class:`~vlm_accel.adapters.ImageInfo`, and the session drops the other positions
+before the LLM. A pre-LLM method can select further among the alive tokens (``"tome_vit+visionzip"``), an in-LLM
+method prune inside the LLM (``"tome_vit+fastv"``).
+
+What the model family must provide (its adapter's :meth:`~vlm_accel.adapters.Adapter.tower_spec`): the tower's
+layers, their attention modules, the protected prefix tokens (CLS) and how features map to images. LLaVA-family
+towers (CLIP, SigLIP, DINOv2) are supported; the Qwen-VL towers are refused (see their adapter).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import kernels
+from .methods.base import Method, Option, Reduction
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES = ("constant", "decreasing", "front")
+
+
+@dataclass
+class TowerSpec:
+    """What the adapter tells about a vision tower.
+
+    Attributes:
+        layers: the tower's transformer layers, in order (each called as ``layer(hidden [B, T, C], mask, ...)``).
+        attentions: per layer, its attention module (``k_proj`` and ``num_heads`` / ``head_dim`` read from it).
+        prefix: tokens at the front of every view that never merge (CLS), ``0`` for towers without one.
+    """
+
+    layers: list[nn.Module]
+    attentions: list[nn.Module]
+    prefix: int
+
+
+# --- the schedule and one merge step: pure functions of tensors ---------------------------------------------------
+def merge_schedule(n: int, k: int, points: int, kind: str = "decreasing") -> list[int]:
+    """Tokens to remove at each of ``points`` merge points to go from ``n`` mergeable tokens to ``k``.
+
+    ``constant``: the same ``r`` everywhere (ToMe's default); ``decreasing``: ``r`` falling linearly to about 0 at
+    the last point (ToMe's decreasing schedule: most merging early, where it saves most compute); ``front``: as
+    many as one bipartite round allows (half the tokens) at every point until ``k`` is reached. A point may ask
+    for more than half its tokens (few points, small ``k``): it then runs several rounds."""
+    total = max(0, n - k)
+    if points < 1 or total == 0:
+        return [0] * max(points, 0)
+    if kind == "constant":
+        return [total // points + (i < total % points) for i in range(points)]
+    if kind == "decreasing":
+        weights = [points - i for i in range(points)]
+        cum = [round(total * sum(weights[: i + 1]) / sum(weights)) for i in range(points)]
+        return [c - p for c, p in zip(cum, [0, *cum[:-1]], strict=True)]
+    if kind == "front":
+        out, m = [], n
+        for _ in range(points):
+            r = min(m // 2, m - k)
+            out.append(r)
+            m -= r
+        out[-1] += m - k  # more than one round at the last point when halving every point is not enough
+        return out
+    raise ValueError(f"tome_vit: schedule must be one of {SCHEDULES}, got {kind!r}")
+
+
+def bipartite_round(
+    x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int, prefix: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ToMe round on ``B`` views at once.
+
+    Args:
+        x: ``[B, M, C]`` current tokens (the first ``prefix`` never merge; the rest in their representatives' order).
+        metric: ``[B, M, E]`` what similarity is measured on (keys averaged over heads).
+        size: ``[B, M]`` patches each token stands for.
+        r: tokens to remove, at most half of the mergeable ones.
+    Returns:
+        ``(x [B, M - r, C], metric [B, M - r, E], size [B, M - r], alive [B, M], into [B, M])``: the merged tokens
+        (size-weighted means), which current tokens survive, and the current index each token was merged into
+        (itself for survivors).
+
+    The mergeable tokens alternate between sets A (even) and B (odd); every A token finds its most similar B token
+    (cosine), and the ``r`` A tokens with the best matches are folded into their partners."""
+    bsz, m, _ = x.shape
+    dev = x.device
+    rows = torch.arange(bsz, device=dev)[:, None]
+    a, b = metric[:, prefix::2], metric[:, prefix + 1 :: 2]
+    score, match = kernels.sim_argmax(a, b)  # [B, |A|]
+    best = score.argsort(dim=1, descending=True, stable=True)[:, :r]
+    src = prefix + 2 * best
+    dst = prefix + 2 * match.gather(1, best) + 1
+    w = size.float()
+    xs, ms, ss = x.float() * w[..., None], metric.float() * w[..., None], w.clone()
+    xs.index_put_((rows, dst), xs[rows, src], accumulate=True)
+    ms.index_put_((rows, dst), ms[rows, src], accumulate=True)
+    ss.index_put_((rows, dst), w[rows, src], accumulate=True)
+    x_new, m_new = x.clone(), metric.clone()
+    x_new[rows, dst] = (xs[rows, dst] / ss[rows, dst][..., None]).to(x.dtype)  # only merged groups change
+    m_new[rows, dst] = (ms[rows, dst] / ss[rows, dst][..., None]).to(metric.dtype)
+    alive = torch.ones(bsz, m, dtype=torch.bool, device=dev)
+    alive[rows, src] = False
+    into = torch.arange(m, device=dev).expand(bsz, m).clone()
+    into[rows, src] = dst
+    keep = m - r
+    return (
+        x_new[alive].view(bsz, keep, -1),
+        m_new[alive].view(bsz, keep, -1),
+        ss.to(size.dtype)[alive].view(bsz, keep),
+        alive,
+        into,
+    )
+
+
+# --- one tower forward ----------------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """The merge state of one tower forward over ``B`` views of ``T`` tokens."""
+
+    points: list[int]  # layers after which tokens merge
+    schedule: str
+    budget: object  # Budget: what leaves the tower per view
+    prefix: int  # tokens that never merge (CLS)
+    dropped: int  # prefix tokens the features leave out
+    plan: dict[int, int] = field(default_factory=dict)  # layer index -> tokens to remove after it
+    group: torch.Tensor | None = None  # [B, T] current index of every original token
+    rep: torch.Tensor | None = None  # [B, M] original index representing every current token (ascending)
+    size: torch.Tensor | None = None  # [B, M]
+    keys: torch.Tensor | None = None  # [B, M, C] the running layer's keys
+    tokens: int = 0  # T
+
+    def start(self, hidden: torch.Tensor) -> None:
+        """A new forward over ``hidden`` ``[B, T, C]``: plan the merges so that ``budget`` of the feature tokens
+        (``T - dropped``) leaves the tower, the protected ones among them included."""
+        bsz, t = hidden.shape[:2]
+        dev = hidden.device
+        self.tokens = t
+        target = self.budget.visual_quota(t - self.dropped)
+        keep = max(1, target - max(0, self.prefix - self.dropped))
+        rs = merge_schedule(t - self.prefix, keep, len(self.points), self.schedule)
+        self.plan = {p: r for p, r in zip(self.points, rs, strict=True) if r > 0}
+        self.rep = torch.arange(t, device=dev).expand(bsz, t).contiguous()
+        self.group = self.rep.clone()
+        self.size = torch.ones(bsz, t, device=dev)
+
+    @property
+    def merged(self) -> bool:
+        return self.rep is not None and self.rep.shape[1] < self.tokens
+
+    def merge(self, y: torch.Tensor, r: int, heads: int) -> torch.Tensor:
+        """Fold ``r`` tokens of the layer output ``y`` ``[B, M, C]`` (rounds of at most half the mergeable ones)."""
+        bsz, m, c = self.keys.shape
+        metric = self.keys.view(bsz, m, heads, c // heads).mean(2)
+        while r > 0:
+            mergeable = y.shape[1] - self.prefix
+            step = min(r, mergeable // 2)
+            if step < 1:
+                break
+            y, metric, self.size, alive, into = bipartite_round(y, metric, self.size, step, self.prefix)
+            new_pos = alive.long().cumsum(1) - 1
+            self.group = new_pos.gather(1, into.gather(1, self.group))
+            self.rep = self.rep[alive].view(bsz, -1)
+            r -= step
+        return y
+
+    def alive(self) -> torch.Tensor:
+        """``[B, T]`` True at every representative."""
+        out = torch.zeros(self.rep.shape[0], self.tokens, dtype=torch.bool, device=self.rep.device)
+        out.scatter_(1, self.rep, True)
+        return out
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, N, C]``, ``idx`` ``[B, M]`` -> ``[B, M, C]``."""
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+@dataclass
+class TowerMerge:
+    """Merging installed on one tower: per-layer wrappers (through the session's ``patch``, so ``restore`` removes
+    them), active only between :meth:`begin` and :meth:`end` (inside ``get_image_features``); any other call of the
+    tower runs unchanged."""
+
+    adapter: object
+    spec: TowerSpec
+    budget: object  # Budget: what leaves the tower per view
+    schedule: str = "decreasing"
+    start: int = 0
+    run: _Run | None = None
+
+    @classmethod
+    def install(cls, adapter, budget, options: dict, patch) -> TowerMerge:
+        spec = adapter.tower_spec()
+        self = cls(adapter, spec, budget, options.get("schedule", "decreasing"), options.get("start", 0))
+        for i, (layer, attn) in enumerate(zip(spec.layers, spec.attentions, strict=True)):
+            patch(layer, "forward", self._wrap_layer(i, layer.forward, attn))
+            patch(attn.k_proj, "forward", self._wrap_keys(attn.k_proj.forward))
+        return self
+
+    # per forward ---------------------------------------------------------------------------------------------------
+    def begin(self, call: dict, modality: str) -> None:
+        """Plan the merges of the coming tower forward (``call``: the ``get_image_features`` arguments)."""
+        if modality != "image":
+            raise ValueError(
+                f"tome_vit merges tokens of images only: {self.adapter.family}'s video path pools each frame's tokens "
+                "after the tower, which a merge inside the tower cannot follow; use a pre-LLM method for videos "
+                "(e.g. method='visionzip')"
+            )
+        feat = self.adapter.tower_feature_layer(call)  # index of the first layer whose output becomes a feature
+        points = list(range(min(self.start, feat), feat)) or [feat]
+        self.run = _Run(points, self.schedule, self.budget, self.spec.prefix, self.adapter.tower_dropped(call))
+
+    def end(self) -> _Run | None:
+        run, self.run = self.run, None
+        return run
+
+    def fill_alive(self, run: _Run, infos: list, call: dict) -> None:
+        """Mark in ``infos`` (one per image, from the adapter's ``describe``) the tokens that left the tower alive."""
+        if run.rep is None:  # the tower never ran
+            return
+        views = run.alive()[:, run.dropped :]
+        self.adapter.describe_alive(infos, views, call)
+
+    # wrappers ------------------------------------------------------------------------------------------------------
+    def _wrap_keys(self, orig):
+        def forward(x):
+            out = orig(x)
+            if self.run is not None:
+                self.run.keys = out
+            return out
+
+        return forward
+
+    def _wrap_layer(self, i: int, orig, attn: nn.Module):
+        heads = getattr(attn, "num_heads", None) or getattr(attn, "num_attention_heads", None)
+        if heads is None:
+            heads = attn.config.num_attention_heads
+
+        def forward(hidden_states, *args, **kwargs):
+            run = self.run
+            if run is None:
+                return orig(hidden_states, *args, **kwargs)
+            if i == 0 or run.rep is None:
+                run.start(hidden_states)
+            if run.merged:
+                x = _gather(hidden_states, run.rep)
+                bias = proportional_bias(run.size, x.dtype)  # proportional attention: [B, 1, 1, M]
+                given = args[0] if args else kwargs.get("attention_mask")
+                if given is not None:  # an additive mask the tower passed: restricted to the current tokens
+                    given = given.gather(-1, run.rep[:, None, None, :].expand(*given.shape[:-1], -1))
+                    given = given.gather(-2, run.rep[:, None, :, None].expand(*given.shape[:-2], -1, given.shape[-1]))
+                    bias = given + bias
+                if args:
+                    args = (bias, *args[1:])
+                else:
+                    kwargs["attention_mask"] = bias
+            else:
+                x = hidden_states
+            out = orig(x, *args, **kwargs)
+            y = out[0] if isinstance(out, tuple) else out
+            r = run.plan.get(i, 0)
+            if r:
+                y = run.merge(y, r, heads)
+            if run.merged:
+                y = _gather(y, run.group)  # full length: every position holds its group's value
+            return (y, *out[1:]) if isinstance(out, tuple) else y
+
+        return forward
+
+
+# --- the method entry ---------------------------------------------------------------------------------------------
+def _never(x, k, ctx) -> Reduction:
+    raise RuntimeError("tome_vit acts inside the vision tower; it is not a pre-LLM reducer")
+
+
+def _schedule_ok(v) -> bool:
+    return v in SCHEDULES
+
+
+def _start_ok(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+TOME_VIT = Method(
+    "tome_vit",
+    _never,
+    description="inside the vision tower: ToMe merging between layers, proportional attention (LLaVA-family towers)",
+    exact=False,
+    stage="encoder",
+    options={
+        "schedule": Option("decreasing", f"tokens merged per layer: one of {SCHEDULES}", _schedule_ok),
+        "start": Option(0, "first layer after which tokens merge (default 0)", _start_ok),
+    },
+)
+
+#: Methods that act inside the vision tower, by name (``accelerate(method=...)`` finds them here).
+ENCODER_METHODS: dict[str, Method] = {TOME_VIT.name: TOME_VIT}
+
+#: Pre-LLM methods that need every token of a segment's grid and so cannot follow a merge inside the tower.
+NEEDS_FULL_GRID = ("pool", "temporal")
+
+
+def proportional_bias(size: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """``[B, M]`` sizes -> the ``[B, 1, 1, M]`` additive attention bias ``log(size)``."""
+    return size.float().log().to(dtype)[:, None, None, :]
+
+
+__all__ = [
+    "ENCODER_METHODS",
+    "NEEDS_FULL_GRID",
+    "TOME_VIT",
+    "TowerMerge",
+    "TowerSpec",
+    "bipartite_round",
+    "merge_schedule",
+    "proportional_bias",
+]
