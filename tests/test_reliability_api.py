@@ -59,13 +59,7 @@ def test_get_image_features_tuple_output(models):
 
 
 @pytest.mark.parametrize("budget", [0.5, vlm_accel.Budget(kv=0.5)])
-@pytest.mark.parametrize(
-    "family",
-    [
-        f if f != "qwen3_vl" else pytest.param(f, marks=pytest.mark.xfail(strict=True, reason="M-RoPE continuation"))
-        for f in tiny.FAMILIES
-    ],
-)
+@pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_generate_continues_from_a_returned_cache(models, family, budget):
     """Multi-turn: generate, then generate again from the returned (reduced) cache = one uninterrupted generate."""
     model = models(family)

@@ -252,6 +252,9 @@ class Session:
             "prepare_inputs_for_generation",
             self._wrap_generation_inputs(self.model.prepare_inputs_for_generation),
         )
+        if "_prepare_position_ids_for_generation" in type(self.model).__dict__:  # Qwen3-VL: continuation positions
+            prep = self.model._prepare_position_ids_for_generation
+            self._patch(self.model, "_prepare_position_ids_for_generation", self._wrap_generation_positions(prep))
         if hasattr(inner, "compute_3d_position_ids"):  # M-RoPE families derive decode positions from the cache
             self._patch(inner, "compute_3d_position_ids", self._wrap_positions(inner.compute_3d_position_ids))
         steered = self.budget.has_target and self._stage_budget()[0] == "in-LLM"
@@ -483,6 +486,24 @@ class Session:
                 next_sequence_length -= st.delta
             kwargs.update(next_sequence_length=next_sequence_length, is_first_iteration=is_first_iteration)
             return orig(input_ids, *args, **kwargs)
+
+        return prepare
+
+    def _wrap_generation_positions(self, orig):
+        """``generate`` continuing from a reduced cache: the model compares the cache length with the caller's token
+        types to find new images; the cache is ``delta`` shorter than the sequence it stands for, so its images would
+        look new (and lose their M-RoPE positions). The types are shown as the cache sees them."""
+
+        @functools.wraps(orig)
+        def prepare(inputs_tensor, model_kwargs, *args, **kwargs):
+            cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+            st = self._decode_for(cache)
+            types = model_kwargs.get("mm_token_type_ids")
+            if st is not None and st.delta > 0 and torch.is_tensor(types) and types.dim() == 2:
+                past = cache.get_seq_length()
+                if past and not bool(types[:, past + st.delta :].any()):
+                    model_kwargs = dict(model_kwargs, mm_token_type_ids=types[:, st.delta :])
+            return orig(inputs_tensor, model_kwargs, *args, **kwargs)
 
         return prepare
 
