@@ -216,3 +216,44 @@ def test_identity_targets_that_keep_everything(models):
         with vlm_accel.accelerate(model, Budget(tokens=10_000)):
             got = model(**inputs).logits
     assert torch.equal(ref, got)
+
+
+# --- streaming under a total target ------------------------------------------------------------------------------
+def test_stream_spends_a_token_target_on_the_frames_that_change():
+    import numpy as np
+    from PIL import Image
+
+    model, processor = tiny.build_default_like()
+    rng = np.random.default_rng(0)
+    busy = [Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)) for _ in range(6)]
+    still = Image.fromarray(np.full((60, 80, 3), 200, dtype=np.uint8))
+    bound = 60
+    with vlm_accel.stream(model, processor, budget=Budget(visual=16, tokens=bound), frame_cache=None) as s:
+        assert s.max_tokens == bound
+        for i in range(40):  # static stretches between busy frames
+            s.add_frame(busy[i // 8] if i % 8 == 0 else still, t=float(i))
+            assert s.tokens_held <= bound
+        assert isinstance(s.ask("what color is the circle?", max_new_tokens=2), str)
+        sizes = [e.features.shape[0] for e in s.entries]
+        assert sum(sizes) == bound and s.stats.evicted == 0
+        assert len(s.entries) > bound // 16  # more frames kept than an even 16-per-frame bound would allow
+        for e in s.entries:  # every kept token still names its place in the frame
+            assert e.index.shape[0] == e.features.shape[0]
+
+
+def test_stream_memory_target_bounds_held_tokens():
+    from vlm_accel.controller import activation_bytes
+
+    model, processor = tiny.build_default_like()
+    lm = model.model.language_model
+    per = kv_bytes_per_entry(lm)
+    limit = 2000 * per
+
+    def need(n):  # the question's prefill over n held tokens: KV + activations
+        return per * (n + 64) + activation_bytes(lm, 1, n + 64)
+
+    with vlm_accel.stream(model, processor, budget=Budget(visual=16, memory_gb=limit / 1e9)) as s:
+        n = s.max_tokens
+        assert 0 < n and need(n) <= limit < need(n + 1)
+    with pytest.raises(ValueError, match="raise the target"):
+        vlm_accel.stream(model, processor, budget=Budget(memory_gb=10 * per / 1e9))

@@ -28,17 +28,19 @@ logger = logging.getLogger("vlm_accel")
 
 
 def information(x: torch.Tensor, previous: torch.Tensor | None = None) -> float:
-    """How much a segment's tokens say: ``x`` ``[N, D]`` features, ``previous`` ``[N, D]`` the previous frame's.
+    """How much a segment's tokens say: ``x`` ``[N, D]`` features, ``previous`` ``[M, D]`` the previous frame's.
 
     Spread of the token directions (``1 - |mean of unit vectors|``: 0 when every token is the same, near 1 for
-    diverse content) times, for a video frame after the first, the mean cosine distance of each token to the same
-    place in the previous frame (0 for a frame where nothing changed). Returned as a Python float in [0, 1]."""
+    diverse content) times, for a video frame after the first, how much changed: the mean cosine distance of each
+    token to the same place in the previous frame (``M == N``), or to its nearest token there (held frames of other
+    sizes); 0 for a frame where nothing changed. Returned as a Python float in [0, 1]."""
     u = torch.nn.functional.normalize(x.detach().float(), dim=-1)
     spread = float(1.0 - u.mean(0).norm().clamp(max=1.0))
-    if previous is None or previous.shape != x.shape:
+    if previous is None or previous.shape[-1] != x.shape[-1] or previous.numel() == 0:
         return spread
     v = torch.nn.functional.normalize(previous.detach().float(), dim=-1)
-    change = float((1.0 - (u * v).sum(-1)).clamp(min=0.0, max=1.0).mean())
+    sim = (u * v).sum(-1) if v.shape == u.shape else (u @ v.T).amax(-1)
+    change = float((1.0 - sim).clamp(min=0.0, max=1.0).mean())
     return spread * change
 
 

@@ -13,6 +13,8 @@ from .cache import frames_match
 logger = logging.getLogger(__name__)
 
 REDUNDANT = 0.95  # cosine of mean features above which a frame repeats its predecessor
+REDUNDANT_ALLOCATED = 0.999  # with a controller budget only (near-)exact repeats are folded; the rest is allocated
+QUESTION_TOKENS = 64  # room left for the question and the answer beside the held tokens
 
 
 @dataclass
@@ -52,6 +54,13 @@ class StreamSession:
     tokens exceed ``max_tokens``, the frame most similar to its predecessor is folded into it; if no pair is
     redundant, the oldest frame is evicted. ``ask`` answers from the held frames (frames-as-images), in order.
 
+    A budget with a total target goes through the budget controller: ``Budget(tokens=N)`` bounds the held tokens by
+    ``N``, ``memory_gb`` by what the KV cache and activations of the question's prefill allow, ``latency_ms`` by what
+    the calibrated language model prefills in that time (the frames are encoded already when the question comes).
+    The bound (the smallest of these and ``max_tokens``) is then split over the held frames by their information
+    (what changed since the previous frame): busy frames keep more tokens, static ones fewer (each re-selected by
+    diversity within its kept tokens), and frames are folded or evicted only when there are more frames than tokens.
+
     Supported: LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision (e.g. the embedded default; each frame is an image, anyres
     crops included, and held tokens are numbered consecutively) and Qwen2-VL / Qwen2.5-VL / Qwen3-VL (every held
     token keeps the M-RoPE position, and for Qwen3-VL the deepstack features, it has in its frame, exactly as if the
@@ -78,6 +87,10 @@ class StreamSession:
         self.max_tokens = max_tokens
         self.frame_cache = frame_cache
         self.session = accelerate(model, budget=budget, method=method)
+        self.allocate = self.session.budget.has_target
+        if self.allocate:
+            self.max_tokens = min(max_tokens, _target_bound(model, self.session))
+            logger.info("vlm_accel stream: at most %d visual tokens held (budget %s)", self.max_tokens, budget)
         self.entries: list[_Entry] = []
         self.stats = StreamStats()
         self._clock = 0.0
@@ -130,6 +143,8 @@ class StreamSession:
         self._refresh()
 
     def _enforce_bound(self) -> None:
+        if self.allocate:
+            return self._allocate()
         while self.tokens_held > self.max_tokens and len(self.entries) > 1:
             means = torch.stack([e.features.float().mean(0) for e in self.entries])
             sims = torch.nn.functional.cosine_similarity(means[1:], means[:-1], dim=-1)
@@ -145,6 +160,42 @@ class StreamSession:
             e = self.entries[0]
             n = self.max_tokens
             e.features, e.index, e.deepstack = e.features[:n], e.index[:n], [d[:n] for d in e.deepstack]
+
+    def _allocate(self) -> None:
+        """The controller's split: frames identical to their predecessor folded, then (only while there are more
+        frames than tokens) the oldest evicted, then every frame cut to its share of the bound by information."""
+        from ..controller import allocate, information
+        from ..methods import Context
+        from ..methods.diversity import divprune
+
+        self._fold_repeats()
+        while len(self.entries) > self.max_tokens:
+            self.entries.pop(0)
+            self.stats.evicted += 1
+        if self.tokens_held <= self.max_tokens:
+            return
+        sizes = [e.features.shape[0] for e in self.entries]
+        weights, prev = [], None
+        for e in self.entries:
+            weights.append(information(e.features, prev))
+            prev = e.features
+        for e, q in zip(self.entries, allocate(self.max_tokens, sizes, weights), strict=True):
+            if q < e.features.shape[0]:
+                keep = divprune(e.features, q, Context()).keep
+                e.features, e.index = e.features[keep], e.index[keep]
+                e.deepstack = [d[keep] for d in e.deepstack]
+
+    def _fold_repeats(self) -> None:
+        j = 0
+        while j + 1 < len(self.entries):
+            a, b = self.entries[j], self.entries[j + 1]
+            sim = torch.nn.functional.cosine_similarity(a.features.float().mean(0), b.features.float().mean(0), dim=0)
+            if float(sim) >= REDUNDANT_ALLOCATED:
+                a.t_end, a.frames = b.t_end, a.frames + b.frames
+                self.entries.pop(j + 1)
+                self.stats.merged += 1
+            else:
+                j += 1
 
     def _refresh(self) -> None:
         self.stats.frames_held = len(self.entries)
@@ -256,6 +307,31 @@ class StreamSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _target_bound(model, session) -> int:
+    """Held visual tokens a total target allows (``tokens``; ``memory_gb``: KV + activations of the question's
+    prefill; ``latency_ms``: the calibrated prefill)."""
+    from ..controller import activation_bytes, kv_bytes_per_entry
+
+    b, lm = session.budget, session.adapter.language_model
+    bound = b.tokens if b.tokens is not None else 1 << 30
+    if b.memory_gb is not None:
+        limit, per = b.memory_gb * 1e9, kv_bytes_per_entry(lm)
+        lo, hi = 0, 1 << 20
+        while lo < hi:  # most held tokens whose question prefill fits
+            mid = (lo + hi + 1) // 2
+            n = mid + QUESTION_TOKENS
+            lo, hi = (mid, hi) if per * n + activation_bytes(lm, 1, n) <= limit else (lo, mid - 1)
+        bound = min(bound, lo)
+    if b.latency_ms is not None:
+        bound = min(bound, session.controller.cost.max_tokens(1, b.latency_ms) - QUESTION_TOKENS)
+    if bound < 1:
+        raise ValueError(
+            f"budget {b} leaves no room for a single held visual token beside a {QUESTION_TOKENS}-token question; "
+            "raise the target"
+        )
+    return int(bound)
 
 
 def stream(
