@@ -9,8 +9,9 @@ through the layer's own attention interface, eager or SDPA), so it weighs as its
 The tower's outputs stay full length, because ``transformers`` scatters one feature per placeholder: every patch
 position holds its group's value, the group's *representative* (the surviving token, which keeps its original
 position) is marked ``alive`` in :class:`~vlm_accel.adapters.ImageInfo`, and the session drops the other positions
-before the LLM. A pre-LLM method can select further among the alive tokens (``"tome_vit+visionzip"``), an in-LLM
-method prune inside the LLM (``"tome_vit+fastv"``).
+before the LLM. Layers before the feature layer hand the merged tokens themselves to the next layer (no round
+trip through the full layout) unless the caller asked for every hidden state. A pre-LLM method can select further
+among the alive tokens (``"tome_vit+visionzip"``), an in-LLM method prune inside the LLM (``"tome_vit+fastv"``).
 
 What the model family must provide (its adapter's :meth:`~vlm_accel.adapters.Adapter.tower_spec`): the tower's
 layers, their attention modules, the protected prefix tokens (CLS) and how features map to images. LLaVA-family
@@ -30,7 +31,7 @@ from .methods.base import Method, Option, Reduction
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = ("constant", "decreasing", "front")
+SCHEDULES = ("constant", "decreasing", "steep", "front")
 
 
 @dataclass
@@ -53,7 +54,8 @@ def merge_schedule(n: int, k: int, points: int, kind: str = "decreasing") -> lis
     """Tokens to remove at each of ``points`` merge points to go from ``n`` mergeable tokens to ``k``.
 
     ``constant``: the same ``r`` everywhere (ToMe's default); ``decreasing``: ``r`` falling linearly to about 0 at
-    the last point (ToMe's decreasing schedule: most merging early, where it saves most compute); ``front``: as
+    the last point (ToMe's decreasing schedule: most merging early, where it saves most compute); ``steep``: ``r``
+    falling quadratically (more merging still in the first layers); ``front``: as
     many as one bipartite round allows (half the tokens) at every point until ``k`` is reached. A point may ask
     for more than half its tokens (few points, small ``k``): it then runs several rounds."""
     total = max(0, n - k)
@@ -61,8 +63,8 @@ def merge_schedule(n: int, k: int, points: int, kind: str = "decreasing") -> lis
         return [0] * max(points, 0)
     if kind == "constant":
         return [total // points + (i < total % points) for i in range(points)]
-    if kind == "decreasing":
-        weights = [points - i for i in range(points)]
+    if kind in ("decreasing", "steep"):
+        weights = [(points - i) ** (1 if kind == "decreasing" else 2) for i in range(points)]
         cum = [round(total * sum(weights[: i + 1]) / sum(weights)) for i in range(points)]
         return [c - p for c, p in zip(cum, [0, *cum[:-1]], strict=True)]
     if kind == "front":
@@ -129,6 +131,8 @@ class _Run:
     """The merge state of one tower forward over ``B`` views of ``T`` tokens."""
 
     points: list[int]  # layers after which tokens merge
+    feature: int  # first layer whose output is a feature: its input and outputs from there on are full length
+    full: bool  # every layer's output full length (the caller asked for the hidden states)
     schedule: str
     budget: object  # Budget: what leaves the tower per view
     prefix: int  # tokens that never merge (CLS)
@@ -219,7 +223,10 @@ class TowerMerge:
             )
         feat = self.adapter.tower_feature_layer(call)  # index of the first layer whose output becomes a feature
         points = list(range(min(self.start, feat), feat)) or [feat]
-        self.run = _Run(points, self.schedule, self.budget, self.spec.prefix, self.adapter.tower_dropped(call))
+        full = call.get("output_hidden_states") is True
+        self.run = _Run(
+            points, feat, full, self.schedule, self.budget, self.spec.prefix, self.adapter.tower_dropped(call)
+        )
 
     def end(self) -> _Run | None:
         run, self.run = self.run, None
@@ -254,7 +261,8 @@ class TowerMerge:
             if i == 0 or run.rep is None:
                 run.start(hidden_states)
             if run.merged:
-                x = _gather(hidden_states, run.rep)
+                # a layer before returned the merged tokens themselves, or the full-length layout
+                x = hidden_states if hidden_states.shape[1] < run.tokens else _gather(hidden_states, run.rep)
                 bias = proportional_bias(run.size, x.dtype)  # proportional attention: [B, 1, 1, M]
                 given = args[0] if args else kwargs.get("attention_mask")
                 if given is not None:  # an additive mask the tower passed: restricted to the current tokens
@@ -272,7 +280,7 @@ class TowerMerge:
             r = run.plan.get(i, 0)
             if r:
                 y = run.merge(y, r, heads)
-            if run.merged:
+            if run.merged and (i + 1 >= run.feature or run.full):  # the feature layer's input too (CLS attention)
                 y = _gather(y, run.group)  # full length: every position holds its group's value
             return (y, *out[1:]) if isinstance(out, tuple) else y
 
