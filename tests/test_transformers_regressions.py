@@ -8,9 +8,6 @@ import vlm_accel
 
 import tiny
 
-# config.return_dict = False (not the keyword): the wrapper reads the tuple's last item as the features
-_TUPLE_BY_CONFIG_BROKEN = {"llava", "llava_next", "llava_onevision", "qwen3_vl"}
-
 
 def _same(a, b) -> bool:
     if torch.is_tensor(a) or torch.is_tensor(b):
@@ -20,29 +17,14 @@ def _same(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize(
-    "family",
-    [
-        pytest.param(
-            f,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="get_image_features with config.return_dict=False on an accelerated model: AttributeError "
-                "(transformers' test_get_image_features_output_1); the wrapper honours only the return_dict keyword",
-            ),
-        )
-        if f in _TUPLE_BY_CONFIG_BROKEN
-        else f
-        for f in tiny.FAMILIES
-    ],
-)
+@pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_get_image_features_tuple_from_config_unchanged_at_full_budget(models, family):
     model = models(family)
     inputs = tiny.inputs_for(model, family, "image")
     vision = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
     inner = model.model
     previous = inner.config.return_dict
-    inner.config.return_dict = False  # what transformers' test does: the decorator then returns a tuple
+    inner.config.return_dict = False  # as transformers' test_get_image_features_output: the decorator returns a tuple
     try:
         with torch.no_grad():
             ref = inner.get_image_features(**vision)

@@ -349,7 +349,10 @@ class Session:
                     captured["hidden"] = a[0] if a else kw["hidden_states"]
 
                 handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
-            tuple_out = kwargs.get("return_dict") is False  # computed as a dict, handed back as the caller's tuple
+            returns = kwargs.get("return_dict")
+            if returns is None:  # the decorator's default: the config's return_dict
+                returns = getattr(getattr(orig, "__self__", self.adapter.inner).config, "return_dict", True)
+            tuple_out = returns is False  # computed as a dict, handed back as the caller's tuple
             if tuple_out:
                 kwargs = dict(kwargs, return_dict=True)
             self._encoding = True
@@ -381,6 +384,8 @@ class Session:
     def _locked(self, orig):
         @functools.wraps(orig)
         def call(*args, **kwargs):
+            if torch.compiler.is_compiling():  # a compiled step runs inside a call that holds the lock already
+                return orig(*args, **kwargs)
             with self._lock:
                 return orig(*args, **kwargs)
 

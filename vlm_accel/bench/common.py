@@ -59,7 +59,8 @@ def write_results(out_dir: str | Path, name: str, meta: dict, rows: list[dict]) 
     path = out / f"{name}.json"
     path.write_text(json.dumps({**meta, "rows": rows}, indent=2, default=str))
     with open(out / f"{name}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(k for r in rows for k in r))  # every row's keys, first-seen order
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
         w.writeheader()
         w.writerows(rows)
     return path
