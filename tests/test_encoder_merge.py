@@ -106,6 +106,7 @@ def plain_tome_tower(tower_layers, x0, feature_layer, schedule, prefix, heads):
         ("clip_vision_model", 5, -2, "default", "constant", 10),
         ("siglip_vision_model", 4, -1, "full", "front", 0.3),
         ("dinov2", 4, -1, "default", "decreasing", 0.11),
+        ("dinov2", 5, -1, "default", "steep", 0.33),
     ],
 )
 def test_tower_output_equals_plain_tome(tower, layers, feature_layer, strategy, schedule, budget):
