@@ -65,7 +65,12 @@ def measure(model, inputs: dict, new_tokens: int) -> dict:
     return {"prefill_ms": prefill_ms, "vit_ms": vit_ms, "e2e_ms": (time.perf_counter() - t0) * 1e3}
 
 
-def speed(model, inputs, configs, repeats: int, new_tokens: int) -> list[dict]:
+def options_of(method: str, schedule: str | None) -> dict | None:
+    """``method_options`` of a configuration: the tower schedule for ``tome_vit`` alone (composites use defaults)."""
+    return {"schedule": schedule} if schedule and method == "tome_vit" else None
+
+
+def speed(model, inputs, configs, repeats: int, new_tokens: int, schedule: str | None = None) -> list[dict]:
     """Medians per configuration ``(method, budget)``; ``("none", 1.0)`` is the unpatched model."""
     n_vis = int((inputs["input_ids"] == model.config.image_token_id).sum())
     samples: dict[tuple, list[dict]] = {c: [] for c in configs}
@@ -75,7 +80,8 @@ def speed(model, inputs, configs, repeats: int, new_tokens: int) -> list[dict]:
             if method == "none":
                 samples[(method, budget)].append(measure(model, inputs, new_tokens))
                 continue
-            with vlm_accel.accelerate(model, budget=budget, method=method) as sess:
+            opts = options_of(method, schedule)
+            with vlm_accel.accelerate(model, budget=budget, method=method, method_options=opts) as sess:
                 m = measure(model, inputs, new_tokens)
                 m["kept"] = sess.stats.visual_tokens_kept
             samples[(method, budget)].append(m)
@@ -91,6 +97,7 @@ def speed(model, inputs, configs, repeats: int, new_tokens: int) -> list[dict]:
         rows.append(
             {
                 "method": method,
+                "schedule": (schedule or "decreasing") if "tome_vit" in method and "+" not in method else None,
                 "budget": budget if not isinstance(budget, vlm_accel.Budget) else budget.visual * budget.encoder,
                 "encoder": budget.encoder if isinstance(budget, vlm_accel.Budget) else None,
                 "visual_tokens": n_vis,
@@ -107,7 +114,7 @@ def speed(model, inputs, configs, repeats: int, new_tokens: int) -> list[dict]:
     return rows
 
 
-def accuracy(model, processor, items, configs, batch: int) -> dict[tuple, dict]:
+def accuracy(model, processor, items, configs, batch: int, schedule: str | None = None) -> dict[tuple, dict]:
     """Accuracy retained per configuration on ``items`` (see :mod:`vlm_accel.bench.vqa`)."""
     from .vqa import score, summarize
 
@@ -117,7 +124,7 @@ def accuracy(model, processor, items, configs, batch: int) -> dict[tuple, dict]:
         if method == "none":
             out[(method, budget)] = summarize(items, full, full, method, 1.0)
             continue
-        with vlm_accel.accelerate(model, budget=budget, method=method):
+        with vlm_accel.accelerate(model, budget=budget, method=method, method_options=options_of(method, schedule)):
             hits = score(model, processor, items, batch, f"{method}@{budget}")
         out[(method, budget)] = summarize(items, hits, full, method, budget)
         logger.info("%s @ %s: %.1f %% retained", method, budget, out[(method, budget)]["retained_pct"])
@@ -128,6 +135,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", choices=["default", "llava15"])
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
+    p.add_argument("--schedule", default=None, help="tome_vit's schedule when alone (default: its default)")
     p.add_argument("--encoder", type=float, default=0.5, help="tower share of tome_vit+X composites (default 0.5)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=6)
@@ -163,10 +171,10 @@ def cli(a: argparse.Namespace) -> int:
     if a.n and processor is not None:
         from .vqa import load_items
 
-        acc = accuracy(model, processor, load_items(None, a.n, 0), configs, a.batch)
+        acc = accuracy(model, processor, load_items(None, a.n, 0), configs, a.batch, a.schedule)
     if a.speed_threads:
         torch.set_num_threads(a.speed_threads)
-    rows = speed(model, inputs, configs, a.repeats, a.new_tokens)
+    rows = speed(model, inputs, configs, a.repeats, a.new_tokens, a.schedule)
     if acc is not None:
         for row, c in zip(rows, configs, strict=True):
             row["accuracy"] = acc[c]["accuracy"]
