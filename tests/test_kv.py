@@ -243,3 +243,88 @@ def test_press_matrix(models, press, family, kind, batch):
     assert max(kept.values()) <= 40 and len(kept) == len(model.model.language_model.layers)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, ref)  # restored exactly
+
+
+def _reference_vision_keep(keys, relevance, visual, valid, keep, relevant):
+    """Readable rule of the vision press, one row and KV head at a time: every text entry (the most relevant ones
+    if the text alone exceeds the quota); of the visual quota, the ``relevant`` share with the highest relevance,
+    then greedy max-min picks (the first: largest mean cosine distance to the visual keys when nothing is picked yet;
+    each next: farthest from its nearest picked visual key)."""
+    b, h = keys.shape[:2]
+    out = []
+    for r in range(b):
+        text = [i for i in range(keys.shape[2]) if valid[r, i] and not visual[r, i]]
+        vis = [i for i in range(keys.shape[2]) if valid[r, i] and visual[r, i]]
+        k_vis = min(max(int(keep[r]) - len(text), 0), len(vis))
+        k_rel = round(relevant * k_vis)
+        heads = []
+        for hk in range(h):
+            rel = {i: float(relevance[r, hk, i]) for i in vis}
+            picked = sorted(vis, key=lambda i: -rel[i])[:k_rel]
+            unit = torch.nn.functional.normalize(keys[r, hk].double(), dim=-1)
+            dist = (1.0 - unit @ unit.T).tolist()  # cosine distance between entries i and j: dist[i][j]
+
+            for _ in range(k_vis - k_rel):
+                rest = [i for i in vis if i not in picked]
+                if picked:
+                    picked.append(max(rest, key=lambda i: min(dist[i][j] for j in picked)))
+                else:
+                    picked.append(max(rest, key=lambda i: sum(dist[i][j] for j in vis) / len(vis)))
+            kept_text = sorted(text, key=lambda i: -float(relevance[r, hk, i]))[: int(keep[r])]
+            heads.append(set(kept_text) | set(picked))
+        out.append(heads)
+    return out
+
+
+def _reference_relevance(attn, hidden, pe, valid, window, kernel):
+    """SnapKV's score, spelled out: eager causal attention of the last ``window`` rows, averaged over those rows and
+    the query heads of each KV head, smoothed over ``kernel`` neighbours (zero padding at the ends)."""
+    from vlm_accel.attention import project_keys, project_queries
+
+    b, n = valid.shape
+    q = project_queries(attn, hidden, pe, torch.arange(n).expand(b, n))  # [B, H, L, hd]
+    k = project_keys(attn, hidden, pe)  # [B, H_kv, L, hd]
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    logits = (q @ k.transpose(-1, -2)) * attn.scaling
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
+    probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+    s = probs[:, :, n - window :].mean(2)  # [B, H, L]
+    s = s.view(b, -1, group, n).mean(2)  # [B, H_kv, L]
+    padded = torch.nn.functional.pad(s, (kernel // 2, kernel // 2))
+    return torch.stack([padded[..., i : i + kernel].mean(-1) for i in range(n)], -1)
+
+
+@pytest.mark.parametrize("kv", [0.5, 0.25])
+@pytest.mark.parametrize("relevant", [0.0, 0.25, 1.0])
+def test_vision_press_equals_readable_rule(relevant, kv):
+    import transformers as tf
+
+    from vlm_accel.attention import project_keys
+    from vlm_accel.kv.presses import PressInput, VisionAwarePress, select
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**tiny._LLAMA)).eval()
+    attn = model.model.layers[0].self_attn
+    b, n = 3, 48  # three rows, two KV heads
+    hidden = torch.randn(b, n, tiny._LLAMA["hidden_size"])
+    pe = model.model.rotary_emb(hidden, torch.arange(n)[None].expand(b, n))
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[0, :5] = False  # left padding
+    valid[2, :2] = False
+    visual = torch.zeros(b, n, dtype=torch.bool)
+    visual[0, 8:40] = True  # [pad] text, 32 visual entries, text (the question)
+    visual[1, 10:42] = True
+    visual[2, 4:20] = True
+    keep = quota(valid.sum(1), kv)  # kv=0.25: row 1 keeps 12 of its 16 text entries, no visual one
+    with torch.no_grad():
+        keys = project_keys(attn, hidden, pe)
+        press = VisionAwarePress(relevant=relevant, window=6, kernel=3)
+        scores = press.score(PressInput(attn, hidden, pe, keys, keys, valid, visual, keep=keep))
+        index, new_valid = select(scores, valid, keep)
+        relevance = _reference_relevance(attn, hidden, pe, valid, 6, 3)
+    want = _reference_vision_keep(keys, relevance, visual, valid, keep, relevant)
+    for r in range(b):
+        for hk in range(keys.shape[1]):
+            got = set(index[r, hk][new_valid[r]].tolist())
+            assert got == want[r][hk], (r, hk)

@@ -136,7 +136,7 @@ class KVCompressor:
         target = quota(valid.sum(1), self.kv)
         if self.kv_max is not None:
             target = target.clamp(max=self.kv_max)
-        inp = PressInput(attn, hidden, pe, keys, values, valid, visual)
+        inp = PressInput(attn, hidden, pe, keys, values, valid, visual, keep=target)
         marks = self.important > 0 and hasattr(layer, "set_important")
         if bool((target >= valid.sum(1)).all()) and bool(valid.all()) and not marks:
             self.valid[i] = valid
@@ -175,12 +175,12 @@ class KVCompressor:
             q = hidden.shape[1]
             rows = torch.arange(hidden.shape[1], device=hidden.device).expand(bsz, q)
             query = project_queries(attn, hidden, pe, rows)
-        scores = self.press.score(PressInput(attn, None, None, keys, values, full, None, query))
+        target = torch.clamp(full.sum(1), max=self.kv_max)
+        scores = self.press.score(PressInput(attn, None, None, keys, values, full, None, query, keep=target))
         if getattr(self.press, "accumulates", False) and i in self._accumulated:
             acc = self._accumulated[i]
             acc = torch.cat([acc, acc.new_zeros(*acc.shape[:2], n_all - acc.shape[2])], 2)
             scores = acc + scores.masked_fill(torch.isinf(scores), 0)
-        target = torch.clamp(full.sum(1), max=self.kv_max)
         index, new_valid = select(scores, full, target)
         if getattr(self.press, "accumulates", False):
             self._accumulated[i] = scores.gather(2, index)

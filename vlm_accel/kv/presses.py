@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import attention_probs, row_attention
+from ..kernels import max_min_select
 
 TEXT_BONUS = 1e4  # vision-aware: every text entry outranks every visual one
 
@@ -34,6 +35,7 @@ class PressInput:
         valid: ``[B, L]`` False for padding entries (never kept over a real one).
         visual: ``[B, L]`` True for visual entries, or ``None`` (text-only models).
         query: ``[B, H, q, hd]`` post-rotary queries of the current decoding step, or ``None``.
+        keep: ``[B]`` entries each row will keep, or ``None`` (unknown: the score must rank every entry).
     """
 
     attn: torch.nn.Module
@@ -44,6 +46,7 @@ class PressInput:
     valid: torch.Tensor
     visual: torch.Tensor | None = None
     query: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
 
 
 def _per_kv_head(probs: torch.Tensor, h_kv: int) -> torch.Tensor:
@@ -92,10 +95,7 @@ class SnapKVPress(Press):
         self.window, self.kernel = window, kernel
 
     def score(self, inp: PressInput) -> torch.Tensor:
-        s = window_attention(inp, self.window)
-        if self.kernel > 1:
-            b, h, n = s.shape
-            s = F.avg_pool1d(s.reshape(b * h, 1, n), self.kernel, stride=1, padding=self.kernel // 2).view(b, h, n)
+        s = _pool(window_attention(inp, self.window), self.kernel)
         if inp.query is None:  # prefill: keep the observation window
             s[..., -min(self.window, s.shape[-1]) :] = float("inf")
         return s
@@ -138,22 +138,71 @@ class StreamingPress(Press):
 
 
 class VisionAwarePress(Press):
-    """Spends the eviction on visual entries first and keeps the text: every text entry outranks every visual one;
-    within each kind, ``inner`` decides (default SnapKV)."""
+    """Keeps the text and spends the eviction on visual entries, keeping their coverage of the image.
+
+    After prefill, per row and KV head: every text entry is kept; of the visual entries still within the quota, the
+    share ``relevant`` goes to those the observation window attends to most (SnapKV's score: when the question is in
+    the prompt, the entries it asks about), the rest to coverage: greedy max-min selection on the keys (each next
+    pick is the visual key farthest, in cosine distance, from every visual key picked so far; DivPrune's rule,
+    :func:`vlm_accel.kernels.max_min_select`). Attention concentrates on a few regions (and, with the question not
+    yet asked, on the wrong ones); coverage keeps a little of everything the image shows.
+
+    Without a quota or visual positions (decoding under ``kv_max``, text-only models) it ranks by SnapKV's score,
+    text first.
+    """
 
     name = "vision"
+    needs_attention = True
 
-    def __init__(self, inner: Press | None = None):
-        self.inner = inner or SnapKVPress()
-        self.needs_attention = self.inner.needs_attention
+    def __init__(self, relevant: float = 0.25, window: int = 32, kernel: int = 5):
+        if not 0.0 <= relevant <= 1.0:
+            raise ValueError(f"vision: relevant must be a share in [0, 1], got {relevant}")
+        self.relevant = relevant
+        self.snapkv = SnapKVPress(window, kernel)
 
     def score(self, inp: PressInput) -> torch.Tensor:
-        s = self.inner.score(inp)
-        if inp.visual is None:
-            return s
-        finite = torch.nan_to_num(s, posinf=TEXT_BONUS / 2).clamp(-TEXT_BONUS / 2, TEXT_BONUS / 2)
-        bonus = (~inp.visual.bool()).float()[:, None, :] * TEXT_BONUS
-        return torch.where(torch.isinf(s) & (s > 0), s, finite + bonus)
+        if inp.visual is None or inp.keep is None or inp.query is not None:
+            s = self.snapkv.score(inp)
+            if inp.visual is None:
+                return s
+            finite = torch.nan_to_num(s, posinf=TEXT_BONUS / 2).clamp(-TEXT_BONUS / 2, TEXT_BONUS / 2)
+            return finite + (~inp.visual.bool()).float()[:, None, :] * TEXT_BONUS
+        b, h, n = inp.keys.shape[:3]
+        relevance = window_attention(inp, self.snapkv.window)  # [B, H_kv, L], the window not protected
+        relevance = _pool(relevance, self.snapkv.kernel)
+        valid, visual = inp.valid.bool(), inp.visual.bool()
+        # integer tiers (exact in fp32): text by relevance (2n, 3n] > relevant visual picks (n, 2n]
+        # > coverage picks [1, n] > the other visual entries by relevance [-n, 0)
+        rank = relevance.argsort(-1).argsort(-1).to(relevance.dtype)  # [B, H_kv, L] 0 = least relevant
+        out = torch.where(visual[:, None, :], rank - n, rank + 2 * n + 1)
+        for r in range(b):
+            vis = (visual[r] & valid[r]).nonzero()[:, 0]  # [Nv] positions of the row's visual entries
+            text = int((valid[r] & ~visual[r]).sum())
+            k_vis = min(max(int(inp.keep[r]) - text, 0), vis.numel())
+            k_rel = round(self.relevant * k_vis)
+            picked = torch.zeros(h, vis.numel(), dtype=torch.bool, device=vis.device)  # [H_kv, Nv]
+            if k_rel:
+                top = relevance[r][:, vis].topk(k_rel, dim=-1).indices  # [H_kv, k_rel], best first
+                picked.scatter_(1, top, True)
+                out[r].scatter_(1, vis[top], _descending(2 * n, k_rel, h, out))
+            if k_vis > k_rel:
+                x = inp.keys[r][:, vis].float()  # [H_kv, Nv, hd]
+                order = max_min_select(x, k_vis - k_rel, init=picked if k_rel else None)  # [H_kv, k], pick order
+                out[r].scatter_(1, vis[order], _descending(n, k_vis - k_rel, h, out))
+        return out
+
+
+def _pool(s: torch.Tensor, kernel: int) -> torch.Tensor:
+    """``[B, H, L]`` averaged over ``kernel`` neighbouring entries (SnapKV's smoothing)."""
+    if kernel <= 1:
+        return s
+    b, h, n = s.shape
+    return F.avg_pool1d(s.reshape(b * h, 1, n), kernel, stride=1, padding=kernel // 2).view(b, h, n)
+
+
+def _descending(top: int, k: int, heads: int, like: torch.Tensor) -> torch.Tensor:
+    """``[heads, k]`` scores ``top, top - 1, ...``: the i-th pick outranks the next."""
+    return (top - torch.arange(k, dtype=like.dtype, device=like.device)).expand(heads, k).contiguous()
 
 
 PRESSES = {p.name: p for p in (SnapKVPress, H2OPress, StreamingPress, VisionAwarePress)}
