@@ -264,3 +264,17 @@ def test_schedule_reaches_the_target(kind):
         assert len(rs) == points and sum(rs) == n - k and min(rs) >= 0
     dec = merge_schedule(256, 84, 11, "decreasing")
     assert dec == sorted(dec, reverse=True) and dec[0] > dec[-1]
+
+
+def test_bench_rows(models):
+    """``vlm-accel bench encoder``'s runner on a tiny LLaVA: one row per configuration, the kept counts the budgets
+    promise (timings are only recorded, never asserted)."""
+    from vlm_accel.bench.encoder import budget_of, speed
+
+    model = models("llava")
+    inputs = tiny.make_inputs(model, "llava", batch=1, seed=6)
+    configs = [("none", 1.0), ("tome_vit", 0.25), ("tome_vit+visionzip", budget_of("tome_vit+visionzip", 0.25, 0.5))]
+    rows = speed(model, inputs, configs, repeats=1, new_tokens=2, schedule="steep")
+    assert [r["visual_kept"] for r in rows] == [64, 16, 16]
+    assert [r["schedule"] for r in rows] == [None, "steep", None]
+    assert rows[0]["prefill_speedup"] == 1.0 and all(r["vit_ms"] > 0 for r in rows)
