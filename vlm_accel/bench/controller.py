@@ -58,7 +58,8 @@ def _default_inputs(processor, item, images=None) -> dict:
     )
 
 
-def _score(model, processor, items, budget, method) -> list[int]:
+def _score(model, processor, items, budget, method) -> list[int | None]:
+    """1 / 0 per item, ``None`` where the target was unreachable for that request (the controller raised)."""
     from ..zoo import normalize_answer
     from ..zoo.evaluate import answer_batch
 
@@ -66,7 +67,12 @@ def _score(model, processor, items, budget, method) -> list[int]:
     try:
         hits = []
         for it in items:  # one request at a time: a latency target is per request
-            pred = answer_batch(model, processor, [it["image"]], [it["question"]])[0]
+            try:
+                pred = answer_batch(model, processor, [it["image"]], [it["question"]])[0]
+            except ValueError as e:
+                logger.info("unreachable: %s", e)
+                hits.append(None)
+                continue
             hits.append(int(normalize_answer(pred) == normalize_answer(it["answer"])))
         return hits
     finally:
@@ -110,8 +116,10 @@ def latency(which: str, n: int, repeats: int, method: str, fractions=FRACTIONS) 
             sess.restore()
         if items and row["reachable"]:
             hits = _score(model, processor, items, Budget(latency_ms=target), method)
-            row["accuracy"] = sum(hits) / len(hits)
-            row["retained_pct"] = 100.0 * sum(hits) / max(sum(full_hits), 1)
+            done = [(h, f) for h, f in zip(hits, full_hits, strict=True) if h is not None]
+            row["reached_pct"] = 100.0 * len(done) / len(hits)  # requests the target was reachable for
+            row["accuracy"] = sum(h for h, _ in done) / max(len(done), 1)
+            row["retained_pct"] = 100.0 * sum(h for h, _ in done) / max(sum(f for _, f in done), 1)
         rows.append(row)
         logger.info("latency %s %.2f: %s", which, f, row)
     if items:
