@@ -146,8 +146,9 @@ class KVCompressor:
         index, new_valid = select(scores, valid, target)
         self.kept[i] = index
         kept_scores = scores.gather(2, index).masked_fill(~new_valid[:, None, :], float("-inf"))
-        if getattr(self.press, "accumulates", False):
-            self._accumulated[i] = kept_scores
+        if getattr(self.press, "accumulates", False):  # entries kept outright (+inf) start as the heaviest hitters
+            heaviest = kept_scores.masked_fill(torch.isinf(kept_scores), float("-inf")).amax(-1, keepdim=True)
+            self._accumulated[i] = torch.where(torch.isposinf(kept_scores), heaviest.clamp_min(0), kept_scores)
         if index.shape[2] < n or not bool(valid.all()):
             _set_entries(layer, index)
         self.valid[i] = new_valid

@@ -103,19 +103,27 @@ class SnapKVPress(Press):
 
 class H2OPress(Press):
     """Heavy hitters (H2O / TOVA): entries that received the most attention, summed over the last ``window``
-    prompt rows at prefill (TOVA: ``window=1``) and over every decoding step since (accumulated)."""
+    prompt rows at prefill (TOVA: ``window=1``) and over every decoding step since (accumulated). At prefill the
+    share ``recent`` of the quota goes to the most recent prompt entries (H2O's split: half heavy hitters, half
+    recent; ``0``: TOVA), so a question at the end of the prompt is kept."""
 
     name = "h2o"
     needs_attention = True
     accumulates = True
 
-    def __init__(self, window: int = 1):
-        if window < 1:
-            raise ValueError(f"h2o: window must be >= 1, got {window}")
-        self.window = window
+    def __init__(self, window: int = 1, recent: float = 0.5):
+        if window < 1 or not 0.0 <= recent <= 1.0:
+            raise ValueError(f"h2o: window >= 1 and recent in [0, 1] required; got {window=}, {recent=}")
+        self.window, self.recent = window, recent
 
     def score(self, inp: PressInput) -> torch.Tensor:
-        return window_attention(inp, self.window)
+        s = window_attention(inp, self.window)
+        if inp.query is None and inp.keep is not None and self.recent > 0:
+            n = s.shape[-1]
+            n_recent = (inp.keep.float() * self.recent).round().long().to(s.device)  # [B]
+            recent = torch.arange(n, device=s.device)[None, :] >= n - n_recent[:, None]  # [B, L] (left padding)
+            s = s.masked_fill(recent[:, None, :], float("inf"))
+        return s
 
 
 class StreamingPress(Press):
