@@ -1176,8 +1176,8 @@ def accelerate(
             ``session.stats.frames_in`` / ``frames_encoded`` count the frames seen and encoded.
         method_options: options of the method (of its in-LLM part for a composite), e.g. ``{"layer": 2}`` for
             ``fastv``; ``vlm-accel methods`` lists them. Unknown names or bad values raise ``ValueError``.
-        kv_press: how ``Budget(kv=..., kv_max=...)`` evicts KV entries: ``"vision"`` (visual entries first, text
-            kept; SnapKV inside each kind), ``"snapkv"``, ``"h2o"``, ``"streaming"``, or a
+        kv_press: how ``Budget(kv=..., kv_max=...)`` evicts KV entries: ``"vision"`` (text kept; visual entries by
+            coverage, max-min on the keys, plus a quarter by SnapKV), ``"snapkv"``, ``"h2o"``, ``"streaming"``, or a
             :class:`vlm_accel.kv.Press`.
 
     Returns:
