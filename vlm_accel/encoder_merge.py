@@ -50,7 +50,7 @@ class TowerSpec:
 
 
 # --- the schedule and one merge step: pure functions of tensors ---------------------------------------------------
-def merge_schedule(n: int, k: int, points: int, kind: str = "decreasing") -> list[int]:
+def merge_schedule(n: int, k: int, points: int, kind: str = "steep") -> list[int]:
     """Tokens to remove at each of ``points`` merge points to go from ``n`` mergeable tokens to ``k``.
 
     ``constant``: the same ``r`` everywhere (ToMe's default); ``decreasing``: ``r`` falling linearly to about 0 at
@@ -199,14 +199,14 @@ class TowerMerge:
     adapter: object
     spec: TowerSpec
     budget: object  # Budget: what leaves the tower per view
-    schedule: str = "decreasing"
+    schedule: str = "steep"
     start: int = 0
     run: _Run | None = None
 
     @classmethod
     def install(cls, adapter, budget, options: dict, patch) -> TowerMerge:
         spec = adapter.tower_spec()
-        self = cls(adapter, spec, budget, options.get("schedule", "decreasing"), options.get("start", 0))
+        self = cls(adapter, spec, budget, options.get("schedule", "steep"), options.get("start", 0))
         for i, (layer, attn) in enumerate(zip(spec.layers, spec.attentions, strict=True)):
             patch(layer, "forward", self._wrap_layer(i, layer.forward, attn))
             patch(attn.k_proj, "forward", self._wrap_keys(attn.k_proj.forward))
@@ -307,7 +307,7 @@ TOME_VIT = Method(
     exact=False,
     stage="encoder",
     options={
-        "schedule": Option("decreasing", f"tokens merged per layer: one of {SCHEDULES}", _schedule_ok),
+        "schedule": Option("steep", f"tokens merged per layer: one of {SCHEDULES}", _schedule_ok),
         "start": Option(0, "first layer after which tokens merge (default 0)", _start_ok),
     },
 )

@@ -22,11 +22,13 @@ import torch
 
 import vlm_accel
 
+from ..encoder_merge import TOME_VIT
 from .common import SpanTimer, environment, format_table, write_results
 
 logger = logging.getLogger(__name__)
 
 METHODS = ["visionzip", "tome_vit", "tome_vit+visionzip"]
+DEFAULT_SCHEDULE = TOME_VIT.options["schedule"].default
 BUDGETS = [0.33, 0.11]
 
 
@@ -97,7 +99,7 @@ def speed(model, inputs, configs, repeats: int, new_tokens: int, schedule: str |
         rows.append(
             {
                 "method": method,
-                "schedule": (schedule or "decreasing") if "tome_vit" in method and "+" not in method else None,
+                "schedule": (schedule or DEFAULT_SCHEDULE) if method == "tome_vit" else None,
                 "budget": budget if not isinstance(budget, vlm_accel.Budget) else budget.visual * budget.encoder,
                 "encoder": budget.encoder if isinstance(budget, vlm_accel.Budget) else None,
                 "visual_tokens": n_vis,
@@ -187,13 +189,18 @@ def cli(a: argparse.Namespace) -> int:
         "new_tokens": a.new_tokens,
         "accuracy_data": f"default held-out split (n={a.n}, seed=0)" if a.n and processor is not None else None,
         "env": environment("cpu"),
-        "command": "vlm-accel bench encoder " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "encoder"] else []),
+        "command": "vlm-accel bench encoder " + " ".join(_args_after("encoder")),
     }
     write_results(a.out, a.name or f"encoder_{a.model}", meta, rows)
     cols = ["method", "budget", "encoder", "visual_kept", "vit_ms", "vit_share", "prefill_ms", "prefill_speedup"]
     cols += ["e2e_speedup"] + (["retained_pct"] if "retained_pct" in rows[0] else [])
     print(format_table(rows, cols))  # noqa: T201  (CLI output)
     return 0
+
+
+def _args_after(word: str) -> list[str]:
+    """The command-line arguments after ``word`` (``vlm-accel [-v] bench encoder ARGS``)."""
+    return sys.argv[sys.argv.index(word) + 1 :] if word in sys.argv else sys.argv[1:]
 
 
 def main(argv=None) -> int:
