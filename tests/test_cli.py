@@ -51,3 +51,11 @@ def test_in_llm_method_with_options_and_listing(capsys):
     assert cli.main(["methods"]) == 0
     listing = capsys.readouterr().out
     assert "fastv" in listing and "--option layer=" in listing and "snapkv" in listing
+
+
+def test_tower_method_from_the_command_line(capsys):
+    s = zoo.samples()[0]
+    assert cli.main(["ask", str(s["path"]), s["question"], "--budget", "0.33", "--method", "tome_vit"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == s["answer"]
+    assert cli.main(["methods"]) == 0
+    assert "tome_vit     [in the vision tower]" in capsys.readouterr().out

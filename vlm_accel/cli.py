@@ -53,11 +53,13 @@ def _positive_int(text: str) -> int:
 
 
 def _method(text: str) -> str:
+    from .encoder_merge import ENCODER_METHODS
     from .methods import names
 
-    for part in text.split("+"):  # a pre-LLM and an in-LLM method may be joined: visionzip+fastv
-        if part != "auto" and part not in names():
-            raise argparse.ArgumentTypeError(f"unknown method {part!r}; choose auto or one of: {', '.join(names())}")
+    known = names() + sorted(ENCODER_METHODS)
+    for part in text.split("+"):  # tower, pre-LLM and in-LLM methods may be joined: tome_vit+visionzip, visionzip+fastv
+        if part != "auto" and part not in known:
+            raise argparse.ArgumentTypeError(f"unknown method {part!r}; choose auto or one of: {', '.join(known)}")
     return text
 
 
@@ -150,12 +152,14 @@ def _ask_video(a) -> int:
 
 
 def cmd_methods(a) -> int:
+    from .encoder_merge import ENCODER_METHODS
     from .kv.presses import PRESSES
     from .methods import get, names
 
-    for n in names():
-        m = get(n)
-        print(f"{n:12s} {'[in-LLM] ' if m.stage == 'llm' else ''}{m.description}")  # noqa: T201
+    tags = {"llm": "[in-LLM] ", "encoder": "[in the vision tower] "}
+    for n in names() + sorted(ENCODER_METHODS):
+        m = ENCODER_METHODS.get(n) or get(n)
+        print(f"{n:12s} {tags.get(m.stage, '')}{m.description}")  # noqa: T201
         for k, o in m.options.items():
             print(f"{'':14s}--option {k}=...  {o.doc} (default {o.default!r})")  # noqa: T201
     print("KV presses (accelerate(..., kv_press=NAME) with Budget(kv=..., kv_max=...)):")  # noqa: T201
