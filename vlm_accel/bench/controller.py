@@ -36,7 +36,8 @@ FRACTIONS = (0.25, 0.5, 0.75)
 
 
 def _command() -> str:
-    return "vlm-accel bench controller " + " ".join(sys.argv[3:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    args = sys.argv[1:]
+    return "vlm-accel " + " ".join(args) if "bench" in args else "vlm-accel bench controller " + " ".join(args)
 
 
 @torch.no_grad()
