@@ -34,3 +34,27 @@ def test_get_image_features_tuple_from_config_unchanged_at_full_budget(models, f
         inner.config.return_dict = previous
     assert isinstance(ref, tuple)
     assert _same(out, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="compiled static-cache decode guards on the session's per-cache bookkeeping (len(self._made.data)): the "
+    "second generate recompiles (transformers' test_static_cache_no_recompile_with_smaller_length)",
+)
+def test_compiled_static_cache_generate_does_not_recompile_at_full_budget():
+    """Two ``generate`` calls with a static cache and a compiled forward: the second (shorter) one reuses the compiled
+    step unaccelerated; at budget 1.0 it must too."""
+    from transformers import CompileConfig
+
+    model = tiny.build("llava")
+    inputs = tiny.inputs_for(model, "llava", "image")
+    config = CompileConfig(backend="eager", fullgraph=False)
+    config._compile_all_devices = True  # compile on CPU too
+    kw = dict(do_sample=False, use_cache=True, compile_config=config, cache_implementation="static")
+    with vlm_accel.accelerate(model, budget=1.0), torch.no_grad():
+        torch.compiler.reset()
+        model.generate(**inputs, max_new_tokens=5, **kw)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            model.generate(**inputs, max_new_tokens=2, **kw)
+    torch.compiler.reset()
