@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import logging
@@ -112,3 +113,11 @@ class SpanTimer:
     def close(self):
         for h in self.handles:
             h.remove()
+
+
+def run_main(doc: str | None, add_arguments, cli, argv=None) -> int:
+    """``python -m vlm_accel.bench.NAME``: parse ``argv`` with the bench's ``add_arguments`` and run its ``cli``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    return cli(p.parse_args(argv)) or 0

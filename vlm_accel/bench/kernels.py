@@ -35,7 +35,7 @@ import torch
 from ..methods import Context, get
 from ..methods.base import one_hot_rows
 from ..methods.batch import reduce_segments
-from .common import environment, format_table, write_results
+from .common import environment, format_table, run_main, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -448,10 +448,7 @@ def cli(a: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(p)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    return cli(p.parse_args(argv))
+    return run_main(__doc__, add_arguments, cli, argv)
 
 
 if __name__ == "__main__":

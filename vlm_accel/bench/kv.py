@@ -35,7 +35,7 @@ from vlm_accel import Budget
 
 from ..kv.presses import VisionAwarePress
 from ..kv.quant import nbytes
-from .common import environment, format_table, write_results
+from .common import environment, format_table, run_main, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -282,11 +282,8 @@ def cli(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cli(p.parse_args(argv))
+def main(argv=None) -> int:
+    return run_main(__doc__, add_arguments, cli, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 
 import vlm_accel
 
-from .common import SpanTimer, build_model, environment, format_table, write_results
+from .common import SpanTimer, build_model, environment, format_table, run_main, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -297,10 +297,7 @@ def cli(a: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(p)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    return cli(p.parse_args(argv))
+    return run_main(__doc__, add_arguments, cli, argv)
 
 
 if __name__ == "__main__":
