@@ -37,7 +37,7 @@ def load_default(*args, **kwargs):
 
 
 def ask(*args, **kwargs):
-    """Answer a question about an image with a loaded model. See :func:`vlm_accel.zoo.ask`."""
+    """Answer a question about an image or a video with a loaded model. See :func:`vlm_accel.zoo.ask`."""
     from .zoo import ask as _ask
 
     return _ask(*args, **kwargs)
