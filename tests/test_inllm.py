@@ -222,7 +222,7 @@ def test_bad_options(models):
         vlm_accel.accelerate(model, method="fastv", method_options={"layer": 3})
     with pytest.raises(ValueError, match="bad value"):
         vlm_accel.accelerate(model, method="pdrop", method_options={"schedule": [(1, 0.2), (2, 0.5)]})
-    with pytest.raises(ValueError, match="at most one pre-LLM"):
+    with pytest.raises(ValueError, match="one pre-LLM method and one in-LLM"):
         vlm_accel.accelerate(model, method="divprune+random")
     with pytest.raises(ValueError, match="composite"):
         vlm_accel.accelerate(model, budget=vlm_accel.Budget(visual=0.5, llm=0.5), method="divprune")
