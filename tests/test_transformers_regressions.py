@@ -37,11 +37,6 @@ def test_get_image_features_tuple_from_config_unchanged_at_full_budget(models, f
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="compiled static-cache decode guards on the session's per-cache bookkeeping (len(self._made.data)): the "
-    "second generate recompiles (transformers' test_static_cache_no_recompile_with_smaller_length)",
-)
 def test_compiled_static_cache_generate_does_not_recompile_at_full_budget():
     """Two ``generate`` calls with a static cache and a compiled forward: the second (shorter) one reuses the compiled
     step unaccelerated; at budget 1.0 it must too."""

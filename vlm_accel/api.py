@@ -266,6 +266,8 @@ class Session:
             self.kv = KVCompressor(
                 self.kv_press, lm.layers, b.kv, b.kv_max, on_valid=self._kv_evicted, important=b.kv_important
             )
+        # nothing to do at all (budget 1.0): compiled decoding steps go straight through, so they guard on nothing
+        self._inert = self.budget.is_full and self.stages is None and self.kv is None and self.tower is None
         # copies and pickles of an accelerated model: a clean unaccelerated copy / a clear error, never wrappers bound
         # to this model's modules
         # threads: whole calls are serialised, so one request's pending / decode state never mixes with another's
@@ -419,7 +421,7 @@ class Session:
     def _wrap_lm_forward(self, orig):
         @functools.wraps(orig)
         def forward(*args, **kwargs):
-            if args:  # the families call the language model with keywords only
+            if args or (self._inert and torch.compiler.is_compiling()):  # keywords only; see _inert
                 return orig(*args, **kwargs)
             pending, self._pending = self._pending, _Pending()
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -519,6 +521,8 @@ class Session:
         @functools.wraps(orig)
         def compute_3d_position_ids(*args, **kwargs):
             pos = orig(*args, **kwargs)
+            if self._inert and torch.compiler.is_compiling():
+                return pos
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             st = self._decode_for(cache)
             if (
