@@ -53,3 +53,23 @@ def test_compiled_static_cache_generate_does_not_recompile_at_full_budget():
         with torch._dynamo.config.patch(error_on_recompile=True):
             model.generate(**inputs, max_new_tokens=2, **kw)
     torch.compiler.reset()
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_compiled_fullgraph_decoding_at_full_budget(family):
+    """transformers' test_generate_compile_model_forward_fullgraph at budget 1.0: the decoding step compiles as one
+    graph (nothing of the session is traced) and generates exactly the unaccelerated tokens."""
+    from transformers import CompileConfig
+
+    model = tiny.build(family)
+    inputs = tiny.inputs_for(model, family, "image")
+    config = CompileConfig(backend="eager", fullgraph=True)
+    config._compile_all_devices = True  # compile on CPU too
+    kw = dict(do_sample=False, max_new_tokens=4, min_new_tokens=4, cache_implementation="static")
+    with torch.no_grad():
+        ref = model.generate(**inputs, **kw)
+        with vlm_accel.accelerate(model, budget=1.0):
+            torch.compiler.reset()
+            out = model.generate(**inputs, **kw, compile_config=config)
+    torch.compiler.reset()
+    assert torch.equal(out, ref)
