@@ -192,6 +192,10 @@ class Session:
         self.llm_method = llm
         self.options = (llm or pre).resolve(method_options)
         self._pre_budget, self._llm_budget = _split_budget(budget, pre, llm)
+        # the stage a total target steers (the pre-LLM method when there is one, else the in-LLM stages), with that
+        # stage's own per-segment budget
+        in_llm = pre is None and llm is not None
+        self._steered = ("in-LLM", self._llm_budget) if in_llm else ("pre-LLM", self._pre_budget)
         self.controller = Controller(budget, model, adapter.language_model)
         self.plan: Plan | None = None  # what the controller chose for the last prefill
         self._quotas: dict[int, list[int]] = {}  # id(info) -> per-segment quotas of the last prefill
@@ -206,8 +210,8 @@ class Session:
         self._patched: list[tuple[object, str, object]] = []  # (object, attribute, previous instance value)
         self._pending = _Pending()
         self._decode: _Decode | None = None  # the current request's (the cache being decoded, or the last prefill)
-        self._decodes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> _Decode of its prefill
-        self._made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> number of its prefill
+        # cache -> (number of the prefill that made it, that prefill's _Decode or None when it kept everything)
+        self._caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._prefills = 0
         self._lock = threading.RLock()  # one top-level call (forward, generate, encode_images) at a time
         self._replay: _Replay | None = None
@@ -257,7 +261,7 @@ class Session:
             self._patch(self.model, "_prepare_position_ids_for_generation", self._wrap_generation_positions(prep))
         if hasattr(inner, "compute_3d_position_ids"):  # M-RoPE families derive decode positions from the cache
             self._patch(inner, "compute_3d_position_ids", self._wrap_positions(inner.compute_3d_position_ids))
-        steered = self.budget.has_target and self._stage_budget()[0] == "in-LLM"
+        steered = self.budget.has_target and self._steered[0] == "in-LLM"
         if self.llm_method is not None and (steered or not _full(self._llm_budget)):
             self.stages = LLMStages(self.llm_method, self.options, lm, self._patch)
         self.tower = _tower_merge(self.method_name, self.budget, self.options, self.adapter, self._patch)
@@ -292,8 +296,7 @@ class Session:
         self._unpatch()
         self._pending = _Pending()
         self._decode = None
-        self._decodes = weakref.WeakKeyDictionary()
-        self._made = weakref.WeakKeyDictionary()
+        self._caches = weakref.WeakKeyDictionary()
         self._replay = None
 
     def _unpatch(self) -> None:
@@ -393,21 +396,13 @@ class Session:
 
         return call
 
-    def _decode_for(self, cache) -> _Decode | None:
-        """The decode state of the prefill that made ``cache`` (a reduced cache), or ``None``."""
-        if cache is None:
-            return None
-        try:
-            return self._decodes.get(cache)
-        except TypeError:  # an unhashable cache object: only the last prefill's
-            st = self._decode
-            return st if st is not None and st.cache is not None and st.cache() is cache else None
+    def _made_by(self, cache) -> tuple[int | None, _Decode | None]:
+        """``(number of the prefill that made cache, its decode state when it reduced the prompt)``; ``(None, None)``
+        for a cache no prefill of this session made."""
+        return (None, None) if cache is None else self._caches.get(cache, (None, None))
 
-    def _made_by(self, cache) -> int | None:
-        try:
-            return self._made.get(cache)
-        except TypeError:
-            return None
+    def _decode_for(self, cache) -> _Decode | None:
+        return self._made_by(cache)[1]
 
     def _wrap_placeholder_mask(self, orig):
         @functools.wraps(orig)
@@ -438,8 +433,7 @@ class Session:
                 else:
                     return self._prefill(orig, kwargs, pending)
             elif past:
-                st = self._decode_for(cache)
-                made = self._made_by(cache)
+                made, st = self._made_by(cache)
                 if made is not None and made != self._prefills and (stages is not None or self.kv is not None):
                     raise RuntimeError(
                         "vlm_accel: this cache comes from an earlier prefill of this session; with in-LLM stages or "
@@ -768,7 +762,7 @@ class Session:
             for info in infos[m]:
                 r, c = rows[off : off + info.n_tokens], cols[off : off + info.n_tokens]
                 off += info.n_tokens
-                alloc = self._quotas.get(id(info)) if self._stage_budget()[0] == "in-LLM" else None
+                alloc = self._quotas.get(id(info)) if self._steered[0] == "in-LLM" else None
                 for j, seg in enumerate(self._segments(info)):
                     sr, sc = r[seg.idx.to(r.device)], c[seg.idx.to(c.device)]
                     ok = (where[sr, sc] >= 0) & slot_ok[sr, sc]
@@ -795,14 +789,7 @@ class Session:
         if self._decode is not None:
             self._decode.cache = weakref.ref(cache)
         self._prefills += 1
-        try:
-            self._made[cache] = self._prefills
-            if self._decode is not None:
-                self._decodes[cache] = self._decode
-            else:
-                self._decodes.pop(cache, None)
-        except TypeError:  # unhashable cache object
-            pass
+        self._caches[cache] = (self._prefills, self._decode)
 
     def _select(self, embeds, masks: dict, pending: _Pending, attn, keep, merges) -> None:
         """Run the method on every segment of every input (per modality, ``pending.infos[m]`` are the inputs behind
@@ -810,8 +797,7 @@ class Session:
 
         Marks kept positions in ``keep`` ``[B, L]`` and appends merge ops ``(rows, cols, src_rows, src_cols,
         weights [K, n])`` to ``merges``, to be applied to any per-position tensor."""
-        inputs = []  # (modality, number, info, rows [n], cols [n], features [n, D]); one per distinct input
-        seen: set[int] = set()  # generate's copies of one prompt share its infos: reduce once, same result
+        located = []  # per input in placeholder order: (modality, number, info, rows [n], cols [n], features [n, D])
         for m, mask in masks.items():
             rows, cols = mask.nonzero(as_tuple=True)
             feats = embeds[mask]  # [N, D] in placeholder order
@@ -819,43 +805,31 @@ class Session:
             for j, info in enumerate(pending.infos[m]):
                 sl = slice(off, off + info.n_tokens)
                 off += info.n_tokens
-                if id(info) in seen:
-                    continue
-                seen.add(id(info))
-                inputs.append((m, j, info, rows[sl], cols[sl], feats[sl]))
+                located.append((m, j, info, rows[sl], cols[sl], feats[sl]))
+        # generate's copies of one prompt share its infos: allocated and reduced once (the first copy), same result
+        distinct: dict[int, tuple] = {}
+        for x in located:
+            distinct.setdefault(id(x[2]), x)
         self._quotas = self.controller.quotas(
-            inputs, self._alive_segments, self._stage_budget(), pending.encode_ms, attn, masks
+            list(distinct.values()), self._alive_segments, self._steered, pending.encode_ms, attn, masks
         )
         self.plan = self.controller.plan
         if self.kv is not None and self.budget.memory_gb is not None:
             self.kv.kv_max = self.plan.kv_max
+        pre_quotas = self._quotas if self._steered[0] == "pre-LLM" else {}
         done: dict[int, list | None] = {}
-        for m, mask in masks.items():
-            rows, cols = mask.nonzero(as_tuple=True)
-            feats = embeds[mask]
-            off = 0
-            for info in pending.infos[m]:
-                sl = slice(off, off + info.n_tokens)
-                r, c = rows[sl], cols[sl]
-                off += info.n_tokens
-                if id(info) not in done:
-                    query = self._query(embeds, mask, attn, int(r[0])) if "query" in self.method.needs else None
-                    done[id(info)] = self._reduce(feats[sl], info, query)
-                parts = done[id(info)]
-                if parts is None:
-                    keep[r, c] = True  # nothing to reduce: structural tokens stay too
-                    continue
-                for idx, kept, weights in parts:
-                    keep[r[kept], c[kept]] = True
-                    if weights is not None:
-                        merges.append((r[kept], c[kept], r[idx], c[idx], weights))
-
-    def _stage_budget(self) -> tuple[str, Budget]:
-        """The stage a total target steers (the pre-LLM method when there is one, else the in-LLM stages) and that
-        stage's own per-segment budget."""
-        if self.method is _KEEP_ALL and self.llm_method is not None:
-            return "in-LLM", self._llm_budget
-        return "pre-LLM", self._pre_budget
+        for m, _, info, r, c, feats in located:
+            if id(info) not in done:
+                query = self._query(embeds, masks[m], attn, int(r[0])) if "query" in self.method.needs else None
+                done[id(info)] = self._reduce(feats, info, query, pre_quotas.get(id(info)))
+            parts = done[id(info)]
+            if parts is None:
+                keep[r, c] = True  # nothing to reduce: structural tokens stay too
+                continue
+            for idx, kept, weights in parts:
+                keep[r[kept], c[kept]] = True
+                if weights is not None:
+                    merges.append((r[kept], c[kept], r[idx], c[idx], weights))
 
     def _alive_segments(self, info: ImageInfo) -> list[Segment]:
         """The budgeted segments of ``info``, restricted to the tokens a tower merge left (``info.alive``)."""
@@ -865,13 +839,13 @@ class Session:
         alive = info.alive.to(segments[0].idx.device) if segments else info.alive
         return [dataclasses.replace(s, idx=s.idx[alive[s.idx]]) for s in segments]
 
-    def _reduce(self, x: torch.Tensor, info: ImageInfo, query: torch.Tensor | None = None):
-        """Apply the method to each segment of one input ``x`` ``[n_tokens, D]``.
+    def _reduce(self, x: torch.Tensor, info: ImageInfo, query: torch.Tensor | None = None, quotas=None):
+        """Apply the method to each segment of one input ``x`` ``[n_tokens, D]`` (``quotas``: per segment, from the
+        controller; ``None``: each segment's own budget).
 
         Returns ``None`` when the budget keeps everything, else per segment ``(idx [n], kept [K], weights [K, n] |
         None)`` with indices into ``x``. Tokens a tower merge folded away (``info.alive``) never reach the method."""
         segments = self._alive_segments(info)
-        quotas = self._quotas.get(id(info)) if self._stage_budget()[0] == "pre-LLM" else None
         if quotas is None:
             quotas = [self._pre_budget.visual_quota(s.idx.numel(), s.units) for s in segments]
         if info.alive is None and all(q >= s.idx.numel() for q, s in zip(quotas, segments, strict=True)):

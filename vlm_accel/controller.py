@@ -142,11 +142,6 @@ class Controller:
         self.plan: Plan | None = None
 
     @property
-    def has_total(self) -> bool:
-        b = self.budget
-        return b.tokens is not None or b.latency_ms is not None or b.memory_gb is not None
-
-    @property
     def cost(self) -> CostModel:
         if self._cost is None:
             from .calibration import calibrated
@@ -266,7 +261,7 @@ class Controller:
                     (info, k, size, own.visual_quota(size, seg.units), w, label)
                 )
         out: dict[int, list[int]] = {}
-        if self.has_total and per_row:
+        if self.budget.has_target and per_row:
             vis = torch.stack(list(masks.values())).any(0)
             bsz, seq = vis.shape
             lens = attn.sum(1) if attn is not None else torch.full((bsz,), seq)
