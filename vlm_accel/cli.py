@@ -222,43 +222,23 @@ def main(argv=None) -> int:
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
-    from .bench import speed
+    from .bench import controller, encoder, inllm, kernels, kv, speed, video, videoqa, vqa
 
-    s = bsub.add_parser("speed", help="prefill / end-to-end speed vs the token-count ideal")
-    speed.add_arguments(s)
-    s.set_defaults(fn=lambda a: speed.run_args(a) and 0)
-    from .bench import video, videoqa, vqa
-
-    v = bsub.add_parser("vqa", help="accuracy retained vs budget on a VQA set")
-    vqa.add_arguments(v)
-    v.set_defaults(fn=vqa.cli)
-    vq = bsub.add_parser("videoqa", help="video Q&A accuracy retained vs budget")
-    videoqa.add_arguments(vq)
-    vq.set_defaults(fn=videoqa.cli)
-    vs = bsub.add_parser("video", help="video prefill speed vs frames and frame-cache savings")
-    video.add_arguments(vs)
-    vs.set_defaults(fn=video.cli)
-    from .bench import inllm, kernels, kv
-
-    k = bsub.add_parser("kernels", help="selection time per method vs one decoder layer (kernel vs reference)")
-    kernels.add_arguments(k)
-    k.set_defaults(fn=kernels.cli)
-    kvp = bsub.add_parser("kv", help="KV compression: bytes held, decode speed, accuracy retained")
-    kv.add_arguments(kvp)
-    kvp.set_defaults(fn=kv.cli)
-    from .bench import controller
-
-    cp = bsub.add_parser("controller", help="budget controller: latency / memory targets met, information-aware split")
-    controller.add_arguments(cp)
-    cp.set_defaults(fn=controller.cli)
-    ip = bsub.add_parser("inllm", help="in-LLM pruning vs pre-LLM at equal mean tokens; LLM prefill speed")
-    inllm.add_arguments(ip)
-    ip.set_defaults(fn=inllm.cli)
-    from .bench import encoder
-
-    ep = bsub.add_parser("encoder", help="token merging inside the vision tower: end-to-end speed, ViT share, accuracy")
-    encoder.add_arguments(ep)
-    ep.set_defaults(fn=encoder.cli)
+    benches = [  # (name, module, help): each module has add_arguments(parser) and cli(args)
+        ("speed", speed, "prefill / end-to-end speed vs the token-count ideal"),
+        ("vqa", vqa, "accuracy retained vs budget on a VQA set"),
+        ("videoqa", videoqa, "video Q&A accuracy retained vs budget"),
+        ("video", video, "video prefill speed vs frames and frame-cache savings"),
+        ("kernels", kernels, "selection time per method vs one decoder layer (kernel vs reference)"),
+        ("kv", kv, "KV compression: bytes held, decode speed, accuracy retained"),
+        ("controller", controller, "budget controller: latency / memory targets met, information-aware split"),
+        ("inllm", inllm, "in-LLM pruning vs pre-LLM at equal mean tokens; LLM prefill speed"),
+        ("encoder", encoder, "token merging inside the vision tower: end-to-end speed, ViT share, accuracy"),
+    ]
+    for name, module, text in benches:
+        bp = bsub.add_parser(name, help=text)
+        module.add_arguments(bp)
+        bp.set_defaults(fn=module.cli)
 
     a = p.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")

@@ -19,7 +19,7 @@ import torch
 
 import vlm_accel
 
-from .common import SpanTimer, build_model, environment, format_table, write_results
+from .common import SpanTimer, build_model, environment, format_table, run_main, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -228,12 +228,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=1, help="images per prompt (576 tokens each)")
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(p)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+def main(argv=None) -> int:
+    return run_main(__doc__, add_arguments, cli, argv)
+
+
+def cli(a: argparse.Namespace) -> int:
     run_args(a)
+    return 0
 
 
 def run_args(a: argparse.Namespace) -> list[dict]:
