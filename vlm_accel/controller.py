@@ -218,21 +218,17 @@ class Controller:
                 f"Budget(memory_gb={b.memory_gb:g}) is unreachable for this input: even at one token per image the "
                 f"prompt's KV cache and activations need {reach:.4g} GB; nearest reachable: memory_gb={reach:.4g}"
             )
-        lo, hi = least, max(least, max(t + v for t, v in zip(n_text, totals, strict=True)))
-        while lo < hi:  # the longest prompt that fits with room for the answer (entries() falls as p grows)
-            mid = (lo + hi + 1) // 2
-            if mid + reserve(entries(mid)) <= entries(mid):
-                lo = mid
-            else:
-                hi = mid - 1
-        act = activation_bytes(self.lm, bsz, lo)
-        entries = entries(lo)
-        totals = [max(s, min(v, lo - t)) for t, v, s in zip(n_text, totals, n_segments, strict=True)]
-        plan.kv_max = int(entries)
-        plan.kv_bytes_limit = int(entries * bsz * per_entry)
+        longest = max(least, max(t + v for t, v in zip(n_text, totals, strict=True)))
+        # the longest prompt that fits with room for the answer (entries() falls as p grows)
+        p = largest(least, longest, lambda p: p + reserve(entries(p)) <= entries(p))
+        act = activation_bytes(self.lm, bsz, p)
+        kv_max = entries(p)
+        totals = [max(s, min(v, p - t)) for t, v, s in zip(n_text, totals, n_segments, strict=True)]
+        plan.kv_max = int(kv_max)
+        plan.kv_bytes_limit = int(kv_max * bsz * per_entry)
         plan.reasons.append(
             f"memory_gb={b.memory_gb:g}: activations ~{act / 1e6:.1f} MB (estimated), KV {per_entry} B per entry "
-            f"and row -> at most {entries} entries per layer ({plan.kv_bytes_limit / 1e6:.2f} MB)"
+            f"and row -> at most {kv_max} entries per layer ({plan.kv_bytes_limit / 1e6:.2f} MB)"
         )
         return totals
 
@@ -289,6 +285,15 @@ class Controller:
         count quota, when the budget also has one)."""
         limits = sizes if caps is None else [min(s, c) for s, c in zip(sizes, caps, strict=True)]
         return allocate(total, limits, weights)
+
+
+def largest(lo: int, hi: int, ok) -> int:
+    """The largest ``n`` in ``[lo, hi]`` with ``ok(n)``, for ``ok`` true up to some point and false after it (``lo``
+    when none is)."""
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
 
 
 def kv_bytes_per_entry(lm) -> int:

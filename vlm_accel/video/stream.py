@@ -150,9 +150,7 @@ class StreamSession:
             sims = torch.nn.functional.cosine_similarity(means[1:], means[:-1], dim=-1)
             j = int(sims.argmax())
             if float(sims[j]) >= REDUNDANT:  # fold entry j+1 into j: it adds nothing new
-                a, b = self.entries[j], self.entries.pop(j + 1)
-                a.t_end, a.frames = b.t_end, a.frames + b.frames
-                self.stats.merged += 1
+                self._fold(j)
             else:
                 self.entries.pop(0)
                 self.stats.evicted += 1
@@ -191,11 +189,15 @@ class StreamSession:
             a, b = self.entries[j], self.entries[j + 1]
             sim = torch.nn.functional.cosine_similarity(a.features.float().mean(0), b.features.float().mean(0), dim=0)
             if float(sim) >= REDUNDANT_ALLOCATED:
-                a.t_end, a.frames = b.t_end, a.frames + b.frames
-                self.entries.pop(j + 1)
-                self.stats.merged += 1
+                self._fold(j)
             else:
                 j += 1
+
+    def _fold(self, j: int) -> None:
+        """Entry ``j + 1`` repeats entry ``j``: ``j`` now stands for both (its features, their time span)."""
+        a, b = self.entries[j], self.entries.pop(j + 1)
+        a.t_end, a.frames = b.t_end, a.frames + b.frames
+        self.stats.merged += 1
 
     def _refresh(self) -> None:
         self.stats.frames_held = len(self.entries)
@@ -312,18 +314,18 @@ class StreamSession:
 def _target_bound(model, session) -> int:
     """Held visual tokens a total target allows (``tokens``; ``memory_gb``: KV + activations of the question's
     prefill; ``latency_ms``: the calibrated prefill)."""
-    from ..controller import activation_bytes, kv_bytes_per_entry
+    from ..controller import activation_bytes, kv_bytes_per_entry, largest
 
     b, lm = session.budget, session.adapter.language_model
     bound = b.tokens if b.tokens is not None else 1 << 30
     if b.memory_gb is not None:
         limit, per = b.memory_gb * 1e9, kv_bytes_per_entry(lm)
-        lo, hi = 0, 1 << 20
-        while lo < hi:  # most held tokens whose question prefill fits
-            mid = (lo + hi + 1) // 2
-            n = mid + QUESTION_TOKENS
-            lo, hi = (mid, hi) if per * n + activation_bytes(lm, 1, n) <= limit else (lo, mid - 1)
-        bound = min(bound, lo)
+
+        def fits(held: int) -> bool:  # the question's prefill over ``held`` tokens: KV + activations
+            n = held + QUESTION_TOKENS
+            return per * n + activation_bytes(lm, 1, n) <= limit
+
+        bound = min(bound, largest(0, 1 << 20, fits))
     if b.latency_ms is not None:
         bound = min(bound, session.controller.cost.max_tokens(1, b.latency_ms) - QUESTION_TOKENS)
     if bound < 1:
