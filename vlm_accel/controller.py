@@ -241,21 +241,19 @@ class Controller:
         ``attn`` ``[B, L]`` padding mask or ``None``; ``masks``: per modality the ``[B, L]`` placeholder masks."""
         name, own = stage
         plan = Plan(kv_bits=self.budget.kv_bits, kv_max=self.budget.kv_max)
-        per_row: dict[int, list] = {}  # row -> [(info, segment number, size, cap, weight)]
+        per_row: dict[int, list] = {}  # row -> [(info, its segment count, segment number, plan entry)]
         for m, j, info, rows, _, feats in inputs:
             segs = segments_of(info)
+            frames = info.frames > 1 and len(segs) > 1
             prev = None
             for k, seg in enumerate(segs):
                 x = feats[seg.idx.to(feats.device)]
-                w = information(x, prev if info.frames > 1 and len(segs) > 1 else None)
+                w = information(x, prev if frames else None)
                 prev = x
                 size = seg.idx.numel()
-                label = f"{m} {j}" + (
-                    f" frame {k}" if info.frames > 1 and len(segs) > 1 else f" crop {k}" * (len(segs) > 1)
-                )
-                per_row.setdefault(int(rows[0]), []).append(
-                    (info, k, size, own.visual_quota(size, seg.units), w, label)
-                )
+                label = f"{m} {j}" + (f" frame {k}" if frames else f" crop {k}" * (len(segs) > 1))
+                entry = PlanEntry(int(rows[0]), label, size, own.visual_quota(size, seg.units), w, name)
+                per_row.setdefault(entry.row, []).append((info, len(segs), k, entry))
         out: dict[int, list[int]] = {}
         if self.budget.has_target and per_row:
             vis = torch.stack(list(masks.values())).any(0)
@@ -263,18 +261,16 @@ class Controller:
             lens = attn.sum(1) if attn is not None else torch.full((bsz,), seq)
             rows = sorted(per_row)
             n_text = [int(lens[r]) - int(vis[r].sum()) for r in rows]
-            n_vis = [sum(e[3] for e in per_row[r]) for r in rows]
+            n_vis = [sum(e.kept for *_, e in per_row[r]) for r in rows]  # kept so far: each input's own cap
             n_seg = [len(per_row[r]) for r in rows]
-            totals = dict(zip(rows, self.row_totals(n_text, n_vis, n_seg, encode_ms, plan), strict=True))
-            for r in rows:
-                ents = per_row[r]
-                got = self.split(totals[r], [e[2] for e in ents], [e[4] for e in ents], [e[3] for e in ents])
-                for e, q in zip(ents, got, strict=True):
-                    out.setdefault(id(e[0]), [0] * len(segments_of(e[0])))[e[1]] = q
-        for r, ents in sorted(per_row.items()):
-            for e in ents:
-                kept = out[id(e[0])][e[1]] if out else e[3]
-                plan.entries.append(PlanEntry(r, e[5], e[2], kept, e[4], name))
+            totals = self.row_totals(n_text, n_vis, n_seg, encode_ms, plan)
+            for r, total in zip(rows, totals, strict=True):
+                ents = [e for *_, e in per_row[r]]
+                got = self.split(total, [e.tokens_in for e in ents], [e.weight for e in ents], [e.kept for e in ents])
+                for (info, n, k, e), q in zip(per_row[r], got, strict=True):
+                    out.setdefault(id(info), [0] * n)[k] = q
+                    e.kept = q
+        plan.entries = [e for _, ents in sorted(per_row.items()) for *_, e in ents]
         self.plan = plan
         return out
 
