@@ -102,7 +102,7 @@ class PlanEntry:
     input: str  # e.g. "image 0", "image 1 crop 3", "video 0 frame 5"
     tokens_in: int
     kept: int
-    weight: float
+    weight: float  # information weight the split used (nan without a total target)
     stage: str  # "pre-LLM" / "in-LLM"
 
 
@@ -247,9 +247,10 @@ class Controller:
             frames = info.frames > 1 and len(segs) > 1
             prev = None
             for k, seg in enumerate(segs):
-                x = feats[seg.idx.to(feats.device)]
-                w = information(x, prev if frames else None)
-                prev = x
+                w = math.nan  # information is measured only when a total target is split by it
+                if self.budget.has_target:
+                    x = feats[seg.idx.to(feats.device)]
+                    w, prev = information(x, prev if frames else None), x
                 size = seg.idx.numel()
                 label = f"{m} {j}" + (f" frame {k}" if frames else f" crop {k}" * (len(segs) > 1))
                 entry = PlanEntry(int(rows[0]), label, size, own.visual_quota(size, seg.units), w, name)
