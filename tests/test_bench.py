@@ -63,3 +63,17 @@ def test_vqa_bad_data(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"question": "x"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         vqa.load_items(str(tmp_path / "bad.jsonl"), 5, 0)
+
+
+def test_controller_memory_and_allocation_runners():
+    """The budget-controller evidence runners on the embedded default: memory targets met by the session's own
+    accounting, both splits scored at every total."""
+    from vlm_accel.bench import controller
+
+    rows = controller.memory(n=2, method="auto", fractions=(0.5,))
+    assert rows[0]["fraction"] == 1.0 and rows[1]["met"] is True
+    assert rows[1]["max_kv_mb"] <= rows[1]["kv_limit_mb"] <= rows[1]["target_mb"]
+    assert rows[1]["reached_pct"] == 100.0
+    rows = controller.allocation(n=2, totals=[8], method="auto")
+    assert [(r["total_tokens"], r["split"]) for r in rows] == [("all", "none"), (8, "information"), (8, "uniform")]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)

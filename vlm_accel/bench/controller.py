@@ -59,8 +59,9 @@ def _default_inputs(processor, item, images=None) -> dict:
     )
 
 
-def _score(model, processor, items, budget, method) -> list[int | None]:
-    """1 / 0 per item, ``None`` where the target was unreachable for that request (the controller raised)."""
+def _score(model, processor, items, budget, method, after=None) -> list[int | None]:
+    """1 / 0 per item, ``None`` where the target was unreachable for that request (the controller raised).
+    ``after(session)`` runs after every answered item (to read its stats / plan)."""
     from ..zoo import normalize_answer
     from ..zoo.evaluate import answer_batch
 
@@ -75,6 +76,8 @@ def _score(model, processor, items, budget, method) -> list[int | None]:
                 hits.append(None)
                 continue
             hits.append(int(normalize_answer(pred) == normalize_answer(it["answer"])))
+            if after is not None:
+                after(sess)
         return hits
     finally:
         if sess is not None:
@@ -134,8 +137,7 @@ def memory(n: int, method: str, fractions=FRACTIONS) -> list[dict]:
     """Rows: per fraction of the unpatched request's KV + activations, the target, the largest ``stats.kv_bytes``
     seen, the KV limit the controller set, accuracy retained."""
     from ..controller import activation_bytes, kv_bytes_per_entry
-    from ..zoo import heldout, load_default, normalize_answer
-    from ..zoo.evaluate import answer_batch
+    from ..zoo import heldout, load_default
 
     model, processor = load_default()
     items = list(heldout(n, 7))
@@ -146,17 +148,15 @@ def memory(n: int, method: str, fractions=FRACTIONS) -> list[dict]:
     rows = [{"fraction": 1.0, "target_mb": full_bytes / 1e6, "accuracy": sum(full_hits) / n, "retained_pct": 100.0}]
     for f in fractions:
         target = f * full_bytes
-        sess = vlm_accel.accelerate(model, Budget(memory_gb=target / 1e9), method=method)
-        hits, peak, limit, kept = [], 0, 0, []
-        try:
-            with torch.no_grad():
-                for it in items:
-                    pred = answer_batch(model, processor, [it["image"]], [it["question"]])[0]
-                    hits.append(int(normalize_answer(pred) == normalize_answer(it["answer"])))
-                    peak, limit = max(peak, sess.stats.kv_bytes), max(limit, sess.plan.kv_bytes_limit)
-                    kept.append(sess.stats.visual_tokens_kept)
-        finally:
-            sess.restore()
+        seen = []  # per question: (stats.kv_bytes, the plan's KV limit, visual tokens kept)
+
+        def record(sess, seen=seen):
+            seen.append((sess.stats.kv_bytes, sess.plan.kv_bytes_limit, sess.stats.visual_tokens_kept))
+
+        hits = _score(model, processor, items, Budget(memory_gb=target / 1e9), method, after=record)
+        kv, limits, kept = zip(*seen, strict=True)
+        peak, limit = max(kv), max(limits)
+        done = [(h, g) for h, g in zip(hits, full_hits, strict=True) if h is not None]  # questions it could reach
         rows.append(
             {
                 "fraction": f,
@@ -165,8 +165,9 @@ def memory(n: int, method: str, fractions=FRACTIONS) -> list[dict]:
                 "max_kv_mb": peak / 1e6,
                 "met": peak <= target,
                 "visual_kept_mean": sum(kept) / len(kept),
-                "accuracy": sum(hits) / n,
-                "retained_pct": 100.0 * sum(hits) / max(sum(full_hits), 1),
+                "reached_pct": 100.0 * len(done) / n,
+                "accuracy": sum(h for h, _ in done) / max(len(done), 1),
+                "retained_pct": 100.0 * sum(h for h, _ in done) / max(sum(g for _, g in done), 1),
             }
         )
         logger.info("memory %.2f: %s", f, rows[-1])
