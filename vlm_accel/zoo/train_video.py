@@ -10,10 +10,11 @@ projector + 4-layer Llama + ``image_newline``. Steps (each resumable; rerunning 
 3. ``train``: projector + LM (+ newline) on batches mixing clips and images. Every question of a clip / image is an
    independent turn after one shared media prefix (block mask, positions restart after the prefix: each turn is
    exactly the single-question inference prompt); loss on answers only; an auxiliary loss makes projected patch
-   tokens name their object's colour / shape / side through the tied word embeddings; attention supervision on
-   layer 2: head 0 ("early") attends from the answer position to the relevant objects in sampled frames 0–2, head 1
-   ("late") in frames 5–7 (both to the named object for images), head 2 to every object of a shape named by the
-   question. Checkpoint every few minutes (``ROOT/ckpt/last.pt``), log lines with teacher-forced held-out accuracy.
+   tokens name their object's colour / shape and position (left–right, up–down) through the tied word embeddings;
+   attention supervision on layer 2: head 0 ("early") attends from the answer position to the relevant objects in
+   sampled frames 0–2, head 1 ("late") in frames 5–7 (both to the named object for images), head 2 to every object
+   of a shape named by the question. Checkpoint every few minutes (``ROOT/ckpt/last.pt``), log lines with
+   teacher-forced held-out accuracy.
 4. ``export``: fp16 safetensors + processor files (``--out vlm_accel/zoo/default_video`` or a scratch dir).
 
     python -m vlm_accel.zoo.onevision --out /work/zoo-video-ckpt/init
@@ -45,6 +46,7 @@ CLIP_SHARD = 200
 IMAGE_SHARD = 500
 FRAMES = 8
 VIDEO_TOKENS = FRAMES * 64 + 1
+POS_SCALE = 4.0  # the position read-out's logit margin at the frame's edge (see _aux_loss)
 
 
 # ----------------------------------------------------------------------------------------------------------- cache
@@ -589,16 +591,19 @@ def train(args) -> None:
 
 
 def _aux_loss(W, vraw, iraw, clip_labels, clip_metas, img_labels, img_objs, col_ids, shp_ids, side_ids, vert_ids):
-    """Per-patch word classification (colour, shape, left/right, up/down) of the projected tokens."""
+    """Per-patch word classification (colour, shape) of the projected tokens, plus the object's position read along
+    the word directions ``right − left`` and ``down − up``: regressed to ``POS_SCALE·(2x − 1)`` (and ``y``), so a
+    token says *how far* left or right its object is, not only which half (halves left moves within a half
+    unreadable: "move" stayed near chance with the half targets)."""
     ncol, nshp = len(COLOR_NAMES), len(SHAPES)
-    toks, col, shp, side, vert = [], [], [], [], []
+    toks, col, shp, xs, ys = [], [], [], [], []
     for b, (lab, meta) in enumerate(zip(clip_labels, clip_metas, strict=True)):
         tracks = _tracks(meta)
         lab = lab.long().reshape(FRAMES, 256)
         c = torch.full((FRAMES, 256), ncol, dtype=torch.long)
         s = torch.full((FRAMES, 256), nshp, dtype=torch.long)
-        sd = torch.full((FRAMES, 256), -100, dtype=torch.long)
-        vd = torch.full((FRAMES, 256), -100, dtype=torch.long)
+        px = torch.full((FRAMES, 256), float("nan"))
+        py = torch.full((FRAMES, 256), float("nan"))
         for f, t_idx in enumerate(meta["index"]):
             for k, t in enumerate(tracks):
                 m = lab[f] == k
@@ -607,33 +612,35 @@ def _aux_loss(W, vraw, iraw, clip_labels, clip_metas, img_labels, img_objs, col_
                 x, y = t.pos(t_idx)
                 c[f][m] = COLOR_NAMES.index(t.color_at(t_idx))
                 s[f][m] = SHAPES.index(t.shape)
-                sd[f][m] = int(x >= 0.5)
-                vd[f][m] = int(y >= 0.5)
+                px[f][m], py[f][m] = x, y
         toks.append(vraw[b].reshape(FRAMES * 256, -1))
         col.append(c.reshape(-1))
         shp.append(s.reshape(-1))
-        side.append(sd.reshape(-1))
-        vert.append(vd.reshape(-1))
+        xs.append(px.reshape(-1))
+        ys.append(py.reshape(-1))
     for b, (lab, objs) in enumerate(zip(img_labels, img_objs, strict=True)):
         lab = lab.long().reshape(2, 256)
         c = torch.full((2, 256), ncol, dtype=torch.long)
         s = torch.full((2, 256), nshp, dtype=torch.long)
-        sd = torch.full((2, 256), -100, dtype=torch.long)
-        vd = torch.full((2, 256), -100, dtype=torch.long)
+        px = torch.full((2, 256), float("nan"))
+        py = torch.full((2, 256), float("nan"))
         for k, (shape, color, cx, cy, _size) in enumerate(objs):
             m = lab == k
-            c[m], s[m], sd[m], vd[m] = COLOR_NAMES.index(color), SHAPES.index(shape), int(cx >= 0.5), int(cy >= 0.5)
+            c[m], s[m], px[m], py[m] = COLOR_NAMES.index(color), SHAPES.index(shape), cx, cy
         toks.append(iraw[b].reshape(2 * 256, -1))
         col.append(c.reshape(-1))
         shp.append(s.reshape(-1))
-        side.append(sd.reshape(-1))
-        vert.append(vd.reshape(-1))
+        xs.append(px.reshape(-1))
+        ys.append(py.reshape(-1))
     v = torch.cat(toks)
+    pos = torch.stack([torch.cat(xs), torch.cat(ys)], -1)  # [T, 2]
+    on = ~pos[:, 0].isnan()
+    dirs = torch.stack([W[side_ids[1]] - W[side_ids[0]], W[vert_ids[1]] - W[vert_ids[0]]], -1)  # [H, 2]
+    read = v[on] @ dirs
     return (
         F.cross_entropy(v @ W[col_ids].T, torch.cat(col))
         + F.cross_entropy(v @ W[shp_ids].T, torch.cat(shp))
-        + F.cross_entropy(v @ W[side_ids].T, torch.cat(side), ignore_index=-100)
-        + F.cross_entropy(v @ W[vert_ids].T, torch.cat(vert), ignore_index=-100)
+        + F.smooth_l1_loss(read, POS_SCALE * (2 * pos[on] - 1))
     )
 
 
