@@ -278,3 +278,25 @@ def test_bench_rows(models):
     assert [r["visual_kept"] for r in rows] == [64, 16, 16]
     assert [r["schedule"] for r in rows] == [None, "steep", None]
     assert rows[0]["prefill_speedup"] == 1.0 and all(r["vit_ms"] > 0 for r in rows)
+    # the token-count ideal: the unpatched row is 1.0; a tower merge runs its layers on fewer tokens per view
+    assert rows[0]["ideal_speedup"] == rows[0]["ideal_vit_speedup"] == 1.0
+    assert rows[0]["tower_tokens"] == rows[0]["tower_tokens_full"] == 65  # CLS + 8x8 patches
+    for r in rows[1:]:
+        assert 16 < r["tower_tokens"] < 65 and r["ideal_vit_speedup"] == 65 / r["tower_tokens"]
+        assert r["llm_tokens"] == inputs["input_ids"].shape[1] - 64 + 16
+        assert 1.0 < r["ideal_speedup"] < 65 / 16 and 1.0 < r["ideal_e2e_speedup"] < r["ideal_speedup"]
+
+
+def test_layer_tokens_record_the_schedule(models):
+    """``TowerMerge.last.layer_tokens``: the tokens per view each tower layer ran on, as the schedule plans."""
+    model = models("llava")
+    inputs = tiny.make_inputs(model, "llava", batch=2, seed=6)
+    with vlm_accel.accelerate(model, budget=0.25, method="tome_vit") as s, torch.no_grad():
+        model(**inputs)
+        last = s.tower.last
+    layers = len(encoder_layers(model.model.vision_tower))
+    assert len(last.layer_tokens) == layers and last.layer_tokens[0] == 65
+    planned = [65]
+    for i in range(layers - 1):
+        planned.append(planned[-1] - last.plan.get(i, 0))
+    assert last.layer_tokens == planned and last.mean_layer_tokens == sum(planned) / layers

@@ -94,32 +94,32 @@ def bipartite_round(
         (itself for survivors).
 
     The mergeable tokens alternate between sets A (even) and B (odd); every A token finds its most similar B token
-    (cosine), and the ``r`` A tokens with the best matches are folded into their partners."""
-    bsz, m, _ = x.shape
-    dev = x.device
-    rows = torch.arange(bsz, device=dev)[:, None]
-    a, b = metric[:, prefix::2], metric[:, prefix + 1 :: 2]
-    score, match = kernels.sim_argmax(a, b)  # [B, |A|]
+    (cosine), and the ``r`` A tokens with the best matches are folded into their partners. Tokens and metric travel
+    as one ``[B, M, C + E + 1]`` block (the last column the size), so a round is one gather, one scatter-add and
+    one scatter; only the merged groups' rows are recomputed (every other token keeps its bits)."""
+    bsz, m, c = x.shape
+    score, match = kernels.sim_argmax(metric[:, prefix::2], metric[:, prefix + 1 :: 2])  # [B, |A|]
     best = score.argsort(dim=1, descending=True, stable=True)[:, :r]
-    src = prefix + 2 * best
-    dst = prefix + 2 * match.gather(1, best) + 1
-    w = size.float()
-    xs, ms, ss = x.float() * w[..., None], metric.float() * w[..., None], w.clone()
-    xs.index_put_((rows, dst), xs[rows, src], accumulate=True)
-    ms.index_put_((rows, dst), ms[rows, src], accumulate=True)
-    ss.index_put_((rows, dst), w[rows, src], accumulate=True)
-    x_new, m_new = x.clone(), metric.clone()
-    x_new[rows, dst] = (xs[rows, dst] / ss[rows, dst][..., None]).to(x.dtype)  # only merged groups change
-    m_new[rows, dst] = (ms[rows, dst] / ss[rows, dst][..., None]).to(metric.dtype)
-    alive = torch.ones(bsz, m, dtype=torch.bool, device=dev)
-    alive[rows, src] = False
-    into = torch.arange(m, device=dev).expand(bsz, m).clone()
-    into[rows, src] = dst
-    keep = m - r
+    src = best * 2 + prefix
+    dst = match.gather(1, best) * 2 + (prefix + 1)
+    alive = torch.ones(bsz, m, dtype=torch.bool, device=x.device).scatter_(1, src, False)
+    into = torch.arange(m, device=x.device).expand(bsz, m).scatter(1, src, dst)
+    # rows of the flattened [B * M, W] block [x | metric | size]: whole-row gathers and adds, no per-element index
+    offset = torch.arange(0, bsz * m, m, device=x.device)[:, None]
+    src, dst = (src + offset).view(-1), (dst + offset).view(-1)
+    w = size.float().view(-1, 1)
+    block = torch.cat([x.float().reshape(bsz * m, -1), metric.float().reshape(bsz * m, -1), w], -1)
+    sums = block * w
+    sums[:, -1:] = w
+    sums.index_add_(0, dst, sums.index_select(0, src))
+    merged = sums.index_select(0, dst)  # a group's row once per member it took (equal values)
+    merged[:, :-1] /= merged[:, -1:]
+    keep = alive.view(-1).nonzero().view(-1)  # (a boolean row mask would index element by element)
+    out = block.index_copy_(0, dst, merged).index_select(0, keep).view(bsz, m - r, -1)
     return (
-        x_new[alive].view(bsz, keep, -1),
-        m_new[alive].view(bsz, keep, -1),
-        ss.to(size.dtype)[alive].view(bsz, keep),
+        out[..., :c].to(x.dtype).contiguous(),
+        out[..., c:-1].to(metric.dtype),
+        out[..., -1].to(size.dtype),
         alive,
         into,
     )
@@ -142,7 +142,9 @@ class _Run:
     rep: torch.Tensor | None = None  # [B, M] original index representing every current token (ascending)
     size: torch.Tensor | None = None  # [B, M]
     keys: torch.Tensor | None = None  # [B, M, C] the running layer's keys
+    bias: torch.Tensor | None = None  # [B, 1, 1, M] log(size), kept until the next merge
     tokens: int = 0  # T
+    layer_tokens: list[int] = field(default_factory=list)  # tokens per view each tower layer ran on, in order
 
     def start(self, hidden: torch.Tensor) -> None:
         """A new forward over ``hidden`` ``[B, T, C]``: plan the merges so that ``budget`` of the feature tokens
@@ -172,11 +174,23 @@ class _Run:
             if step < 1:
                 break
             y, metric, self.size, alive, into = bipartite_round(y, metric, self.size, step, self.prefix)
+            self.bias = None
             new_pos = alive.long().cumsum(1) - 1
             self.group = new_pos.gather(1, into.gather(1, self.group))
-            self.rep = self.rep[alive].view(bsz, -1)
+            self.rep = self.rep.gather(1, alive.nonzero()[:, 1].view(bsz, -1))
             r -= step
         return y
+
+    def proportional(self, dtype) -> torch.Tensor:
+        """``[B, 1, 1, M]`` the proportional-attention bias of the current tokens (computed once per merge)."""
+        if self.bias is None or self.bias.dtype != dtype:
+            self.bias = proportional_bias(self.size, dtype)
+        return self.bias
+
+    @property
+    def mean_layer_tokens(self) -> float:
+        """Tokens per view averaged over the tower layers that ran (what a layer's compute scales with)."""
+        return sum(self.layer_tokens) / len(self.layer_tokens) if self.layer_tokens else float(self.tokens)
 
     def alive(self) -> torch.Tensor:
         """``[B, T]`` True at every representative."""
@@ -202,6 +216,7 @@ class TowerMerge:
     schedule: str = "steep"
     start: int = 0
     run: _Run | None = None
+    last: _Run | None = None  # the last finished forward's state (its layer_tokens: what the layers ran on)
 
     @classmethod
     def install(cls, adapter, budget, options: dict, patch) -> TowerMerge:
@@ -230,6 +245,9 @@ class TowerMerge:
 
     def end(self) -> _Run | None:
         run, self.run = self.run, None
+        if run is not None and run.rep is not None:
+            run.keys = None
+            self.last = run
         return run
 
     def fill_alive(self, run: _Run, infos: list, call: dict) -> None:
@@ -263,7 +281,7 @@ class TowerMerge:
             if run.merged:
                 # a layer before returned the merged tokens themselves, or the full-length layout
                 x = hidden_states if hidden_states.shape[1] < run.tokens else _gather(hidden_states, run.rep)
-                bias = proportional_bias(run.size, x.dtype)  # proportional attention: [B, 1, 1, M]
+                bias = run.proportional(x.dtype)  # proportional attention: [B, 1, 1, M]
                 given = args[0] if args else kwargs.get("attention_mask")
                 if given is not None:  # an additive mask the tower passed: restricted to the current tokens
                     given = given.gather(-1, run.rep[:, None, None, :].expand(*given.shape[:-1], -1))
@@ -275,6 +293,7 @@ class TowerMerge:
                     kwargs["attention_mask"] = bias
             else:
                 x = hidden_states
+            run.layer_tokens.append(x.shape[1])
             out = orig(x, *args, **kwargs)
             y = out[0] if isinstance(out, tuple) else out
             r = run.plan.get(i, 0)
