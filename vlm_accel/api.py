@@ -276,7 +276,9 @@ class Session:
         # to this model's modules
         # threads: whole calls are serialised, so one request's pending / decode state never mixes with another's
         self._patch(self.model, "forward", self._locked(self.model.forward), keep_previous=True)
-        self._patch(self.model, "generate", self._locked(self.model.generate), keep_previous=True)
+        self._patch(
+            self.model, "generate", self._locked(self._uncompiled_stages(self.model.generate)), keep_previous=True
+        )
         self._patch(self.model, "__deepcopy__", self._deepcopy)
         self._patch(self.model, "__reduce_ex__", _refuse_pickle)
         setattr(self.model, _SESSION_ATTR, self)
@@ -386,6 +388,26 @@ class Session:
 
         return get_features
 
+    def _uncompiled_stages(self, orig):
+        """In-LLM stages and KV eviction keep per-step Python state, so their decoding steps cannot be compiled:
+        ``generate`` asked to compile them (``compile_config``) is refused; transformers' automatic compilation of
+        static-cache decoding (on GPUs) is turned off for them (``disable_compile``)."""
+
+        @functools.wraps(orig)
+        def generate(*args, **kwargs):
+            if self.stages is None and self.kv is None:
+                return orig(*args, **kwargs)
+            config = kwargs.get("generation_config")
+            if kwargs.get("compile_config") is not None or getattr(config, "compile_config", None) is not None:
+                raise ValueError(
+                    f"vlm_accel: {self.method_name!r} (in-LLM stages / KV eviction) cannot decode under torch.compile; "
+                    "drop compile_config, or compile a pre-LLM method"
+                )
+            kwargs.setdefault("disable_compile", True)
+            return orig(*args, **kwargs)
+
+        return generate
+
     def _locked(self, orig):
         @functools.wraps(orig)
         def call(*args, **kwargs):
@@ -418,9 +440,13 @@ class Session:
         def forward(*args, **kwargs):
             if args or (self._inert and torch.compiler.is_compiling()):  # keywords only; see _inert
                 return orig(*args, **kwargs)
-            pending, self._pending = self._pending, _Pending()
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if torch.compiler.is_compiling() and not self._pending.masks:
+                return self._compiled_decode(orig, kwargs, cache)
+            pending, self._pending = self._pending, _Pending()
             past = cache.get_seq_length() if cache is not None else 0
+            if cache is not None and not past:
+                _SlotState.forget(cache)  # a reused static cache: the previous request's slots are stale
             stages = self.stages
             if stages is not None:
                 stages.run = None
@@ -518,6 +544,11 @@ class Session:
             if self._inert and torch.compiler.is_compiling():
                 return pos
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if torch.compiler.is_compiling():
+                slots = _SlotState.of(cache)
+                if pos is None or kwargs.get("attention_mask") is not None or slots is None:
+                    return pos
+                return torch.where(cache.get_seq_length() > 0, pos + slots.delta, pos)
             st = self._decode_for(cache)
             if (
                 pos is not None
@@ -788,6 +819,7 @@ class Session:
             return
         if self._decode is not None:
             self._decode.cache = weakref.ref(cache)
+            _SlotState.record(cache, self._decode)
         self._prefills += 1
         self._caches[cache] = (self._prefills, self._decode)
 
@@ -947,6 +979,80 @@ class Session:
                 st.prefix_mask.shape[0], q
             )
         return kw
+
+    def _compiled_decode(self, orig, kwargs: dict, cache):
+        """A decoding step traced by ``torch.compile`` (``generate(cache_implementation="static", compile_config=
+        ...)`` compiles every step after the prefill). Only tensor arithmetic on fixed shapes, no branch on data:
+        the reduced prompt's slot state lives on the static cache (:class:`_SlotState`, ``[B, max_cache_len]``), so
+        one graph serves every prompt at any budget (no recompile). A cache this session did not reduce passes
+        through unchanged. In-LLM stages and KV eviction need per-step Python state: they run only uncompiled."""
+        if self.stages is not None or self.kv is not None:
+            raise RuntimeError(
+                "vlm_accel: in-LLM stages and KV eviction do not run under torch.compile; compile only pre-LLM "
+                "methods (or generate without compile_config)"
+            )
+        slots = _SlotState.of(cache)
+        if slots is None:
+            return orig(**kwargs)
+        x = kwargs.get("inputs_embeds")
+        x = kwargs["input_ids"] if x is None else x
+        bsz, q = x.shape[:2]
+        past = cache.get_seq_length()  # [] tensor: entries held (the reduced prompt + decoded tokens)
+        kw = dict(kwargs, attention_mask=slots.keys(past + q).to(torch.long))
+        if kwargs.get("position_ids") is None:
+            pos = torch.arange(q, device=slots.valid.device) + past + slots.delta
+            kw["position_ids"] = pos[None].expand(bsz, q)
+        return orig(**kw)
+
+
+class _SlotState:
+    """What a compiled decoding step needs of a reduced prompt held in a static cache, as fixed-shape tensors kept on
+    the cache object (so a compiled graph reads them as inputs and guards only on their shapes).
+
+    ``valid`` ``[B, max_cache_len]`` bool: the prompt's kept, non-padding slots; ``start`` ``[]``: the first slot of
+    decoded tokens (the reduced prompt length); ``delta`` ``[]``: caller position - cache slot."""
+
+    ATTR = "_vlm_accel_slots"
+
+    def __init__(self, valid: torch.Tensor, start: torch.Tensor, delta: torch.Tensor):
+        self.valid, self.start, self.delta = valid, start, delta
+
+    def keys(self, end: torch.Tensor) -> torch.Tensor:
+        """``[B, max_cache_len]`` bool: the keys a query may see once ``end`` slots are written."""
+        slot = torch.arange(self.valid.shape[1], device=self.valid.device)
+        return self.valid | ((slot >= self.start) & (slot < end))
+
+    @classmethod
+    def of(cls, cache) -> _SlotState | None:
+        return None if cache is None else getattr(cache, cls.ATTR, None)
+
+    @classmethod
+    def record(cls, cache, st: _Decode) -> None:
+        """After a reduced prefill into a static cache (a growing cache needs none: it is never compiled here)."""
+        length = _static_length(cache)
+        if length is None:
+            return
+        prefix = st.prefix_mask.bool()
+        bsz, n = prefix.shape
+        valid = torch.zeros(bsz, length, dtype=torch.bool, device=prefix.device)
+        valid[:, :n] = prefix
+        dev = prefix.device
+        state = cls(valid, torch.tensor(n, device=dev), torch.tensor(st.delta, device=dev))
+        setattr(cache, cls.ATTR, state)
+
+    @classmethod
+    def forget(cls, cache) -> None:
+        if getattr(cache, cls.ATTR, None) is not None:
+            delattr(cache, cls.ATTR)
+
+
+def _static_length(cache) -> int | None:
+    """``max_cache_len`` of a static cache (every layer fixed-size), else ``None``."""
+    layers = getattr(cache, "layers", None) or []
+    lengths = {getattr(layer, "max_cache_len", None) for layer in layers}
+    if not layers or None in lengths or len(lengths) != 1:
+        return None
+    return lengths.pop()
 
 
 def _prepared(mask):
