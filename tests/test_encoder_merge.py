@@ -107,6 +107,7 @@ def plain_tome_tower(tower_layers, x0, feature_layer, schedule, prefix, heads):
         ("siglip_vision_model", 4, -1, "full", "front", 0.3),
         ("dinov2", 4, -1, "default", "decreasing", 0.11),
         ("dinov2", 5, -1, "default", "steep", 0.33),
+        ("clip_vision_model", 6, -2, "default", "cubic", 0.2),
     ],
 )
 def test_tower_output_equals_plain_tome(tower, layers, feature_layer, strategy, schedule, budget):

@@ -31,7 +31,8 @@ from .methods.base import Method, Option, Reduction
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = ("constant", "decreasing", "steep", "front")
+SCHEDULES = ("constant", "decreasing", "steep", "cubic", "front")
+_POWER = {"decreasing": 1, "steep": 2, "cubic": 3}
 
 
 @dataclass
@@ -50,12 +51,14 @@ class TowerSpec:
 
 
 # --- the schedule and one merge step: pure functions of tensors ---------------------------------------------------
-def merge_schedule(n: int, k: int, points: int, kind: str = "steep") -> list[int]:
+def merge_schedule(n: int, k: int, points: int, kind: str = "cubic") -> list[int]:
     """Tokens to remove at each of ``points`` merge points to go from ``n`` mergeable tokens to ``k``.
 
     ``constant``: the same ``r`` everywhere (ToMe's default); ``decreasing``: ``r`` falling linearly to about 0 at
     the last point (ToMe's decreasing schedule: most merging early, where it saves most compute); ``steep``: ``r``
-    falling quadratically (more merging still in the first layers); ``front``: as
+    falling quadratically (more merging still in the first layers); ``cubic``: cubically (more still; on the
+    embedded default it keeps 99.0 % of full accuracy at 0.33 on 500 held-out questions, ``steep`` 99.2 %, and
+    runs its tower on ~6 % fewer tokens); ``front``: as
     many as one bipartite round allows (half the tokens) at every point until ``k`` is reached. A point may ask
     for more than half its tokens (few points, small ``k``): it then runs several rounds."""
     total = max(0, n - k)
@@ -63,8 +66,8 @@ def merge_schedule(n: int, k: int, points: int, kind: str = "steep") -> list[int
         return [0] * max(points, 0)
     if kind == "constant":
         return [total // points + (i < total % points) for i in range(points)]
-    if kind in ("decreasing", "steep"):
-        weights = [(points - i) ** (1 if kind == "decreasing" else 2) for i in range(points)]
+    if kind in _POWER:
+        weights = [(points - i) ** _POWER[kind] for i in range(points)]
         cum = [round(total * sum(weights[: i + 1]) / sum(weights)) for i in range(points)]
         return [c - p for c, p in zip(cum, [0, *cum[:-1]], strict=True)]
     if kind == "front":
@@ -213,7 +216,7 @@ class TowerMerge:
     adapter: object
     spec: TowerSpec
     budget: object  # Budget: what leaves the tower per view
-    schedule: str = "steep"
+    schedule: str = "cubic"
     start: int = 0
     run: _Run | None = None
     last: _Run | None = None  # the last finished forward's state (its layer_tokens: what the layers ran on)
@@ -221,7 +224,7 @@ class TowerMerge:
     @classmethod
     def install(cls, adapter, budget, options: dict, patch) -> TowerMerge:
         spec = adapter.tower_spec()
-        self = cls(adapter, spec, budget, options.get("schedule", "steep"), options.get("start", 0))
+        self = cls(adapter, spec, budget, options.get("schedule", "cubic"), options.get("start", 0))
         for i, (layer, attn) in enumerate(zip(spec.layers, spec.attentions, strict=True)):
             patch(layer, "forward", self._wrap_layer(i, layer.forward, attn))
             patch(attn.k_proj, "forward", self._wrap_keys(attn.k_proj.forward))
@@ -326,7 +329,7 @@ TOME_VIT = Method(
     exact=False,
     stage="encoder",
     options={
-        "schedule": Option("steep", f"tokens merged per layer: one of {SCHEDULES}", _schedule_ok),
+        "schedule": Option("cubic", f"tokens merged per layer: one of {SCHEDULES}", _schedule_ok),
         "start": Option(0, "first layer after which tokens merge (default 0)", _start_ok),
     },
 )
