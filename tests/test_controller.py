@@ -1,6 +1,7 @@
 """The budget controller: total targets (tokens / latency / memory), information-aware allocation, calibration."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -257,3 +258,108 @@ def test_stream_memory_target_bounds_held_tokens():
         assert 0 < n and need(n) <= limit < need(n + 1)
     with pytest.raises(ValueError, match="raise the target"):
         vlm_accel.stream(model, processor, budget=Budget(memory_gb=10 * per / 1e9))
+
+
+# --- latency steering the merge inside the vision tower ----------------------------------------------------------
+def _tower_costs(model, tmp_path, monkeypatch, schedules=("cubic",), b=0.1):
+    """Known costs in the calibration cache: the language model ``b`` ms per token; per view, the tower's ms at each
+    merge level (``front`` 40 % cheaper)."""
+    monkeypatch.setenv("VLM_ACCEL_CACHE", str(tmp_path))
+    lm = model.model.language_model
+    calibration._save(
+        calibration.model_key(model, lm), calibration.CostModel(calibration.model_key(model, lm), 0, b, 0)
+    )
+    for s in schedules:
+        key = calibration.tower_key(model, lm, (224, 224), s)
+        ms = (100.0, 60.0, 40.0, 30.0, 25.0) if s != "front" else (100.0, 36.0, 24.0, 18.0, 15.0)
+        calibration._save(key, calibration.TowerCost(key, calibration.TOWER_KEEPS, ms, s))
+
+
+def _default_like_inputs(processor):
+    from PIL import Image
+
+    img = Image.new("RGB", (64, 48), (200, 30, 30))
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the circle?"}]}],
+        add_generation_prompt=True,
+    )
+    return processor(images=[img], text=[text], return_tensors="pt")
+
+
+def test_latency_target_chooses_the_tower_merge_before_the_tower_runs(tmp_path, monkeypatch):
+    """tome_vit alone under latency_ms: the most tokens per view whose predicted tower + language-model time fits."""
+    model, processor = tiny.build_default_like()
+    _tower_costs(model, tmp_path, monkeypatch, ("cubic", "front"))
+    inputs = _default_like_inputs(processor)
+    n_text = int(inputs["attention_mask"].sum()) - 256
+    target = 60.0 + 0.1 * (n_text + 128)  # the tower at keep 0.5 (60 ms per view) and 128 visual tokens
+    calls = []
+    monkeypatch.setattr(calibration, "calibrate_tower", lambda *a, **k: calls.append(a))
+    with vlm_accel.accelerate(model, Budget(latency_ms=target), method="tome_vit") as sess, torch.no_grad():
+        model(**inputs)
+        assert sess.stats.visual_tokens_kept == 128
+        assert "keeps 128 of 256 tokens per view (cubic schedule" in str(sess.plan)
+        assert sess.plan.predicted_ms == pytest.approx(target, abs=0.2)
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+    assert not calls  # the cached calibrations were used
+    # reachable only with the faster schedule: the request falls back to it
+    with vlm_accel.accelerate(model, Budget(latency_ms=20.0 + 0.1 * (n_text + 16)), method="tome_vit") as sess:
+        with torch.no_grad():
+            model(**inputs)
+        assert "front schedule" in str(sess.plan) and sess.stats.visual_tokens_kept < 64
+    with vlm_accel.accelerate(model, Budget(latency_ms=10.0), method="tome_vit"), torch.no_grad():
+        reach = math.ceil(15.0 + 0.1 * (n_text + 1))  # front at one token per view
+        with pytest.raises(ValueError, match=f"nearest reachable: latency_ms={reach}$"):
+            model(**inputs)
+
+
+def test_latency_steers_tower_and_caps_the_pre_llm_method(tmp_path, monkeypatch):
+    """A composite: the tower's merge chosen first, then the pre-LLM method keeps what the measured tower time
+    leaves; the plan gives both reasons."""
+    model, processor = tiny.build_default_like()
+    _tower_costs(model, tmp_path, monkeypatch)
+    inputs = _default_like_inputs(processor)
+    n_text = int(inputs["attention_mask"].sum()) - 256
+    target = 60.0 + 0.1 * (n_text + 128)
+    with vlm_accel.accelerate(model, Budget(latency_ms=target), method="tome_vit+visionzip") as sess:
+        with torch.no_grad():
+            model(**inputs)
+    plan = str(sess.plan)
+    assert "vision tower keeps 128 of 256 tokens per view" in plan and "language model budget" in plan
+    assert sess.stats.visual_tokens_kept <= 128
+
+
+def test_tower_calibration_keyed_by_view_size_and_schedule(tmp_path, monkeypatch):
+    """No cached tower cost: the first steered request measures the tower (really: the probe runs it) and caches it
+    under the model key + view size + schedule; the next request reuses it."""
+    monkeypatch.setenv("VLM_ACCEL_CACHE", str(tmp_path))
+    model, processor = tiny.build_default_like()
+    lm = model.model.language_model
+    calibration._save(
+        calibration.model_key(model, lm), calibration.CostModel(calibration.model_key(model, lm), 0, 0, 0)
+    )
+    inputs = _default_like_inputs(processor)
+    with vlm_accel.accelerate(model, Budget(latency_ms=1e6), method="tome_vit") as sess, torch.no_grad():
+        model(**inputs)
+        assert sess.stats.visual_tokens_kept == 256  # generous: no merge
+        got = calibration.lookup_tower(model, lm, (224, 224), "cubic")
+        assert got is not None and len(got.ms) == len(calibration.TOWER_KEEPS) and all(m > 0 for m in got.ms)
+        assert calibration.lookup_tower(model, lm, (224, 224), "front") is None  # not needed, not measured
+        data = json.loads((tmp_path / "calibration.json").read_text())
+        assert got.key in data and got.key.endswith("|tower|224x224|cubic")
+        calls = []
+        monkeypatch.setattr(calibration, "calibrate_tower", lambda *a, **k: calls.append(a))
+        model(**inputs)
+        assert not calls
+
+
+def test_tower_scale_follows_measured_time():
+    from vlm_accel.controller import Controller
+
+    c = Controller(Budget(latency_ms=100.0), None, None)
+    tower = calibration.TowerCost("k", (1.0, 0.5), (100.0, 60.0), "cubic")
+    c._tower = (2, 0.5, tower, "why", 120.0)
+    c.observe_tower(240.0)  # measured twice the prediction (2 views x 60 ms): halfway there
+    assert c.tower_scale == pytest.approx(1.5)
+    assert tower.view_ms(0.75) == pytest.approx(80.0) and tower.view_ms(0.01) == 60.0

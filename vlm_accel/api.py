@@ -196,6 +196,8 @@ class Session:
         # stage's own per-segment budget
         in_llm = pre is None and llm is not None
         self._steered = ("in-LLM", self._llm_budget) if in_llm else ("pre-LLM", self._pre_budget)
+        if pre is not None and pre.stage == "encoder":  # a tower merge alone: latency_ms steers the tower only
+            self._steered = ("tower", self._pre_budget)
         self.controller = Controller(budget, model, adapter.language_model)
         self.plan: Plan | None = None  # what the controller chose for the last prefill
         self._quotas: dict[int, list[int]] = {}  # id(info) -> per-segment quotas of the last prefill
@@ -265,6 +267,7 @@ class Session:
         if self.llm_method is not None and (steered or not _full(self._llm_budget)):
             self.stages = LLMStages(self.llm_method, self.options, lm, self._patch)
         self.tower = _tower_merge(self.method_name, self.budget, self.options, self.adapter, self._patch)
+        self._tower_schedule = self.tower.schedule if self.tower is not None else None
         b = self.budget
         if b.kv != 1.0 or isinstance(b.kv, int) or b.kv_max is not None or b.kv_important or b.memory_gb is not None:
             self.kv = KVCompressor(
@@ -275,7 +278,10 @@ class Session:
         # copies and pickles of an accelerated model: a clean unaccelerated copy / a clear error, never wrappers bound
         # to this model's modules
         # threads: whole calls are serialised, so one request's pending / decode state never mixes with another's
-        self._patch(self.model, "forward", self._locked(self.model.forward), keep_previous=True)
+        forward = self.model.forward
+        if self.tower is not None and b.latency_ms is not None:
+            forward = self._wrap_tower_steering(forward)
+        self._patch(self.model, "forward", self._locked(forward), keep_previous=True)
         self._patch(
             self.model, "generate", self._locked(self._uncompiled_stages(self.model.generate)), keep_previous=True
         )
@@ -387,6 +393,66 @@ class Session:
             return out.to_tuple() if tuple_out else out
 
         return get_features
+
+    def _wrap_tower_steering(self, orig):
+        """``Budget(latency_ms=...)`` with a merge inside the vision tower: before a forward that brings images, the
+        controller chooses how many tokens per view the tower lets out (:meth:`Controller.tower_keep`), from the
+        calibrated tower and language-model costs and the prompt's text and placeholder counts."""
+
+        @functools.wraps(orig)
+        def forward(*args, **kwargs):
+            if not torch.compiler.is_compiling():
+                self._steer_tower(kwargs)
+            return orig(*args, **kwargs)
+
+        return forward
+
+    def _steer_tower(self, kwargs: dict) -> None:
+        pv, ids = kwargs.get("pixel_values"), kwargs.get("input_ids")
+        token = getattr(self.model.config, "image_token_id", None)
+        if pv is None or ids is None or token is None or pv.dim() not in (4, 5):
+            return
+        from .calibration import tower_calibrated
+
+        place = ids == token
+        attn = kwargs.get("attention_mask")
+        lens = attn.sum(1) if torch.is_tensor(attn) and attn.dim() == 2 else torch.full((ids.shape[0],), ids.shape[1])
+        n_vis = place.sum(1)
+        size = tuple(pv.shape[-2:])
+        patch = self.model.config.vision_config.patch_size
+        per_view = (size[0] // patch) * (size[1] // patch)
+        views = pv.shape[0] if pv.dim() == 4 else pv.shape[0] * pv.shape[1]  # anyres: padded crops counted too
+        unmet = None
+        # the configured schedule when it can meet the target, else the fastest one (``front``: halving at every
+        # layer; costs accuracy, see the README)
+        for schedule in dict.fromkeys((self._tower_schedule, "front")):
+            tower = tower_calibrated(self.model, self.adapter.language_model, self._tower_probe, size, schedule)
+            try:
+                k = self.controller.tower_keep((lens - n_vis).tolist(), n_vis.tolist(), views, per_view, tower)
+            except ValueError as e:
+                unmet = e
+                continue
+            self.tower.schedule, self.tower.budget = schedule, Budget(visual=k)
+            return
+        raise unmet
+
+    @torch.no_grad()
+    def _tower_probe(self, keep: float, size: tuple[int, int], schedule: str) -> None:
+        """Run the vision tower once on one random view of ``size`` pixels, with ``keep`` of its tokens leaving it
+        under ``schedule`` (the calibration of :class:`~vlm_accel.calibration.TowerCost`)."""
+        channels = getattr(self.model.config.vision_config, "num_channels", 3)
+        p = next(self.adapter.tower.parameters())
+        gen = torch.Generator().manual_seed(0)
+        pv = torch.randn(1, channels, *size, generator=gen).to(p.device, p.dtype)
+        saved = self.tower.budget, self.tower.schedule
+        try:
+            if keep < 1.0:
+                self.tower.budget, self.tower.schedule = Budget(visual=float(keep)), schedule
+                self.tower.begin({}, "image")
+            self.adapter.tower(pv, output_hidden_states=True)
+        finally:
+            self.tower.end()
+            self.tower.budget, self.tower.schedule = saved
 
     def _uncompiled_stages(self, orig):
         """In-LLM stages and KV eviction keep per-step Python state, so their decoding steps cannot be compiled:
@@ -1222,7 +1288,7 @@ def _tower_merge(name: str, budget: Budget, options: dict, adapter: Adapter, pat
     """Install merging inside the vision tower when ``name`` has a tower method and its budget reduces (its options
     are the session's when it is the only method, its defaults in a composite)."""
     enc, share = _encoder_budget(budget, name)
-    if enc is None or _full(share):
+    if enc is None or (_full(share) and budget.latency_ms is None):  # a latency target steers it per request
         return None
     opts = options if name.strip() == enc.name else enc.resolve(None)
     return TowerMerge.install(adapter, share, opts, patch)
@@ -1283,10 +1349,10 @@ def accelerate(
     _split_budget(budget, pre, llm)
     if _encoder_budget(budget, name)[0] is not None:
         adapter.tower_spec()  # ValueError for towers it cannot merge inside
-        if getattr(budget, "has_target", False) and pre is not None and pre.stage == "encoder":
+        if (budget.tokens is not None or budget.memory_gb is not None) and pre is not None and pre.stage == "encoder":
             raise ValueError(
-                f"a total target (Budget tokens / latency_ms / memory_gb) steers a pre-LLM method; {name!r} has "
-                "none: use e.g. 'tome_vit+visionzip' (the tower then spends Budget.encoder)"
+                f"Budget tokens / memory_gb targets steer a pre-LLM method; {name!r} has none: use e.g. "
+                "'tome_vit+visionzip' (the tower then spends Budget.encoder), or latency_ms, which steers the tower"
             )
     if llm is not None:
         from .methods.inllm import stage_layers

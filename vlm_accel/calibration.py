@@ -6,6 +6,10 @@ stored under ``$VLM_ACCEL_CACHE`` (default ``~/.cache/vlm_accel``) in ``calibrat
 config's hash, the device, the dtype, the attention implementation and the number of CPU threads; a target that
 needs it and finds none calibrates on first use and logs that it did. ``vlm-accel calibrate [--model DIR]`` runs it
 explicitly.
+
+With a merge inside the vision tower (``tome_vit``), a :class:`TowerCost` beside it holds the tower's milliseconds per
+view at a few merge levels (same key + ``|tower|HxW|schedule``), so a latency target can choose the tower's merge
+before the tower runs.
 """
 
 from __future__ import annotations
@@ -58,6 +62,35 @@ class CostModel:
         return f"{self.a:.2f} ms + {self.b * 1e3:.3f} us/token + {self.c * 1e6:.4f} ns/token^2"
 
 
+TOWER_KEEPS = (1.0, 0.5, 0.25, 0.11, 0.03)
+
+
+@dataclass
+class TowerCost:
+    """The vision tower's milliseconds per view when a merge inside it (``tome_vit``) lets ``keep`` of the view's
+    tokens out (``keep`` a fraction; 1.0: no merge), measured at :data:`TOWER_KEEPS` and interpolated linearly
+    between them (made non-decreasing in ``keep``)."""
+
+    key: str
+    keeps: tuple = TOWER_KEEPS
+    ms: tuple = ()
+    schedule: str = ""
+
+    def view_ms(self, keep: float) -> float:
+        pts = sorted(zip(self.keeps, self.ms, strict=True))
+        xs = [k for k, _ in pts]
+        ys = [max(m for _, m in pts[: i + 1]) for i in range(len(pts))]
+        if keep <= xs[0]:
+            return ys[0]
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys, strict=True), zip(xs[1:], ys[1:], strict=True), strict=False):
+            if keep <= x1:
+                return y0 + (y1 - y0) * (keep - x0) / (x1 - x0)
+        return ys[-1]
+
+    def describe(self) -> str:
+        return ", ".join(f"{k:g}: {m:.1f} ms" for k, m in sorted(zip(self.keeps, self.ms, strict=True)))
+
+
 def cache_dir() -> Path:
     root = os.environ.get("VLM_ACCEL_CACHE")
     if root:
@@ -89,7 +122,7 @@ def _load() -> dict:
         return {}
 
 
-def _save(key: str, cost: CostModel) -> Path:
+def _save(key: str, cost) -> Path:
     path = cache_dir() / "calibration.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     data = _load()
@@ -108,6 +141,52 @@ def lookup(model, lm) -> CostModel | None:
         return None
     got["lengths"], got["measured_ms"] = tuple(got["lengths"]), tuple(got["measured_ms"])
     return CostModel(**got)
+
+
+def tower_key(model, lm, size: tuple[int, int], schedule: str) -> str:
+    """The tower's cache key: the model's, plus the view size in pixels (``(height, width)``) and the merge
+    schedule."""
+    return f"{model_key(model, lm)}|tower|{size[0]}x{size[1]}|{schedule}"
+
+
+def lookup_tower(model, lm, size: tuple[int, int], schedule: str) -> TowerCost | None:
+    got = _load().get(tower_key(model, lm, size, schedule))
+    if got is None:
+        return None
+    return TowerCost(got["key"], tuple(got["keeps"]), tuple(got["ms"]), got.get("schedule", schedule))
+
+
+@torch.no_grad()
+def calibrate_tower(
+    model, lm, probe, size: tuple[int, int], schedule: str, keeps=TOWER_KEEPS, repeats: int = 3, save: bool = True
+) -> TowerCost:
+    """Time the vision tower on one view of ``size`` pixels at each merge level of ``schedule``: ``probe(keep,
+    size, schedule)`` runs it once with ``keep`` of the tokens leaving the tower (median of ``repeats`` after one
+    warm-up each)."""
+    times = []
+    for keep in keeps:
+        runs = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            probe(keep, size, schedule)
+            if i:
+                runs.append((time.perf_counter() - t0) * 1e3)
+        times.append(statistics.median(runs))
+    cost = TowerCost(tower_key(model, lm, size, schedule), tuple(keeps), tuple(times), schedule)
+    if save:
+        path = _save(cost.key, cost)
+        logger.info("vlm_accel: calibrated the vision tower %s (%s) -> %s", cost.key, cost.describe(), path)
+    return cost
+
+
+def tower_calibrated(model, lm, probe, size: tuple[int, int], schedule: str) -> TowerCost:
+    """The cached tower cost for views of ``size`` under ``schedule``, calibrating (and logging that it did) when
+    there is none."""
+    cost = lookup_tower(model, lm, size, schedule)
+    if cost is None:
+        logger.info("vlm_accel: no %s tower calibration for this model, device and view size; calibrating", schedule)
+        cost = calibrate_tower(model, lm, probe, size, schedule)
+    return cost
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .calibration import CostModel
+from .calibration import CostModel, TowerCost
 
 logger = logging.getLogger("vlm_accel")
 
@@ -140,6 +140,8 @@ class Controller:
         self.lm = language_model
         self._cost: CostModel | None = None
         self.plan: Plan | None = None
+        self.tower_scale = 1.0  # measured / calibrated tower time of the steered requests so far (see observe_tower)
+        self._tower: tuple | None = None  # the coming request's tower choice: (views, keep fraction, cost, reason, ms)
 
     @property
     def cost(self) -> CostModel:
@@ -232,6 +234,51 @@ class Controller:
         )
         return totals
 
+    # --- the vision tower (a merge inside it) ------------------------------------------------------------------
+    def tower_keep(self, n_text: list[int], n_visual: list[int], views: int, per_view: int, tower: TowerCost) -> int:
+        """Tokens per view the vision tower lets out (``tome_vit``), chosen before the tower runs so that the
+        request's predicted prefill meets ``latency_ms``: the most that fit. Predicted: the tower on ``views`` views
+        (calibrated ``tower`` cost per view at that merge level, times :attr:`tower_scale`) plus the language model on
+        every row's ``n_text`` text tokens and its share of ``n_visual`` visual placeholders left by the merge.
+        ``ValueError`` with the nearest reachable value when even one token per view does not fit."""
+        cost = self.cost
+        bsz = len(n_text)
+        target = self.budget.latency_ms
+
+        def parts(k: int) -> tuple[float, float]:
+            keep = k / per_view
+            tower_ms = self.tower_scale * views * tower.view_ms(keep)
+            rows = [t + math.ceil(keep * v) for t, v in zip(n_text, n_visual, strict=True)]
+            return tower_ms, cost.overhead_ms + cost.llm_ms(bsz, max(rows))
+
+        least = sum(parts(1))
+        if least > target:
+            raise ValueError(
+                f"Budget(latency_ms={target:g}) is unreachable for this input: even with the vision tower merging "
+                f"each of its {views} view(s) to one token, the prefill is predicted at {least:.0f} ms; nearest "
+                f"reachable: latency_ms={math.ceil(least)}"
+            )
+        k = largest(1, per_view, lambda k: sum(parts(k)) <= target)
+        tower_ms, llm_ms = parts(k)
+        reason = (
+            f"latency_ms={target:g}: vision tower keeps {k} of {per_view} tokens per view ({tower.schedule} "
+            f"schedule, {views} view(s), "
+            f"predicted {tower_ms:.1f} ms; calibrated per view {tower.describe()}, x{self.tower_scale:.2f} as "
+            f"measured), language model predicted {llm_ms:.1f} ms"
+        )
+        self._tower = (views, k / per_view, tower, reason, tower_ms + llm_ms)
+        return k
+
+    def observe_tower(self, encode_ms: float) -> None:
+        """After a steered tower ran: move :attr:`tower_scale` halfway to measured / predicted (bounded to 1/4..4),
+        so the next request's choice follows this machine's current speed."""
+        if self._tower is None or encode_ms <= 0:
+            return
+        views, keep, tower, *_ = self._tower
+        predicted = views * tower.view_ms(keep)
+        if predicted > 0:
+            self.tower_scale = min(4.0, max(0.25, 0.5 * self.tower_scale + 0.5 * encode_ms / predicted))
+
     # --- one prefill ----------------------------------------------------------------------------------------
     def quotas(self, inputs, segments_of, stage, encode_ms: float, attn, masks) -> dict[int, list[int]]:
         """Per input (``id(info)``) the quota of each of its segments for this prefill; records :attr:`plan`.
@@ -241,6 +288,12 @@ class Controller:
         ``attn`` ``[B, L]`` padding mask or ``None``; ``masks``: per modality the ``[B, L]`` placeholder masks."""
         name, own = stage
         plan = Plan(kv_bits=self.budget.kv_bits, kv_max=self.budget.kv_max)
+        if self._tower is not None:  # the tower's merge was chosen for this request (tower_keep)
+            *_, reason, predicted = self._tower
+            plan.reasons.append(reason)
+            plan.predicted_ms = predicted
+            self.observe_tower(encode_ms)
+            self._tower = None
         per_row: dict[int, list] = {}  # row -> [(info, its segment count, segment number, plan entry)]
         for m, j, info, rows, _, feats in inputs:
             segs = segments_of(info)
@@ -248,7 +301,7 @@ class Controller:
             prev = None
             for k, seg in enumerate(segs):
                 w = math.nan  # information is measured only when a total target is split by it
-                if self.budget.has_target:
+                if self.budget.has_target and name != "tower":
                     x = feats[seg.idx.to(feats.device)]
                     w, prev = information(x, prev if frames else None), x
                 size = seg.idx.numel()
@@ -256,7 +309,7 @@ class Controller:
                 entry = PlanEntry(int(rows[0]), label, size, own.visual_quota(size, seg.units), w, name)
                 per_row.setdefault(entry.row, []).append((info, len(segs), k, entry))
         out: dict[int, list[int]] = {}
-        if self.budget.has_target and per_row:
+        if self.budget.has_target and per_row and name != "tower":
             vis = torch.stack(list(masks.values())).any(0)
             bsz, seq = vis.shape
             lens = attn.sum(1) if attn is not None else torch.full((bsz,), seq)
