@@ -31,11 +31,10 @@ def _llava(tower: str, layers: int, feature_layer: int, strategy: str, seed: int
 
 
 # --- ToMe written plainly: one view at a time, loops and sets --------------------------------------------------------
-def _plain_layer(layer, x, size):
-    """One encoder layer (CLIP / SigLIP / DINOv2) on ``x`` ``[M, C]`` with proportional attention (``+ log size``
-    on the logits). Returns the output and the layer's keys ``[M, C]``."""
+def _plain_attention(layer, x, size):
+    """The attention half of an encoder layer (CLIP / SigLIP / DINOv2) on ``x`` ``[M, C]`` with proportional
+    attention (``+ log size`` on the logits). Returns ``x + attention`` and the layer's keys ``[M, C]``."""
     norm1 = getattr(layer, "layer_norm1", None) or layer.norm1
-    norm2 = getattr(layer, "layer_norm2", None) or layer.norm2
     attn = getattr(layer, "self_attn", None) or layer.attention
     proj = getattr(attn, "out_proj", None) or attn.o_proj
     m, c = x.shape
@@ -46,11 +45,16 @@ def _plain_layer(layer, x, size):
     a = proj((logits.softmax(-1) @ v).transpose(0, 1).reshape(m, c))
     if hasattr(layer, "layer_scale1"):
         a = layer.layer_scale1(a)
-    x = x + a
+    return x + a, k.transpose(0, 1).reshape(m, c)
+
+
+def _plain_mlp(layer, x):
+    """The MLP half: ``x + mlp(norm2(x))``."""
+    norm2 = getattr(layer, "layer_norm2", None) or layer.norm2
     f = layer.mlp(norm2(x))
     if hasattr(layer, "layer_scale2"):
         f = layer.layer_scale2(f)
-    return x + f, k.transpose(0, 1).reshape(m, c)
+    return x + f
 
 
 def _plain_round(x, metric, size, groups, reps, r, prefix):
@@ -82,20 +86,21 @@ def _plain_round(x, metric, size, groups, reps, r, prefix):
 
 
 def plain_tome_tower(tower_layers, x0, feature_layer, schedule, prefix, heads):
-    """ToMe on one view ``x0`` ``[T, C]`` (the tower's embeddings): after layer ``l`` merge ``schedule[l]`` tokens on
-    the layer's keys (averaged over heads), in rounds of at most half the mergeable tokens. Returns the feature
-    layer's tokens, their members (sets of original indices) and representatives."""
+    """ToMe on one view ``x0`` ``[T, C]`` (the tower's embeddings): in layer ``l``, between its attention and its MLP,
+    merge ``schedule[l]`` tokens on the layer's keys (averaged over heads), in rounds of at most half the mergeable
+    tokens. Returns the feature layer's tokens, their members (sets of original indices) and representatives."""
     x, size = x0, torch.ones(x0.shape[0])
     groups = [{i} for i in range(x0.shape[0])]
     reps = list(range(x0.shape[0]))
     for li in range(feature_layer + 1):
-        x, keys = _plain_layer(tower_layers[li], x, size)
+        x, keys = _plain_attention(tower_layers[li], x, size)
         r = schedule.get(li, 0)
         metric = keys.view(x.shape[0], heads, -1).mean(1)
         while r > 0:
             step = min(r, (x.shape[0] - prefix) // 2)
             x, metric, size, groups, reps = _plain_round(x, metric, size, groups, reps, step, prefix)
             r -= step
+        x = _plain_mlp(tower_layers[li], x)
     return x, groups, reps
 
 
@@ -300,4 +305,7 @@ def test_layer_tokens_record_the_schedule(models):
     planned = [65]
     for i in range(layers - 1):
         planned.append(planned[-1] - last.plan.get(i, 0))
-    assert last.layer_tokens == planned and last.mean_layer_tokens == sum(planned) / layers
+    assert last.layer_tokens == planned and last.mlp_tokens == [*planned[1:], planned[-1]]
+    share = 2 * 64 / (4 * 32 + 2 * 64)  # tiny CLIP: hidden 32, MLP 64
+    want = sum((1 - share) * t + share * m for t, m in zip(planned, last.mlp_tokens, strict=True)) / layers
+    assert last.mean_layer_tokens == pytest.approx(want)

@@ -147,7 +147,11 @@ class _Run:
     keys: torch.Tensor | None = None  # [B, M, C] the running layer's keys
     bias: torch.Tensor | None = None  # [B, 1, 1, M] log(size), kept until the next merge
     tokens: int = 0  # T
-    layer_tokens: list[int] = field(default_factory=list)  # tokens per view each tower layer ran on, in order
+    layer_tokens: list[int] = field(default_factory=list)  # tokens per view entering each tower layer, in order
+    mlp_tokens: list[int] = field(
+        default_factory=list
+    )  # tokens per view each layer's MLP ran on (fewer where it merged)
+    mlp_share: float = 2 / 3  # the MLP's share of a layer's per-token matrix work (2 I / (4 C + 2 I))
 
     def start(self, hidden: torch.Tensor) -> None:
         """A new forward over ``hidden`` ``[B, T, C]``: plan the merges so that ``budget`` of the feature tokens
@@ -192,14 +196,45 @@ class _Run:
 
     @property
     def mean_layer_tokens(self) -> float:
-        """Tokens per view averaged over the tower layers that ran (what a layer's compute scales with)."""
-        return sum(self.layer_tokens) / len(self.layer_tokens) if self.layer_tokens else float(self.tokens)
+        """Tokens per view averaged over the tower layers that ran, each layer's attention part (its entering tokens)
+        and MLP part (its tokens after a merge) weighted by their per-token matrix work: what a layer's compute
+        scales with."""
+        if not self.layer_tokens:
+            return float(self.tokens)
+        a = 1 - self.mlp_share
+        per = [a * t + self.mlp_share * m for t, m in zip(self.layer_tokens, self.mlp_tokens, strict=True)]
+        return sum(per) / len(per)
 
     def alive(self) -> torch.Tensor:
         """``[B, T]`` True at every representative."""
         out = torch.zeros(self.rep.shape[0], self.tokens, dtype=torch.bool, device=self.rep.device)
         out.scatter_(1, self.rep, True)
         return out
+
+
+def layer_parts(layer: nn.Module) -> tuple:
+    """``(norm1, attention, norm2, mlp, scale1, scale2)`` of a pre-norm CLIP / SigLIP / DINOv2 encoder layer (the
+    layer scales are DINOv2's, ``None`` elsewhere)."""
+    attn = getattr(layer, "self_attn", None) or layer.attention
+    norm1 = getattr(layer, "layer_norm1", None) or layer.norm1
+    norm2 = getattr(layer, "layer_norm2", None) or layer.norm2
+    return norm1, attn, norm2, layer.mlp, getattr(layer, "layer_scale1", None), getattr(layer, "layer_scale2", None)
+
+
+def _attention_half(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """``x + attention(norm1(x))`` of ``layer`` (its own attention module, with the layer call's mask and
+    arguments): the first half of the layer's forward, ``[B, M, C]``."""
+    norm1, attn, _, _, scale1, _ = layer_parts(layer)
+    mask = args[0] if args else kwargs.pop("attention_mask", None)
+    a = attn(norm1(x), attention_mask=mask, **kwargs)[0]
+    return x + (scale1(a) if scale1 is not None else a)
+
+
+def _mlp_half(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x + mlp(norm2(x))`` of ``layer``: the second half of its forward, ``[B, M, C]``."""
+    _, _, norm2, mlp, _, scale2 = layer_parts(layer)
+    f = mlp(norm2(x))
+    return x + (scale2(f) if scale2 is not None else f)
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -245,6 +280,9 @@ class TowerMerge:
         self.run = _Run(
             points, feat, full, self.schedule, self.budget, self.spec.prefix, self.adapter.tower_dropped(call)
         )
+        fc1 = next(m for m in layer_parts(self.spec.layers[0])[3].modules() if isinstance(m, nn.Linear))
+        c, inner = fc1.in_features, fc1.out_features
+        self.run.mlp_share = 2 * inner / (4 * c + 2 * inner)
 
     def end(self) -> _Run | None:
         run, self.run = self.run, None
@@ -271,6 +309,7 @@ class TowerMerge:
         return forward
 
     def _wrap_layer(self, i: int, orig, attn: nn.Module):
+        layer = self.spec.layers[i]
         heads = getattr(attn, "num_heads", None) or getattr(attn, "num_attention_heads", None)
         if heads is None:
             heads = attn.config.num_attention_heads
@@ -297,11 +336,13 @@ class TowerMerge:
             else:
                 x = hidden_states
             run.layer_tokens.append(x.shape[1])
-            out = orig(x, *args, **kwargs)
-            y = out[0] if isinstance(out, tuple) else out
             r = run.plan.get(i, 0)
-            if r:
-                y = run.merge(y, r, heads)
+            if r:  # ToMe's placement: merge between the attention and the MLP (the MLP runs on the merged tokens)
+                out = y = _mlp_half(layer, run.merge(_attention_half(layer, x, args, kwargs), r, heads))
+            else:
+                out = orig(x, *args, **kwargs)
+                y = out[0] if isinstance(out, tuple) else out
+            run.mlp_tokens.append(y.shape[1])
             if run.merged and (i + 1 >= run.feature or run.full):  # the feature layer's input too (CLS attention)
                 y = _gather(y, run.group)  # full length: every position holds its group's value
             return (y, *out[1:]) if isinstance(out, tuple) else y
