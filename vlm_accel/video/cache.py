@@ -2,7 +2,9 @@
 encoded frame reuses that frame's features instead of running the vision tower again.
 
 Works at frame granularity (the unit every supported tower encodes independently: a Qwen temporal patch, a
-LLaVA-OneVision frame). A reused frame gets the reference frame's features bit for bit.
+LLaVA-OneVision frame). A reused frame gets the reference frame's features bit for bit. Per patch (the unchanged
+patches of a frame reused, only the changed ones run through the tower): :class:`vlm_accel.video.patch_cache.
+PatchCache`, a subclass, for the LLaVA-family towers.
 """
 
 from __future__ import annotations

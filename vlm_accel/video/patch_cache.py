@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..encoder_merge import layer_parts
 from .cache import Frame, FrameCache, FrameStats
 
 logger = logging.getLogger(__name__)
@@ -85,23 +86,6 @@ class _Job:
     own: _Key | None = None  # the key state this row fills (full frames)
 
 
-def _parts(layer: nn.Module):
-    """``(norm1, attention, norm2, mlp, out_proj, scale1, scale2)`` of a CLIP / SigLIP / DINOv2 encoder layer."""
-    attn = getattr(layer, "self_attn", None) or layer.attention
-    norm1 = getattr(layer, "layer_norm1", None) or layer.norm1
-    norm2 = getattr(layer, "layer_norm2", None) or layer.norm2
-    out = getattr(attn, "out_proj", None) or attn.o_proj
-    return (
-        norm1,
-        attn,
-        norm2,
-        layer.mlp,
-        out,
-        getattr(layer, "layer_scale1", None),
-        getattr(layer, "layer_scale2", None),
-    )
-
-
 def partial_layer(layer: nn.Module, x: torch.Tensor, key_k, key_v, key_out, idx: torch.Tensor) -> torch.Tensor:
     """One encoder layer for one frame whose tokens ``idx`` changed.
 
@@ -113,7 +97,8 @@ def partial_layer(layer: nn.Module, x: torch.Tensor, key_k, key_v, key_out, idx:
         ``[T, C]``: the key frame's output with rows ``idx`` computed — their queries attend to the key frame's
         keys / values at the other positions and to their own at ``idx``.
     """
-    norm1, attn, norm2, mlp, out_proj, scale1, scale2 = _parts(layer)
+    norm1, attn, norm2, mlp, scale1, scale2 = layer_parts(layer)
+    out_proj = getattr(attn, "out_proj", None) or attn.o_proj
     t, c = key_k.shape
     head_dim = getattr(attn, "head_dim", None) or c // attn.num_heads
     heads = c // head_dim
@@ -266,7 +251,7 @@ class PatchCache(FrameCache):
             return hook
 
         for li, layer in enumerate(self.layers):
-            _, attn, *_ = _parts(layer)
+            attn = layer_parts(layer)[1]
             handles.append(attn.k_proj.register_forward_hook(grab("k")))
             handles.append(attn.v_proj.register_forward_hook(grab("v")))
             previous = vars(layer).get("forward")
