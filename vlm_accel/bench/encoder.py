@@ -264,10 +264,12 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
 
     rows = [r for r in rows if r["method"] != "none"]
     labels = [
-        f"{r['method']}\n@{r['budget']:.2g}" + (f" (acc {r['retained_pct']:.0f} %)" if "retained_pct" in r else "")
+        r["method"].replace("+", "+\n")
+        + f"\n@{r['budget']:.2g}"
+        + (f"\nacc {r['retained_pct']:.1f} %" if "retained_pct" in r else "")
         for r in rows
     ]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) + 2), 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(rows) + 2), 4.6), sharey=True)
     xs = range(len(rows))
     for ax, key, ideal, name in [
         (axes[0], "prefill_speedup", "ideal_speedup", "prefill"),
