@@ -1,6 +1,9 @@
 """An accelerated model at a reduced budget under ``torch.compile``: ``generate(cache_implementation="static",
 compile_config=...)`` compiles every decoding step as one graph, generates exactly the eager accelerated tokens, and
 does not recompile for a second prompt of the same budget (another image, another length, another reduced length).
+
+Each test builds its own model: transformers keeps the compiled call on the model instance (``_compiled_call``),
+which would make the shared fixture's models unpicklable for later tests.
 """
 
 import pytest
@@ -29,8 +32,8 @@ def _two_prompts(model, family: str, kind: str):
 
 
 @pytest.mark.parametrize("family,kind", [(f, "image") for f in tiny.FAMILIES] + [("qwen2_vl", "video")])
-def test_compiled_static_decoding_equals_eager_without_recompile(models, family, kind):
-    model = models(family)
+def test_compiled_static_decoding_equals_eager_without_recompile(family, kind):
+    model = tiny.build(family)
     prompts = _two_prompts(model, family, kind)
     config = _config("eager")
     with torch.no_grad(), vlm_accel.accelerate(model, budget=0.3, method="divprune") as sess:
@@ -47,9 +50,9 @@ def test_compiled_static_decoding_equals_eager_without_recompile(models, family,
     assert torch.equal(second, refs[1])
 
 
-def test_compiled_with_inductor_on_cpu(models):
+def test_compiled_with_inductor_on_cpu():
     """The default backend (inductor, C++ on CPU) too: same tokens as eager, one graph for two prompts."""
-    model = models("llava")
+    model = tiny.build("llava")
     prompts = [tiny.inputs_for(model, "llava", "image", seed=s) for s in (0, 1)]
     config = _config("inductor")
     with torch.no_grad(), vlm_accel.accelerate(model, budget=0.3, method="visionzip"):
@@ -65,10 +68,10 @@ def test_compiled_with_inductor_on_cpu(models):
         assert torch.equal(out, ref)
 
 
-def test_static_cache_reused_after_a_reduced_prompt_by_a_plain_one(models):
+def test_static_cache_reused_after_a_reduced_prompt_by_a_plain_one():
     """A static cache that held a reduced prompt, reused for a prompt that reduces nothing (text only): the stale
     slot state must not leak into it."""
-    model = models("llava")
+    model = tiny.build("llava")
     image = tiny.inputs_for(model, "llava", "image")
     text = {"input_ids": image["input_ids"][:, -6:], "attention_mask": image["attention_mask"][:, -6:]}
     config = _config("eager")

@@ -261,18 +261,17 @@ def test_stream_memory_target_bounds_held_tokens():
 
 
 # --- latency steering the merge inside the vision tower ----------------------------------------------------------
-def _tower_costs(model, tmp_path, monkeypatch, schedules=("cubic",), b=0.1):
+def _tower_costs(model, tmp_path, monkeypatch, schedules=("cubic",), b=0.1, unit=1.0):
     """Known costs in the calibration cache: the language model ``b`` ms per token; per view, the tower's ms at each
-    merge level (``front`` 40 % cheaper)."""
+    merge level (``front`` 40 % cheaper); all times ``unit`` x."""
     monkeypatch.setenv("VLM_ACCEL_CACHE", str(tmp_path))
     lm = model.model.language_model
-    calibration._save(
-        calibration.model_key(model, lm), calibration.CostModel(calibration.model_key(model, lm), 0, b, 0)
-    )
+    key = calibration.model_key(model, lm)
+    calibration._save(key, calibration.CostModel(key, 0, b * unit, 0))
     for s in schedules:
         key = calibration.tower_key(model, lm, (224, 224), s)
         ms = (100.0, 60.0, 40.0, 30.0, 25.0) if s != "front" else (100.0, 36.0, 24.0, 18.0, 15.0)
-        calibration._save(key, calibration.TowerCost(key, calibration.TOWER_KEEPS, ms, s))
+        calibration._save(key, calibration.TowerCost(key, calibration.TOWER_KEEPS, tuple(unit * m for m in ms), s))
 
 
 def _default_like_inputs(processor):
@@ -318,10 +317,10 @@ def test_latency_steers_tower_and_caps_the_pre_llm_method(tmp_path, monkeypatch)
     """A composite: the tower's merge chosen first, then the pre-LLM method keeps what the measured tower time
     leaves; the plan gives both reasons."""
     model, processor = tiny.build_default_like()
-    _tower_costs(model, tmp_path, monkeypatch)
+    _tower_costs(model, tmp_path, monkeypatch, unit=1000.0)  # seconds: the real (measured) tower time is noise
     inputs = _default_like_inputs(processor)
     n_text = int(inputs["attention_mask"].sum()) - 256
-    target = 60.0 + 0.1 * (n_text + 128)
+    target = 1000.0 * (60.0 + 0.1 * (n_text + 128))
     with vlm_accel.accelerate(model, Budget(latency_ms=target), method="tome_vit+visionzip") as sess:
         with torch.no_grad():
             model(**inputs)

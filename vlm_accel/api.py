@@ -23,7 +23,7 @@ from .encoder_merge import ENCODER_METHODS, NEEDS_FULL_GRID, TowerMerge
 from .kv.compress import KVCompressor
 from .kv.presses import get_press
 from .kv.quant import nbytes as kv_nbytes
-from .layout import compose, reduced_layout, slots
+from .layout import cache_arg, compose, reduced_layout, slots
 from .layout import take as _take
 from .llm_stages import LLMStages, LMSegment
 from .methods import Context, Method
@@ -506,7 +506,7 @@ class Session:
         def forward(*args, **kwargs):
             if args or (self._inert and torch.compiler.is_compiling()):  # keywords only; see _inert
                 return orig(*args, **kwargs)
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            cache = cache_arg(kwargs)
             if torch.compiler.is_compiling() and not self._pending.masks:
                 return self._compiled_decode(orig, kwargs, cache)
             pending, self._pending = self._pending, _Pending()
@@ -568,7 +568,7 @@ class Session:
 
         @functools.wraps(orig)
         def prepare(input_ids, *args, next_sequence_length=None, is_first_iteration=False, **kwargs):
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            cache = cache_arg(kwargs)
             st = self._decode_for(cache)
             if (
                 is_first_iteration
@@ -589,7 +589,7 @@ class Session:
 
         @functools.wraps(orig)
         def prepare(inputs_tensor, model_kwargs, *args, **kwargs):
-            cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+            cache = cache_arg(model_kwargs)
             st = self._decode_for(cache)
             types = model_kwargs.get("mm_token_type_ids")
             if st is not None and st.delta > 0 and torch.is_tensor(types) and types.dim() == 2:
@@ -609,7 +609,7 @@ class Session:
             pos = orig(*args, **kwargs)
             if self._inert and torch.compiler.is_compiling():
                 return pos
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            cache = cache_arg(kwargs)
             if torch.compiler.is_compiling():
                 slots = _SlotState.of(cache)
                 if pos is None or kwargs.get("attention_mask") is not None or slots is None:
@@ -788,7 +788,7 @@ class Session:
         if self.budget.kv_bits < 16:
             kw = self._quantized_cache(kw)
         if self.kv is not None:
-            _refuse_static(kw.get("cache", kw.get("past_key_values")))
+            _refuse_static(cache_arg(kw))
             self.kv.begin_prefill(prompt)
         try:
             out = orig(**kw)

@@ -126,3 +126,9 @@ def decode_mask(base, prefix_valid: torch.Tensor, extra: int, q: int, width: int
     if torch.is_tensor(base) and base.dtype != torch.bool:
         return torch.zeros(m.shape, dtype=base.dtype, device=dev).masked_fill(~m, torch.finfo(base.dtype).min)
     return m
+
+
+def cache_arg(kwargs: dict):
+    """The KV cache a language-model call was given (``cache``, or ``past_key_values`` as transformers named it
+    before), or ``None``: the one place that knows both names."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .attention import row_attention
-from .layout import compose, decode_mask, gather_mask, reduced_layout, slots, take
+from .layout import cache_arg, compose, decode_mask, gather_mask, reduced_layout, slots, take
 from .methods import Context, Method
 from .methods.inllm import stage_layers, stage_quota
 
@@ -183,7 +183,7 @@ class LLMStages:
             run = self.run
             if run is None or args:
                 return orig(hidden_states, *args, **kwargs)
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            cache = cache_arg(kwargs)
             if run.decoding:
                 return orig(hidden_states, **self._decode_kwargs(run, i, kwargs, cache, hidden_states.shape[1]))
             if i in self.starts:

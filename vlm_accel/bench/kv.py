@@ -35,6 +35,7 @@ from vlm_accel import Budget
 
 from ..kv.presses import VisionAwarePress
 from ..kv.quant import nbytes
+from ..layout import cache_arg
 from .common import environment, format_table, run_main, write_results
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class _PeakKV:
         ]
 
     def _after(self, module, args, kwargs, output):
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        cache = cache_arg(kwargs)
         if cache is not None:
             self.peak = max(self.peak, nbytes(cache))
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..attention import project_queries
+from ..layout import cache_arg
 from .presses import Press, PressInput, get_press, quota, select
 
 
@@ -115,7 +116,7 @@ class KVCompressor:
             captured = self._captured.pop(i, None)
             if captured is None:
                 return None
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            cache = cache_arg(kwargs)
             layer = _layer_cache(cache, i)
             if layer is None:
                 return None
@@ -210,7 +211,7 @@ class KVPress:
         lm.forward = self._forward
 
     def _forward(self, *args, **kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = cache_arg(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         mask = kwargs.get("attention_mask")
         comp = self.compressor
