@@ -290,7 +290,7 @@ def test_bench_rows(models):
     for r in rows[1:]:
         assert 16 < r["tower_tokens"] < 65 and r["ideal_vit_speedup"] == 65 / r["tower_tokens"]
         assert r["llm_tokens"] == inputs["input_ids"].shape[1] - 64 + 16
-        assert 1.0 < r["ideal_speedup"] < 65 / 16 and 1.0 < r["ideal_e2e_speedup"] < r["ideal_speedup"]
+        assert 1.0 < r["ideal_speedup"] < 65 / 16 and 0.0 < r["ideal_e2e_speedup"] <= r["ideal_speedup"]
 
 
 def test_layer_tokens_record_the_schedule(models):
