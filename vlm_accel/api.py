@@ -439,7 +439,8 @@ class Session:
     @torch.no_grad()
     def _tower_probe(self, keep: float, size: tuple[int, int], schedule: str) -> None:
         """Run the vision tower once on one random view of ``size`` pixels, with ``keep`` of its tokens leaving it
-        under ``schedule`` (the calibration of :class:`~vlm_accel.calibration.TowerCost`)."""
+        under ``schedule``, and the projector on those tokens (the calibration of
+        :class:`~vlm_accel.calibration.TowerCost`: what ``get_image_features`` spends per view)."""
         channels = getattr(self.model.config.vision_config, "num_channels", 3)
         p = next(self.adapter.tower.parameters())
         gen = torch.Generator().manual_seed(0)
@@ -449,10 +450,15 @@ class Session:
             if keep < 1.0:
                 self.tower.budget, self.tower.schedule = Budget(visual=float(keep)), schedule
                 self.tower.begin({}, "image")
-            self.adapter.tower(pv, output_hidden_states=True)
+            hidden = self.adapter.tower(pv, output_hidden_states=True).hidden_states[-1]  # [1, tokens left, C]
         finally:
             self.tower.end()
             self.tower.budget, self.tower.schedule = saved
+        # the projector runs on what leaves the tower, inside the same get_image_features: timed with it
+        proj = getattr(self.adapter.inner, "multi_modal_projector", None)
+        first = next((m for m in proj.modules() if isinstance(m, torch.nn.Linear)), None) if proj is not None else None
+        if first is not None and first.in_features % hidden.shape[-1] == 0:  # several feature layers: concatenated
+            proj(hidden.repeat(1, 1, first.in_features // hidden.shape[-1]))
 
     def _uncompiled_stages(self, orig):
         """In-LLM stages and KV eviction keep per-step Python state, so their decoding steps cannot be compiled:

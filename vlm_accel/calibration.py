@@ -67,9 +67,9 @@ TOWER_KEEPS = (1.0, 0.5, 0.25, 0.11, 0.03)
 
 @dataclass
 class TowerCost:
-    """The vision tower's milliseconds per view when a merge inside it (``tome_vit``) lets ``keep`` of the view's
-    tokens out (``keep`` a fraction; 1.0: no merge), measured at :data:`TOWER_KEEPS` and interpolated linearly
-    between them (made non-decreasing in ``keep``)."""
+    """The vision encoder's milliseconds per view (the tower, then the projector on what leaves it) when a merge
+    inside the tower (``tome_vit``) lets ``keep`` of the view's tokens out (``keep`` a fraction; 1.0: no merge),
+    measured at :data:`TOWER_KEEPS` and interpolated linearly between them (made non-decreasing in ``keep``)."""
 
     key: str
     keeps: tuple = TOWER_KEEPS
