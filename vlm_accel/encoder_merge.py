@@ -1,8 +1,11 @@
 """Token merging inside the vision tower (ToMe, Bolya et al. 2023): ``tome_vit``.
 
-Between the tower's layers, bipartite soft matching on the layer's keys folds the ``r`` most redundant tokens of
-each view into their best partners (a size-weighted mean), so every later layer runs on fewer tokens, and what
-leaves the tower at the feature layer is the budgeted count per image / crop. Attention is *proportional*: a token
+Inside the tower's layers, between a layer's attention and its MLP (where ToMe merges), bipartite soft matching on
+the layer's keys folds the ``r`` most redundant tokens of each view into their best partners (a size-weighted mean),
+so that layer's MLP and every later layer run on fewer tokens, and what leaves the tower at the feature layer is the
+budgeted count per image / crop. A merging layer is run as its two halves (``norm1`` / attention / layer scale and
+``norm2`` / MLP / layer scale of the pre-norm CLIP / SigLIP / DINOv2 layer, :func:`layer_parts`); the others run
+their own forward. Attention is *proportional*: a token
 that stands for ``s`` patches gets ``+ log(s)`` on its attention logits (passed as an additive attention mask
 through the layer's own attention interface, eager or SDPA), so it weighs as its members did.
 
@@ -172,7 +175,8 @@ class _Run:
         return self.rep is not None and self.rep.shape[1] < self.tokens
 
     def merge(self, y: torch.Tensor, r: int, heads: int) -> torch.Tensor:
-        """Fold ``r`` tokens of the layer output ``y`` ``[B, M, C]`` (rounds of at most half the mergeable ones)."""
+        """Fold ``r`` tokens of ``y`` ``[B, M, C]`` (the layer's residual stream after its attention) in rounds of at
+        most half the mergeable ones."""
         bsz, m, c = self.keys.shape
         metric = self.keys.view(bsz, m, heads, c // heads).mean(2)
         while r > 0:
