@@ -29,6 +29,7 @@ from .llm_stages import LLMStages, LMSegment
 from .methods import Context, Method
 from .methods.batch import reduce_segments
 from .methods.inllm import mean_tokens
+from .static_cache import SlotState
 
 logger = logging.getLogger(__name__)
 
@@ -518,7 +519,7 @@ class Session:
             pending, self._pending = self._pending, _Pending()
             past = cache.get_seq_length() if cache is not None else 0
             if cache is not None and not past:
-                _SlotState.forget(cache)  # a reused static cache: the previous request's slots are stale
+                SlotState.forget(cache)  # a reused static cache: the previous request's slots are stale
             stages = self.stages
             if stages is not None:
                 stages.run = None
@@ -617,7 +618,7 @@ class Session:
                 return pos
             cache = cache_arg(kwargs)
             if torch.compiler.is_compiling():
-                slots = _SlotState.of(cache)
+                slots = SlotState.of(cache)
                 if pos is None or kwargs.get("attention_mask") is not None or slots is None:
                     return pos
                 return torch.where(cache.get_seq_length() > 0, pos + slots.delta, pos)
@@ -891,7 +892,7 @@ class Session:
             return
         if self._decode is not None:
             self._decode.cache = weakref.ref(cache)
-            _SlotState.record(cache, self._decode)
+            SlotState.record(cache, self._decode.prefix_mask, self._decode.delta)
         self._prefills += 1
         self._caches[cache] = (self._prefills, self._decode)
 
@@ -1054,77 +1055,15 @@ class Session:
 
     def _compiled_decode(self, orig, kwargs: dict, cache):
         """A decoding step traced by ``torch.compile`` (``generate(cache_implementation="static", compile_config=
-        ...)`` compiles every step after the prefill). Only tensor arithmetic on fixed shapes, no branch on data:
-        the reduced prompt's slot state lives on the static cache (:class:`_SlotState`, ``[B, max_cache_len]``), so
-        one graph serves every prompt at any budget (no recompile). A cache this session did not reduce passes
-        through unchanged. In-LLM stages and KV eviction need per-step Python state: they run only uncompiled."""
+        ...)`` compiles every step after the prefill): tensor arithmetic on fixed shapes only, from the reduced
+        prompt's slot state kept on the static cache (:mod:`vlm_accel.static_cache`), so one graph serves every
+        prompt at any budget. In-LLM stages and KV eviction need per-step Python state: they run only uncompiled."""
         if self.stages is not None or self.kv is not None:
             raise RuntimeError(
                 "vlm_accel: in-LLM stages and KV eviction do not run under torch.compile; compile only pre-LLM "
                 "methods (or generate without compile_config)"
             )
-        slots = _SlotState.of(cache)
-        if slots is None:
-            return orig(**kwargs)
-        x = kwargs.get("inputs_embeds")
-        x = kwargs["input_ids"] if x is None else x
-        bsz, q = x.shape[:2]
-        past = cache.get_seq_length()  # [] tensor: entries held (the reduced prompt + decoded tokens)
-        kw = dict(kwargs, attention_mask=slots.keys(past + q).to(torch.long))
-        if kwargs.get("position_ids") is None:
-            pos = torch.arange(q, device=slots.valid.device) + past + slots.delta
-            kw["position_ids"] = pos[None].expand(bsz, q)
-        return orig(**kw)
-
-
-class _SlotState:
-    """What a compiled decoding step needs of a reduced prompt held in a static cache, as fixed-shape tensors kept on
-    the cache object (so a compiled graph reads them as inputs and guards only on their shapes).
-
-    ``valid`` ``[B, max_cache_len]`` bool: the prompt's kept, non-padding slots; ``start`` ``[]``: the first slot of
-    decoded tokens (the reduced prompt length); ``delta`` ``[]``: caller position - cache slot."""
-
-    ATTR = "_vlm_accel_slots"
-
-    def __init__(self, valid: torch.Tensor, start: torch.Tensor, delta: torch.Tensor):
-        self.valid, self.start, self.delta = valid, start, delta
-
-    def keys(self, end: torch.Tensor) -> torch.Tensor:
-        """``[B, max_cache_len]`` bool: the keys a query may see once ``end`` slots are written."""
-        slot = torch.arange(self.valid.shape[1], device=self.valid.device)
-        return self.valid | ((slot >= self.start) & (slot < end))
-
-    @classmethod
-    def of(cls, cache) -> _SlotState | None:
-        return None if cache is None else getattr(cache, cls.ATTR, None)
-
-    @classmethod
-    def record(cls, cache, st: _Decode) -> None:
-        """After a reduced prefill into a static cache (a growing cache needs none: it is never compiled here)."""
-        length = _static_length(cache)
-        if length is None:
-            return
-        prefix = st.prefix_mask.bool()
-        bsz, n = prefix.shape
-        valid = torch.zeros(bsz, length, dtype=torch.bool, device=prefix.device)
-        valid[:, :n] = prefix
-        dev = prefix.device
-        state = cls(valid, torch.tensor(n, device=dev), torch.tensor(st.delta, device=dev))
-        setattr(cache, cls.ATTR, state)
-
-    @classmethod
-    def forget(cls, cache) -> None:
-        if getattr(cache, cls.ATTR, None) is not None:
-            delattr(cache, cls.ATTR)
-
-
-def _static_length(cache) -> int | None:
-    """``max_cache_len`` of a static cache (every layer fixed-size), else ``None``."""
-    layers = getattr(cache, "layers", None) or []
-    lengths = {getattr(layer, "max_cache_len", None) for layer in layers}
-    if not layers or None in lengths or len(lengths) != 1:
-        return None
-    return lengths.pop()
+        return orig(**SlotState.decode_kwargs(kwargs, cache))
 
 
 def _prepared(mask):
