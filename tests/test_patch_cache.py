@@ -139,3 +139,26 @@ def test_generate_with_patch_cache_and_session_stats(models):
     assert (c.stats.frames_in, c.stats.frames_encoded) == (8, 2)  # one key frame per static clip
     assert gen.shape[1] == inputs["input_ids"].shape[1] + 2
     assert not hasattr(model, "_vlm_accel_session") and vlm_accel is not None
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.5])
+def test_accelerate_with_patch_cache(models, budget):
+    """``accelerate(frame_cache=0.0, frame_cache_patches=True)``: the same output as the whole-frame cache (exact at
+    threshold 0, with a reduction after it too), and the session's stats count frames and patches."""
+    model = models("llava_onevision")
+    inputs = tiny.make_video_inputs(model, "llava_onevision", batch=2, static=True)
+    with torch.no_grad():
+        with vlm_accel.accelerate(model, budget=budget, frame_cache=0.0):
+            ref = model(**inputs).logits
+        with vlm_accel.accelerate(model, budget=budget, frame_cache=0.0, frame_cache_patches=True) as sess:
+            out = model(**inputs).logits
+    assert isinstance(sess.frame_cache, PatchCache)
+    assert torch.equal(out, ref)
+    st = sess.stats
+    assert (st.frames_in, st.frames_encoded, st.frames_partial) == (8, 2, 0)
+    assert st.patches_in == 8 * st.patches_encoded // 2 > 0  # two key frames encoded in full, six reused
+
+
+def test_accelerate_patch_cache_needs_frame_cache(models):
+    with pytest.raises(ValueError, match="pass frame_cache="):
+        vlm_accel.accelerate(models("llava_onevision"), budget=0.5, frame_cache_patches=True)

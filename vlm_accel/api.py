@@ -54,6 +54,9 @@ class Stats:
     selection_ms: float = 0.0
     frames_in: int = 0
     frames_encoded: int = 0
+    frames_partial: int = 0  # per-patch frame cache: frames encoded on their changed patches only
+    patches_in: int = 0
+    patches_encoded: int = 0
     visual_tokens_per_layer: list = field(default_factory=list)
     visual_tokens_mean: float = 0.0
     kv_entries_per_layer: list = field(default_factory=list)
@@ -183,6 +186,7 @@ class Session:
         frame_cache: float | None = None,
         method_options: dict | None = None,
         kv_press="vision",
+        frame_cache_patches: bool = False,
     ):
         self.model = model
         self.budget = budget
@@ -225,7 +229,13 @@ class Session:
 
             if not adapter.has_video:
                 raise ValueError(f"frame_cache: {adapter.family} has no video input path")
-            self.frame_cache = FrameCache(adapter, frame_cache)
+            if frame_cache_patches:
+                from .video.patch_cache import PatchCache
+
+                self.frame_cache = PatchCache(adapter, frame_cache)
+            else:
+                self.frame_cache = FrameCache(adapter, frame_cache)
+
         self._install()
 
     def __repr__(self) -> str:
@@ -693,8 +703,8 @@ class Session:
         n_in = bsz * seq if attn is None else int(attn.sum())
         self.stats = Stats(visual_tokens_in=n_vis, seq_len_in=n_in)
         if self.frame_cache is not None:
-            self.stats.frames_in = self.frame_cache.stats.frames_in
-            self.stats.frames_encoded = self.frame_cache.stats.frames_encoded
+            for name in ("frames_in", "frames_encoded", "frames_partial", "patches_in", "patches_encoded"):
+                setattr(self.stats, name, getattr(self.frame_cache.stats, name, 0))
         if bool(keep.all()):  # nothing dropped before the LLM: the language model gets exactly its input
             self.stats.visual_tokens_kept = n_vis
             self.stats.seq_len_kept = n_in
@@ -1252,6 +1262,7 @@ def accelerate(
     frame_cache: float | None = None,
     method_options: dict | None = None,
     kv_press="vision",
+    frame_cache_patches: bool = False,
 ) -> Session:
     """Patch ``model`` in place so its language model runs only on the visual tokens that matter.
 
@@ -1269,6 +1280,10 @@ def accelerate(
         frame_cache: reuse the vision encoder's features for video frames whose pixels changed by at most this
             mean absolute difference since the last encoded frame (``0.0``: exact repeats only; ``None``: off).
             ``session.stats.frames_in`` / ``frames_encoded`` count the frames seen and encoded.
+        frame_cache_patches: compare frames patch by patch instead (LLaVA-OneVision with a CLIP / SigLIP / DINOv2
+            tower): a frame with few changed patches runs the tower on those only, attending to the last fully
+            encoded frame's keys / values (``stats.frames_partial``, ``patches_in`` / ``patches_encoded``); at
+            ``frame_cache=0.0`` exact, above it an approximation (see the README's frame-cache section).
         method_options: options of the method (of its in-LLM part for a composite), e.g. ``{"layer": 2}`` for
             ``fastv``; ``vlm-accel methods`` lists them. Unknown names or bad values raise ``ValueError``.
         kv_press: how ``Budget(kv=..., kv_max=...)`` evicts KV entries: ``"vision"`` (text kept; visual entries by
@@ -1281,6 +1296,8 @@ def accelerate(
     """
     budget = Budget.of(budget)
     adapter = adapter_for(model)
+    if frame_cache_patches and frame_cache is None:
+        raise ValueError("frame_cache_patches=True refines the frame cache: pass frame_cache= (e.g. 0.0) too")
     name = _auto_method(adapter) if method == "auto" else method
     if isinstance(name, str) and "+" in name:
         name = "+".join(_auto_method(adapter) if p.strip() == "auto" else p.strip() for p in name.split("+"))
@@ -1317,6 +1334,7 @@ def accelerate(
         frame_cache=frame_cache,
         method_options=method_options,
         kv_press=kv_press,
+        frame_cache_patches=frame_cache_patches,
     )
     sess._outer = previous  # put back when this session's ``with`` block ends inside the previous one's
     return sess

@@ -222,7 +222,7 @@ def main(argv=None) -> int:
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
-    from .bench import controller, encoder, inllm, kernels, kv, speed, video, videoqa, vqa
+    from .bench import controller, encoder, inllm, kernels, kv, patch_cache, speed, video, videoqa, vqa
 
     benches = [  # (name, module, help): each module has add_arguments(parser) and cli(args)
         ("speed", speed, "prefill / end-to-end speed vs the token-count ideal"),
@@ -234,6 +234,7 @@ def main(argv=None) -> int:
         ("controller", controller, "budget controller: latency / memory targets met, information-aware split"),
         ("inllm", inllm, "in-LLM pruning vs pre-LLM at equal mean tokens; LLM prefill speed"),
         ("encoder", encoder, "token merging inside the vision tower: end-to-end speed, ViT share, accuracy"),
+        ("patch-cache", patch_cache, "per-patch vs whole-frame video frame cache: tower time, feature error"),
     ]
     for name, module, text in benches:
         bp = bsub.add_parser(name, help=text)
