@@ -77,3 +77,18 @@ def test_controller_memory_and_allocation_runners():
     rows = controller.allocation(n=2, totals=[8], method="auto")
     assert [(r["total_tokens"], r["split"]) for r in rows] == [("all", "none"), (8, "information"), (8, "uniform")]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+
+
+def test_controller_allocation_on_clips_runner():
+    """Clips through a video model's video input (the embedded default in its OneVision form): both splits scored,
+    the information split really spending the clip's total over its frames."""
+    from vlm_accel.bench import controller
+    from vlm_accel.zoo import onevision
+
+    loaded = onevision.from_image_model()
+    rows = controller.allocation_clips(n=2, totals=[16], method="auto", model_dir=None, loaded=loaded)
+    assert [(r["total_tokens"], r["split"]) for r in rows] == [("all", "none"), (16, "information"), (16, "uniform")]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    model, processor = loaded
+    with pytest.raises(ValueError, match="video input"):
+        controller.allocation_clips(n=1, totals=[8], method="auto", model_dir=None, loaded=(model, None))

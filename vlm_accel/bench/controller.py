@@ -11,7 +11,8 @@ embedded default: largest ``stats.kv_bytes`` seen vs the target, accuracy retain
 
 ``... allocation``: two images per prompt (a held-out scene and a near-empty distractor, in random order, the question
 about the scene) at equal total visual tokens: ``Budget(tokens=T)`` (split by information) vs ``Budget(visual=T//2)``
-(an even split).
+(an even split). ``... allocation-clips --model DIR``: the same on held-out synthetic clips (8 frames) through a video
+model's video input: ``Budget(tokens=T)`` over the clip's frames vs ``Budget(visual=T//8)`` per frame.
 """
 
 from __future__ import annotations
@@ -214,8 +215,60 @@ def allocation(n: int, totals, method: str) -> list[dict]:
     for t in totals:
         for split, budget in (("information", Budget(tokens=t)), ("uniform", Budget(visual=t // 2))):
             acc = score(budget)
-            rows.append({"total_tokens": t, "split": split, "accuracy": acc, "retained_pct": 100.0 * acc / full})
+            rows.append(
+                {
+                    "total_tokens": t,
+                    "split": split,
+                    "accuracy": acc,
+                    "retained_pct": 100.0 * acc / full if full else None,
+                }
+            )
             logger.info("allocation %s %s: %.3f", t, split, acc)
+    return rows
+
+
+def allocation_clips(n: int, totals, method: str, model_dir: str | None, frames: int = 8, loaded=None) -> list[dict]:
+    """Held-out synthetic clip questions through the model's video input: ``Budget(tokens=T)`` (the clip's total
+    split over its frames by information: frames where something changes get more) vs ``Budget(visual=T //
+    frames)`` (the same count every frame), at equal total visual tokens per clip. ``loaded``: ``(model, processor)``
+    instead of loading ``model_dir``."""
+    from ..loading import load_model
+    from ..video.synthetic import heldout_clips
+    from ..zoo import has_video_input
+    from .videoqa import score
+
+    model, processor = loaded if loaded is not None else load_model(model_dir)
+    if not has_video_input(model, processor):
+        raise ValueError("allocation-clips needs a model with a video input (--model DIR of a video model)")
+    from PIL import Image
+
+    items = [
+        dict(it, frames=[Image.fromarray(f) for f in it["frames"]]) for it in heldout_clips(n, seed=5, frames=frames)
+    ]
+
+    def accuracy(budget) -> float:
+        sess = vlm_accel.accelerate(model, budget, method=method) if budget is not None else None
+        try:
+            hits = score(model, processor, items, "full" if budget is None else f"tokens={budget.tokens or '-'}")
+        finally:
+            if sess is not None:
+                sess.restore()
+        return sum(hits) / len(hits)
+
+    full = accuracy(None)
+    rows = [{"total_tokens": "all", "split": "none", "accuracy": full, "retained_pct": 100.0}]
+    for t in totals:
+        for split, budget in (("information", Budget(tokens=t)), ("uniform", Budget(visual=max(1, t // frames)))):
+            acc = accuracy(budget)
+            rows.append(
+                {
+                    "total_tokens": t,
+                    "split": split,
+                    "accuracy": acc,
+                    "retained_pct": 100.0 * acc / full if full else None,
+                }
+            )
+            logger.info("allocation-clips %s %s: %.3f", t, split, acc)
     return rows
 
 
@@ -247,7 +300,11 @@ def _plot(rows: list[dict], path: Path, what: str) -> None:
         for split in ("information", "uniform"):
             sel = [r for r in rows if r["split"] == split]
             ax.plot([r["total_tokens"] for r in sel], [r["retained_pct"] for r in sel], "o-", label=split)
-        ax.set_xlabel("visual tokens per prompt (two images)")
+        ax.set_xlabel(
+            "visual tokens per clip (8 frames)"
+            if what == "allocation-clips"
+            else "visual tokens per prompt (two images)"
+        )
         ax.set_ylabel("% of full accuracy")
     ax.legend()
     ax.set_title(f"budget controller: {what}")
@@ -257,7 +314,8 @@ def _plot(rows: list[dict], path: Path, what: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["latency", "memory", "allocation"])
+    p.add_argument("what", choices=["latency", "memory", "allocation", "allocation-clips"])
+    p.add_argument("--model", default=None, help="allocation-clips: a video model directory (default: the embedded)")
     p.add_argument("--models", nargs="+", default=["default", "llava15"], help="latency: default and/or llava15")
     p.add_argument("--n", type=int, default=100, help="held-out questions for accuracy")
     p.add_argument("--repeats", type=int, default=5)
@@ -274,9 +332,11 @@ def cli(a: argparse.Namespace) -> int:
         rows = [r for m in a.models for r in latency(m, a.n, a.repeats, a.method)]
     elif a.what == "memory":
         rows = memory(a.n, a.method)
-    else:
+    elif a.what == "allocation":
         rows = allocation(a.n, a.totals, a.method)
-    name = a.name or f"controller_{a.what}"
+    else:
+        rows = allocation_clips(a.n, a.totals, a.method, a.model)
+    name = a.name or f"controller_{a.what.replace('-', '_')}"
     meta = {"benchmark": f"controller {a.what}", "env": environment("cpu"), "command": _command()}
     write_results(a.out, name, meta, rows)
     _plot(rows, Path(a.out) / f"{name}.png", a.what)
