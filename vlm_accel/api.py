@@ -30,6 +30,7 @@ from .methods import Context, Method
 from .methods.batch import reduce_segments
 from .methods.inllm import mean_tokens
 from .static_cache import SlotState
+from .tower_steering import TowerSteering
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +279,6 @@ class Session:
         if self.llm_method is not None and (steered or not _full(self._llm_budget)):
             self.stages = LLMStages(self.llm_method, self.options, lm, self._patch)
         self.tower = _tower_merge(self.method_name, self.budget, self.options, self.adapter, self._patch)
-        self._tower_schedule = self.tower.schedule if self.tower is not None else None
         b = self.budget
         if b.kv != 1.0 or isinstance(b.kv, int) or b.kv_max is not None or b.kv_important or b.memory_gb is not None:
             self.kv = KVCompressor(
@@ -290,7 +290,9 @@ class Session:
         # to this model's modules
         # threads: whole calls are serialised, so one request's pending / decode state never mixes with another's
         forward = self.model.forward
+        self.steering = None
         if self.tower is not None and b.latency_ms is not None:
+            self.steering = TowerSteering(self.tower, self.controller, self.model, self.adapter)
             forward = self._wrap_tower_steering(forward)
         self._patch(self.model, "forward", self._locked(forward), keep_previous=True)
         self._patch(
@@ -407,69 +409,15 @@ class Session:
 
     def _wrap_tower_steering(self, orig):
         """``Budget(latency_ms=...)`` with a merge inside the vision tower: before a forward that brings images, the
-        controller chooses how many tokens per view the tower lets out (:meth:`Controller.tower_keep`), from the
-        calibrated tower and language-model costs and the prompt's text and placeholder counts."""
+        tower's merge for this request is chosen (:class:`~vlm_accel.tower_steering.TowerSteering`)."""
 
         @functools.wraps(orig)
         def forward(*args, **kwargs):
             if not torch.compiler.is_compiling():
-                self._steer_tower(kwargs)
+                self.steering.before_forward(kwargs)
             return orig(*args, **kwargs)
 
         return forward
-
-    def _steer_tower(self, kwargs: dict) -> None:
-        pv, ids = kwargs.get("pixel_values"), kwargs.get("input_ids")
-        token = getattr(self.model.config, "image_token_id", None)
-        if pv is None or ids is None or token is None or pv.dim() not in (4, 5):
-            return
-        from .calibration import tower_calibrated
-
-        place = ids == token
-        attn = kwargs.get("attention_mask")
-        lens = attn.sum(1) if torch.is_tensor(attn) and attn.dim() == 2 else torch.full((ids.shape[0],), ids.shape[1])
-        n_vis = place.sum(1)
-        size = tuple(pv.shape[-2:])
-        patch = self.model.config.vision_config.patch_size
-        per_view = (size[0] // patch) * (size[1] // patch)
-        views = pv.shape[0] if pv.dim() == 4 else pv.shape[0] * pv.shape[1]  # anyres: padded crops counted too
-        unmet = None
-        # the configured schedule when it can meet the target, else the fastest one (``front``: halving at every
-        # layer; costs accuracy, see the README)
-        for schedule in dict.fromkeys((self._tower_schedule, "front")):
-            tower = tower_calibrated(self.model, self.adapter.language_model, self._tower_probe, size, schedule)
-            try:
-                k = self.controller.tower_keep((lens - n_vis).tolist(), n_vis.tolist(), views, per_view, tower)
-            except ValueError as e:
-                unmet = e
-                continue
-            self.tower.schedule, self.tower.budget = schedule, Budget(visual=k)
-            return
-        raise unmet
-
-    @torch.no_grad()
-    def _tower_probe(self, keep: float, size: tuple[int, int], schedule: str) -> None:
-        """Run the vision tower once on one random view of ``size`` pixels, with ``keep`` of its tokens leaving it
-        under ``schedule``, and the projector on those tokens (the calibration of
-        :class:`~vlm_accel.calibration.TowerCost`: what ``get_image_features`` spends per view)."""
-        channels = getattr(self.model.config.vision_config, "num_channels", 3)
-        p = next(self.adapter.tower.parameters())
-        gen = torch.Generator().manual_seed(0)
-        pv = torch.randn(1, channels, *size, generator=gen).to(p.device, p.dtype)
-        saved = self.tower.budget, self.tower.schedule
-        try:
-            if keep < 1.0:
-                self.tower.budget, self.tower.schedule = Budget(visual=float(keep)), schedule
-                self.tower.begin({}, "image")
-            hidden = self.adapter.tower(pv, output_hidden_states=True).hidden_states[-1]  # [1, tokens left, C]
-        finally:
-            self.tower.end()
-            self.tower.budget, self.tower.schedule = saved
-        # the projector runs on what leaves the tower, inside the same get_image_features: timed with it
-        proj = getattr(self.adapter.inner, "multi_modal_projector", None)
-        first = next((m for m in proj.modules() if isinstance(m, torch.nn.Linear)), None) if proj is not None else None
-        if first is not None and first.in_features % hidden.shape[-1] == 0:  # several feature layers: concatenated
-            proj(hidden.repeat(1, 1, first.in_features // hidden.shape[-1]))
 
     def _uncompiled_stages(self, orig):
         """In-LLM stages and KV eviction keep per-step Python state, so their decoding steps cannot be compiled:
