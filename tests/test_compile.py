@@ -31,12 +31,16 @@ def _two_prompts(model, family: str, kind: str):
     return first, second
 
 
-@pytest.mark.parametrize("family,kind", [(f, "image") for f in tiny.FAMILIES] + [("qwen2_vl", "video")])
-def test_compiled_static_decoding_equals_eager_without_recompile(family, kind):
+CASES = [(f, "image", "divprune") for f in tiny.FAMILIES] + [("qwen2_vl", "video", "divprune")]
+CASES += [("llava", "image", "tome_vit"), ("llava_next", "image", "tome_vit+visionzip")]  # merged inside the tower
+
+
+@pytest.mark.parametrize("family,kind,method", CASES)
+def test_compiled_static_decoding_equals_eager_without_recompile(family, kind, method):
     model = tiny.build(family)
     prompts = _two_prompts(model, family, kind)
     config = _config("eager")
-    with torch.no_grad(), vlm_accel.accelerate(model, budget=0.3, method="divprune") as sess:
+    with torch.no_grad(), vlm_accel.accelerate(model, budget=0.3, method=method) as sess:
         refs = [model.generate(**p, **KW) for p in prompts]  # eager, growing cache
         torch.compiler.reset()
         try:
