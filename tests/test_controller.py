@@ -362,3 +362,22 @@ def test_tower_scale_follows_measured_time():
     c.observe_tower(240.0)  # measured twice the prediction (2 views x 60 ms): halfway there
     assert c.tower_scale == pytest.approx(1.5)
     assert tower.view_ms(0.75) == pytest.approx(80.0) and tower.view_ms(0.01) == 60.0
+
+
+def test_cli_calibrate_tower(tmp_path, monkeypatch, capsys):
+    """``vlm-accel calibrate --tower 224``: the language model and the vision encoder per view (both schedules) are
+    measured and cached; a steered request then measures nothing."""
+    from vlm_accel.cli import main
+    from vlm_accel.zoo import load_default
+
+    monkeypatch.setenv("VLM_ACCEL_CACHE", str(tmp_path))
+    assert main(["calibrate", "--tower", "224"]) == 0
+    out = capsys.readouterr().out
+    assert "cubic schedule" in out and "front schedule" in out
+    model, _ = load_default()
+    lm = model.model.language_model
+    for schedule in ("cubic", "front"):
+        cost = calibration.lookup_tower(model, lm, (224, 224), schedule)
+        assert cost is not None and all(m > 0 for m in cost.ms)
+    assert main(["calibrate", "--tower", "big"]) == 2
+    assert "--tower takes the view size" in capsys.readouterr().err

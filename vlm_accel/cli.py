@@ -172,13 +172,42 @@ def cmd_calibrate(a) -> int:
     from .calibration import cache_dir, calibrate
     from .loading import load_model
 
+    size = _view_size(a.tower) if a.tower else None
     model, _ = load_model(a.model)
     model.to(a.device)
     cost = calibrate(model, model.model.language_model)
     print(f"prefill cost: {cost.describe()}")  # noqa: T201
     print(f"measured: {dict(zip(cost.lengths, [round(m, 2) for m in cost.measured_ms], strict=True))} (tokens: ms)")  # noqa: T201
     print(f"cached in {cache_dir() / 'calibration.json'} under {cost.key}")  # noqa: T201
+    if a.tower:
+        _calibrate_tower(model, size)
     return 0
+
+
+def _view_size(spec: str) -> tuple[int, int]:
+    try:
+        h, _, w = spec.lower().partition("x")
+        return int(h), int(w or h)
+    except ValueError:
+        raise ValueError(f"--tower takes the view size in pixels, e.g. 224 or 336x336; got {spec!r}") from None
+
+
+def _calibrate_tower(model, size: tuple[int, int]) -> None:
+    """``--tower 224`` / ``336x336`` (``size``: height, width): the vision encoder's cost per view for ``tome_vit``
+    under ``latency_ms`` (the configured schedule and the fallback), measured now instead of on the first request."""
+    from . import accelerate
+    from .budget import Budget
+    from .calibration import calibrate_tower
+    from .tower_steering import FASTEST
+
+    sess = accelerate(model, Budget(latency_ms=1e12), method="tome_vit")  # ValueError for towers it cannot merge
+    try:
+        lm = sess.adapter.language_model
+        for schedule in dict.fromkeys((sess.steering.schedule, FASTEST)):
+            cost = calibrate_tower(model, lm, sess.steering.probe, size, schedule)
+            print(f"vision encoder per {size[0]}x{size[1]} view, {schedule} schedule: {cost.describe()}")  # noqa: T201
+    finally:
+        sess.restore()
 
 
 def main(argv=None) -> int:
@@ -218,6 +247,9 @@ def main(argv=None) -> int:
     c = sub.add_parser("calibrate", help="measure the latency cost model used by Budget(latency_ms=...) and cache it")
     c.add_argument("--model", default=None, help="local model directory (default: the embedded model)")
     c.add_argument("--device", default="cpu", help="device to calibrate on (cpu, cuda, cuda:1 ...)")
+    c.add_argument(
+        "--tower", default=None, metavar="SIZE", help="also the vision encoder per view for tome_vit (224, 336x336)"
+    )
     c.set_defaults(fn=cmd_calibrate)
 
     b = sub.add_parser("bench", help="benchmarks")
