@@ -16,7 +16,7 @@ import torch
 
 from . import methods as _methods
 from .adapters import Adapter, ImageInfo, Segment, adapter_for
-from .adapters.base import cls_attention
+from .adapters.base import call_arguments, cls_attention
 from .budget import Budget
 from .controller import Controller, Plan
 from .encoder_merge import ENCODER_METHODS, NEEDS_FULL_GRID, TowerMerge
@@ -364,8 +364,7 @@ class Session:
         def get_features(*args, **kwargs):
             if self._encoding:  # e.g. Qwen3-VL's get_video_features calls get_image_features
                 return orig(*args, **kwargs)
-            call = sig.bind_partial(*args, **kwargs).arguments
-            call.update(call.pop("kwargs", {}))
+            call = call_arguments(sig, args, kwargs)
             layer = self.adapter.importance_layer(call) if "importance" in self.method.needs else None
             captured = {}
             handle = None

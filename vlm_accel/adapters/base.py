@@ -185,3 +185,11 @@ def feature_layer_index(n_layers: int, vision_feature_layer) -> int:
     """Encoder layer whose output is ``hidden_states[vision_feature_layer]`` (the last one for a list)."""
     f = vision_feature_layer[-1] if isinstance(vision_feature_layer, (list, tuple)) else vision_feature_layer
     return f % (n_layers + 1) - 1
+
+
+def call_arguments(sig, args: tuple, kwargs: dict) -> dict:
+    """The arguments of a call to a wrapped model method as one dict (``sig``: its ``inspect.signature``; ``**kwargs``
+    passed through it are flattened in): what the adapters' ``call`` parameters read."""
+    call = sig.bind_partial(*args, **kwargs).arguments
+    call.update(call.pop("kwargs", {}))
+    return call

@@ -210,21 +210,7 @@ def allocation(n: int, totals, method: str) -> list[dict]:
             if sess is not None:
                 sess.restore()
 
-    full = score(None)
-    rows = [{"total_tokens": "all", "split": "none", "accuracy": full, "retained_pct": 100.0}]
-    for t in totals:
-        for split, budget in (("information", Budget(tokens=t)), ("uniform", Budget(visual=t // 2))):
-            acc = score(budget)
-            rows.append(
-                {
-                    "total_tokens": t,
-                    "split": split,
-                    "accuracy": acc,
-                    "retained_pct": 100.0 * acc / full if full else None,
-                }
-            )
-            logger.info("allocation %s %s: %.3f", t, split, acc)
-    return rows
+    return _split_rows(totals, score, parts=2, what="allocation")
 
 
 def allocation_clips(n: int, totals, method: str, model_dir: str | None, frames: int = 8, loaded=None) -> list[dict]:
@@ -255,20 +241,21 @@ def allocation_clips(n: int, totals, method: str, model_dir: str | None, frames:
                 sess.restore()
         return sum(hits) / len(hits)
 
+    return _split_rows(totals, accuracy, parts=frames, what="allocation-clips")
+
+
+def _split_rows(totals, accuracy, parts: int, what: str) -> list[dict]:
+    """Rows of an allocation comparison: ``accuracy(budget)`` at full budget (``None``), then per total ``T``
+    ``Budget(tokens=T)`` (split by information) vs ``Budget(visual=T // parts)`` (the same count for each of the
+    ``parts`` inputs)."""
     full = accuracy(None)
     rows = [{"total_tokens": "all", "split": "none", "accuracy": full, "retained_pct": 100.0}]
     for t in totals:
-        for split, budget in (("information", Budget(tokens=t)), ("uniform", Budget(visual=max(1, t // frames)))):
+        for split, budget in (("information", Budget(tokens=t)), ("uniform", Budget(visual=max(1, t // parts)))):
             acc = accuracy(budget)
-            rows.append(
-                {
-                    "total_tokens": t,
-                    "split": split,
-                    "accuracy": acc,
-                    "retained_pct": 100.0 * acc / full if full else None,
-                }
-            )
-            logger.info("allocation-clips %s %s: %.3f", t, split, acc)
+            retained = 100.0 * acc / full if full else None
+            rows.append({"total_tokens": t, "split": split, "accuracy": acc, "retained_pct": retained})
+            logger.info("%s %s %s: %.3f", what, t, split, acc)
     return rows
 
 

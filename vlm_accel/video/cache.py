@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..adapters.base import call_arguments
+
 logger = logging.getLogger(__name__)
 
 
@@ -68,8 +70,7 @@ class FrameCache:
 
         @functools.wraps(orig)
         def get_video_features(*args, **kwargs):
-            call = sig.bind_partial(*args, **kwargs).arguments
-            call.update(call.pop("kwargs", {}))
+            call = call_arguments(sig, args, kwargs)
             videos = self.adapter.video_frames(call)
             self.stats = FrameStats()  # per call
             # plan: every frame either is encoded or points at an earlier encoded frame

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..adapters.base import call_arguments
 from ..encoder_merge import layer_parts
 from .cache import Frame, FrameCache, FrameStats
 
@@ -220,8 +221,7 @@ class PatchCache(FrameCache):
 
         @functools.wraps(orig)
         def get_video_features(*args, **kwargs):
-            call = sig.bind_partial(*args, **kwargs).arguments
-            call.update(call.pop("kwargs", {}))
+            call = call_arguments(sig, args, kwargs)
             plan, jobs = self._plan(self.adapter.video_frames(call))
             encoded = []
             if jobs:
