@@ -6,6 +6,8 @@ Each test builds its own model: transformers keeps the compiled call on the mode
 which would make the shared fixture's models unpicklable for later tests.
 """
 
+import shutil
+
 import pytest
 import torch
 
@@ -54,6 +56,9 @@ def test_compiled_static_decoding_equals_eager_without_recompile(family, kind, m
     assert torch.equal(second, refs[1])
 
 
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="inductor on CPU needs a C++ compiler"
+)
 def test_compiled_with_inductor_on_cpu():
     """The default backend (inductor, C++ on CPU) too: same tokens as eager, one graph for two prompts."""
     model = tiny.build("llava")
