@@ -329,6 +329,22 @@ def test_latency_steers_tower_and_caps_the_pre_llm_method(tmp_path, monkeypatch)
     assert sess.stats.visual_tokens_kept <= 128
 
 
+def test_latency_composite_after_a_slow_tower_keeps_one_token_per_input(tmp_path, monkeypatch):
+    """The tower merge was chosen as reachable, then the tower ran slower than predicted (here: costs in virtual
+    microseconds, so any real tower is slower): the pre-LLM method keeps one token per input instead of failing the
+    request, and the plan says why."""
+    model, processor = tiny.build_default_like()
+    _tower_costs(model, tmp_path, monkeypatch, unit=0.001)
+    inputs = _default_like_inputs(processor)
+    n_text = int(inputs["attention_mask"].sum()) - 256
+    target = 0.001 * (60.0 + 0.1 * (n_text + 128))
+    with vlm_accel.accelerate(model, Budget(latency_ms=target), method="tome_vit+visionzip") as sess:
+        with torch.no_grad():
+            model(**inputs)
+    assert sess.stats.visual_tokens_kept == 1
+    assert "more than predicted" in str(sess.plan) and "vision tower keeps 128 of 256" in str(sess.plan)
+
+
 def test_tower_calibration_keyed_by_view_size_and_schedule(tmp_path, monkeypatch):
     """No cached tower cost: the first steered request measures the tower (really: the probe runs it) and caches it
     under the model key + view size + schedule; the next request reuses it."""

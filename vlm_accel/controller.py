@@ -153,12 +153,20 @@ class Controller:
 
     # --- totals -----------------------------------------------------------------------------------------------
     def row_totals(
-        self, n_text: list[int], n_visual: list[int], n_segments: list[int], encode_ms: float, plan: Plan
+        self,
+        n_text: list[int],
+        n_visual: list[int],
+        n_segments: list[int],
+        encode_ms: float,
+        plan: Plan,
+        tower_steered: bool = False,
     ) -> list[int]:
         """Visual tokens each row may keep (the strictest target), given per row its text tokens ``n_text``, its
         visual tokens ``n_visual`` and budgeted segments ``n_segments``; ``encode_ms``: the vision tower's time in
         this request. Raises ``ValueError`` naming the nearest reachable value when a target cannot be met even at
-        one token per segment."""
+        one token per segment — except after a tower merge chosen for this request (``tower_steered``: the target
+        was judged reachable before the tower ran), where a tower slower than predicted leaves the language model
+        one token per segment and the plan says so."""
         b = self.budget
         bsz = len(n_text)
         totals = list(n_visual)
@@ -177,6 +185,13 @@ class Controller:
             cap = []
             for t, s, v in zip(n_text, n_segments, n_visual, strict=True):
                 least = cost.llm_ms(bsz, t + s)
+                if least > left and tower_steered:
+                    cap.append(s)
+                    plan.reasons.append(
+                        f"latency_ms={b.latency_ms:g}: the vision tower took {encode_ms:.0f} ms, more than predicted; "
+                        "one token per image / crop / frame left for the language model"
+                    )
+                    continue
                 if least > left:
                     reach = encode_ms + cost.overhead_ms + least
                     raise ValueError(
@@ -288,7 +303,8 @@ class Controller:
         ``attn`` ``[B, L]`` padding mask or ``None``; ``masks``: per modality the ``[B, L]`` placeholder masks."""
         name, own = stage
         plan = Plan(kv_bits=self.budget.kv_bits, kv_max=self.budget.kv_max)
-        if self._tower is not None:  # the tower's merge was chosen for this request (tower_keep)
+        tower_steered = self._tower is not None
+        if tower_steered:  # the tower's merge was chosen for this request (tower_keep)
             *_, reason, predicted = self._tower
             plan.reasons.append(reason)
             plan.predicted_ms = predicted
@@ -317,7 +333,7 @@ class Controller:
             n_text = [int(lens[r]) - int(vis[r].sum()) for r in rows]
             n_vis = [sum(e.kept for *_, e in per_row[r]) for r in rows]  # kept so far: each input's own cap
             n_seg = [len(per_row[r]) for r in rows]
-            totals = self.row_totals(n_text, n_vis, n_seg, encode_ms, plan)
+            totals = self.row_totals(n_text, n_vis, n_seg, encode_ms, plan, tower_steered)
             for r, total in zip(rows, totals, strict=True):
                 ents = [e for *_, e in per_row[r]]
                 got = self.split(total, [e.tokens_in for e in ents], [e.weight for e in ents], [e.kept for e in ents])
