@@ -299,8 +299,10 @@ def test_latency_target_chooses_the_tower_merge_before_the_tower_runs(tmp_path, 
         assert sess.stats.visual_tokens_kept == 128
         assert "keeps 128 of 256 tokens per view (cubic schedule" in str(sess.plan)
         assert sess.plan.predicted_ms == pytest.approx(target, abs=0.2)
-        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        sess.plan = None
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)  # images encoded before the first forward
         assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+        assert "vision tower keeps" in str(sess.plan) and sess.stats.visual_tokens_kept < 256
     assert not calls  # the cached calibrations were used
     # reachable only with the faster schedule: the request falls back to it
     with vlm_accel.accelerate(model, Budget(latency_ms=20.0 + 0.1 * (n_text + 16)), method="tome_vit") as sess:

@@ -279,6 +279,9 @@ class Session:
         if self.llm_method is not None and (steered or not _full(self._llm_budget)):
             self.stages = LLMStages(self.llm_method, self.options, lm, self._patch)
         self.tower = _tower_merge(self.method_name, self.budget, self.options, self.adapter, self._patch)
+        self.steering = None
+        if self.tower is not None and self.budget.latency_ms is not None:
+            self.steering = TowerSteering(self.tower, self.controller, self.model, self.adapter)
         b = self.budget
         if b.kv != 1.0 or isinstance(b.kv, int) or b.kv_max is not None or b.kv_important or b.memory_gb is not None:
             self.kv = KVCompressor(
@@ -289,15 +292,11 @@ class Session:
         # copies and pickles of an accelerated model: a clean unaccelerated copy / a clear error, never wrappers bound
         # to this model's modules
         # threads: whole calls are serialised, so one request's pending / decode state never mixes with another's
-        forward = self.model.forward
-        self.steering = None
-        if self.tower is not None and b.latency_ms is not None:
-            self.steering = TowerSteering(self.tower, self.controller, self.model, self.adapter)
-            forward = self._wrap_tower_steering(forward)
+        forward, generate = self.model.forward, self._uncompiled_stages(self.model.generate)
+        if self.steering is not None:
+            forward, generate = self._noting_prompt(forward), self._noting_prompt(generate)
         self._patch(self.model, "forward", self._locked(forward), keep_previous=True)
-        self._patch(
-            self.model, "generate", self._locked(self._uncompiled_stages(self.model.generate)), keep_previous=True
-        )
+        self._patch(self.model, "generate", self._locked(generate), keep_previous=True)
         self._patch(self.model, "__deepcopy__", self._deepcopy)
         self._patch(self.model, "__reduce_ex__", _refuse_pickle)
         setattr(self.model, _SESSION_ATTR, self)
@@ -383,6 +382,8 @@ class Session:
             self._encoding = True
             t0 = time.perf_counter()
             try:
+                if self.steering is not None:  # latency_ms: this request's merge, chosen before the tower runs
+                    self.steering.before_tower(call)
                 if self.tower is not None:  # merging inside the vision tower, for this call only
                     self.tower.begin(call, modality)
                 out = orig(*args, **kwargs)
@@ -406,17 +407,17 @@ class Session:
 
         return get_features
 
-    def _wrap_tower_steering(self, orig):
-        """``Budget(latency_ms=...)`` with a merge inside the vision tower: before a forward that brings images, the
-        tower's merge for this request is chosen (:class:`~vlm_accel.tower_steering.TowerSteering`)."""
+    def _noting_prompt(self, orig):
+        """``Budget(latency_ms=...)`` with a merge inside the vision tower: a request's prompt is noted when it
+        starts, for the merge chosen right before its tower runs (:class:`~vlm_accel.tower_steering.TowerSteering`)."""
 
         @functools.wraps(orig)
-        def forward(*args, **kwargs):
+        def call(*args, **kwargs):
             if not torch.compiler.is_compiling():
-                self.steering.before_forward(kwargs)
+                self.steering.note_prompt(kwargs)
             return orig(*args, **kwargs)
 
-        return forward
+        return call
 
     def _uncompiled_stages(self, orig):
         """In-LLM stages and KV eviction keep per-step Python state, so their decoding steps cannot be compiled:

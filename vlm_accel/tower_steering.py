@@ -1,7 +1,8 @@
 """Latency targets spent inside the vision tower (``tome_vit`` under ``Budget(latency_ms=...)``).
 
-Before a forward that brings images runs, :meth:`TowerSteering.before_forward` reads the request's shape (views per
-image, placeholders and text tokens per row), asks the controller for the most tokens per view whose predicted
+When a request starts (``generate`` or a forward with image placeholders) :meth:`TowerSteering.note_prompt` keeps its
+prompt; right before the vision tower runs, :meth:`TowerSteering.before_tower` reads the request's shape (views,
+placeholders and text tokens per row), asks the controller for the most tokens per view whose predicted
 encoder time plus language-model prefill meets the target (:meth:`Controller.tower_keep`), and sets the tower merge's
 budget for this request: the configured merge schedule when it can meet the target, else the fastest one
 (``front``). The encoder's cost per view comes from :class:`~vlm_accel.calibration.TowerCost`, measured by
@@ -32,32 +33,50 @@ class TowerSteering:
     def __init__(self, tower, controller, model, adapter):
         self.tower, self.controller, self.model, self.adapter = tower, controller, model, adapter
         self.schedule = tower.schedule  # the configured one, tried first on every request
+        self._prompt: tuple | None = None  # (input_ids, attention_mask) of the request whose images come next
 
-    def before_forward(self, kwargs: dict) -> None:
-        """``kwargs``: the VLM forward's keywords; nothing to do without ``pixel_values`` and ``input_ids``.
-        ``ValueError`` with the nearest reachable value when no schedule meets the target."""
-        pv, ids = kwargs.get("pixel_values"), kwargs.get("input_ids")
+    def note_prompt(self, kwargs: dict) -> None:
+        """``kwargs`` of a ``generate`` / forward call: remember its prompt (``input_ids`` ``[B, L]`` with image
+        placeholders, ``attention_mask``) for the tower call that follows (``generate`` encodes the images before
+        its first forward)."""
+        ids = kwargs.get("input_ids")
         token = getattr(self.model.config, "image_token_id", None)
-        if pv is None or ids is None or token is None or pv.dim() not in (4, 5):
+        if torch.is_tensor(ids) and ids.dim() == 2 and token is not None and bool((ids == token).any()):
+            self._prompt = (ids, kwargs.get("attention_mask"))
+
+    def before_tower(self, call: dict) -> None:
+        """``call``: the ``get_image_features`` arguments, before the tower runs: set the merge of this request.
+        ``ValueError`` with the nearest reachable value when no schedule meets the target."""
+        pv = call.get("pixel_values")
+        if not torch.is_tensor(pv) or pv.dim() not in (4, 5):
             return
-        attn = kwargs.get("attention_mask")
-        lens = attn.sum(1) if torch.is_tensor(attn) and attn.dim() == 2 else torch.full((ids.shape[0],), ids.shape[1])
-        n_vis = (ids == token).sum(1)
         size = tuple(pv.shape[-2:])
         patch = self.model.config.vision_config.patch_size
         per_view = (size[0] // patch) * (size[1] // patch)
         views = pv.shape[0] if pv.dim() == 4 else pv.shape[0] * pv.shape[1]  # anyres: padded crops counted too
+        n_text, n_vis = self._rows(views * per_view)
         unmet = None
         for schedule in dict.fromkeys((self.schedule, FASTEST)):
             cost = tower_calibrated(self.model, self.adapter.language_model, self.probe, size, schedule)
             try:
-                k = self.controller.tower_keep((lens - n_vis).tolist(), n_vis.tolist(), views, per_view, cost)
+                k = self.controller.tower_keep(n_text, n_vis, views, per_view, cost)
             except ValueError as e:
                 unmet = e
                 continue
             self.tower.schedule, self.tower.budget = schedule, Budget(visual=k)
             return
         raise unmet
+
+    def _rows(self, visual: int) -> tuple[list[int], list[int]]:
+        """Per prompt row: text tokens and visual placeholders, from the noted prompt (taken once); without one
+        (the images encoded on their own), one row of ``visual`` placeholders and no text."""
+        prompt, self._prompt = self._prompt, None
+        if prompt is None:
+            return [0], [visual]
+        ids, attn = prompt
+        n_vis = (ids == self.model.config.image_token_id).sum(1)
+        lens = attn.sum(1) if torch.is_tensor(attn) and attn.dim() == 2 else torch.full((ids.shape[0],), ids.shape[1])
+        return (lens - n_vis).tolist(), n_vis.tolist()
 
     @torch.no_grad()
     def probe(self, keep: float, size: tuple[int, int], schedule: str) -> None:
