@@ -163,15 +163,8 @@ def calibrate_tower(
     """Time the vision tower on one view of ``size`` pixels at each merge level of ``schedule``: ``probe(keep,
     size, schedule)`` runs it once with ``keep`` of the tokens leaving the tower (median of ``repeats`` after one
     warm-up each)."""
-    times = []
-    for keep in keeps:
-        runs = []
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            probe(keep, size, schedule)
-            if i:
-                runs.append((time.perf_counter() - t0) * 1e3)
-        times.append(statistics.median(runs))
+    device = next(lm.parameters()).device
+    times = [_median_ms(lambda k=keep: probe(k, size, schedule), repeats, device) for keep in keeps]
     cost = TowerCost(tower_key(model, lm, size, schedule), tuple(keeps), tuple(times), schedule)
     if save:
         path = _save(cost.key, cost)
@@ -201,23 +194,28 @@ def calibrate(model, lm, lengths=LENGTHS, repeats: int = 3, save: bool = True) -
     times = []
     for n in lengths:
         x = (torch.randn(1, n, hidden, generator=gen) * 0.02).to(p.device, p.dtype)
-        runs = []
-        for i in range(repeats + 1):
-            if p.device.type == "cuda":
-                torch.cuda.synchronize(p.device)
-            t0 = time.perf_counter()
-            lm(inputs_embeds=x, use_cache=True)
-            if p.device.type == "cuda":
-                torch.cuda.synchronize(p.device)
-            if i:
-                runs.append((time.perf_counter() - t0) * 1e3)
-        times.append(statistics.median(runs))
+        times.append(_median_ms(lambda x=x: lm(inputs_embeds=x, use_cache=True), repeats, p.device))
     a, b, c = _fit(lengths, times)
     cost = CostModel(model_key(model, lm), a, b, c, lengths, tuple(times))
     if save:
         path = _save(cost.key, cost)
         logger.info("vlm_accel: calibrated %s (%s) -> %s", cost.key, cost.describe(), path)
     return cost
+
+
+def _median_ms(run, repeats: int, device: torch.device) -> float:
+    """Median milliseconds of ``run()`` over ``repeats`` calls after one warm-up (synchronised on CUDA)."""
+    runs = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            runs.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(runs)
 
 
 def _fit(ns, ms) -> tuple[float, float, float]:
