@@ -34,6 +34,7 @@ class TowerSteering:
         self.tower, self.controller, self.model, self.adapter = tower, controller, model, adapter
         self.schedule = tower.schedule  # the configured one, tried first on every request
         self._prompt: tuple | None = None  # (input_ids, attention_mask) of the request whose images come next
+        self._costs: dict[tuple, object] = {}  # (view size, schedule) -> TowerCost: read from disk once per session
 
     def note_prompt(self, kwargs: dict) -> None:
         """``kwargs`` of a ``generate`` / forward call: remember its prompt (``input_ids`` ``[B, L]`` with image
@@ -57,7 +58,7 @@ class TowerSteering:
         n_text, n_vis = self._rows(views * per_view)
         unmet = None
         for schedule in dict.fromkeys((self.schedule, FASTEST)):
-            cost = tower_calibrated(self.model, self.adapter.language_model, self.probe, size, schedule)
+            cost = self._cost(size, schedule)
             try:
                 k = self.controller.tower_keep(n_text, n_vis, views, per_view, cost)
             except ValueError as e:
@@ -66,6 +67,14 @@ class TowerSteering:
             self.tower.schedule, self.tower.budget = schedule, Budget(visual=k)
             return
         raise unmet
+
+    def _cost(self, size: tuple[int, int], schedule: str):
+        """The calibrated encoder cost (cached on disk, calibrated on first use), looked up once per session: the
+        disk cache's key hashes the model config, too slow for every request."""
+        if (size, schedule) not in self._costs:
+            lm = self.adapter.language_model
+            self._costs[size, schedule] = tower_calibrated(self.model, lm, self.probe, size, schedule)
+        return self._costs[size, schedule]
 
     def _rows(self, visual: int) -> tuple[list[int], list[int]]:
         """Per prompt row: text tokens and visual placeholders, from the noted prompt (taken once); without one
