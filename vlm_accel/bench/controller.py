@@ -87,6 +87,17 @@ def _score(model, processor, items, budget, method, after=None) -> list[int | No
             sess.restore()
 
 
+def _retained(hits: list[int | None], full_hits: list[int]) -> dict:
+    """``reached_pct`` (requests the target was reachable for), ``accuracy`` and ``retained_pct`` (vs the full budget
+    on the same reached requests) from per-request hits (``None``: unreachable)."""
+    done = [(h, f) for h, f in zip(hits, full_hits, strict=True) if h is not None]
+    return {
+        "reached_pct": 100.0 * len(done) / len(hits),
+        "accuracy": sum(h for h, _ in done) / max(len(done), 1),
+        "retained_pct": 100.0 * sum(h for h, _ in done) / max(sum(f for _, f in done), 1),
+    }
+
+
 def latency(which: str, n: int, repeats: int, method: str, fractions=FRACTIONS) -> list[dict]:
     """Rows: per target fraction, target / achieved prefill ms, ratio, kept tokens, accuracy retained (default)."""
     from ..calibration import calibrate
@@ -122,11 +133,7 @@ def latency(which: str, n: int, repeats: int, method: str, fractions=FRACTIONS) 
         finally:
             sess.restore()
         if items and row["reachable"]:
-            hits = _score(model, processor, items, Budget(latency_ms=target), method)
-            done = [(h, f) for h, f in zip(hits, full_hits, strict=True) if h is not None]
-            row["reached_pct"] = 100.0 * len(done) / len(hits)  # requests the target was reachable for
-            row["accuracy"] = sum(h for h, _ in done) / max(len(done), 1)
-            row["retained_pct"] = 100.0 * sum(h for h, _ in done) / max(sum(f for _, f in done), 1)
+            row.update(_retained(_score(model, processor, items, Budget(latency_ms=target), method), full_hits))
         rows.append(row)
         logger.info("latency %s %.2f: %s", which, f, row)
     if items:
@@ -159,7 +166,6 @@ def memory(n: int, method: str, fractions=FRACTIONS) -> list[dict]:
         hits = _score(model, processor, items, Budget(memory_gb=target / 1e9), method, after=record)
         kv, limits, kept = zip(*seen, strict=True)
         peak, limit = max(kv), max(limits)
-        done = [(h, g) for h, g in zip(hits, full_hits, strict=True) if h is not None]  # questions it could reach
         rows.append(
             {
                 "fraction": f,
@@ -168,9 +174,7 @@ def memory(n: int, method: str, fractions=FRACTIONS) -> list[dict]:
                 "max_kv_mb": peak / 1e6,
                 "met": peak <= target,
                 "visual_kept_mean": sum(kept) / len(kept),
-                "reached_pct": 100.0 * len(done) / n,
-                "accuracy": sum(h for h, _ in done) / max(len(done), 1),
-                "retained_pct": 100.0 * sum(h for h, _ in done) / max(sum(g for _, g in done), 1),
+                **_retained(hits, full_hits),
             }
         )
         logger.info("memory %.2f: %s", f, rows[-1])
