@@ -362,11 +362,11 @@ def test_tower_calibration_keyed_by_view_size_and_schedule(tmp_path, monkeypatch
 
 
 def test_tower_scale_follows_measured_time():
-    from vlm_accel.controller import Controller
+    from vlm_accel.controller import Controller, TowerChoice
 
     c = Controller(Budget(latency_ms=100.0), None, None)
     tower = calibration.TowerCost("k", (1.0, 0.5), (100.0, 60.0), "cubic")
-    c._tower = (2, 0.5, tower, "why", 120.0)
+    c._tower = TowerChoice(2, 0.5, tower, "why", 120.0)
     c.observe_tower(240.0)  # measured twice the prediction (2 views x 60 ms): halfway there
     assert c.tower_scale == pytest.approx(1.5)
     assert tower.view_ms(0.75) == pytest.approx(80.0) and tower.view_ms(0.01) == 60.0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -141,7 +142,7 @@ class Controller:
         self._cost: CostModel | None = None
         self.plan: Plan | None = None
         self.tower_scale = 1.0  # measured / calibrated tower time of the steered requests so far (see observe_tower)
-        self._tower: tuple | None = None  # the coming request's tower choice: (views, keep fraction, cost, reason, ms)
+        self._tower: TowerChoice | None = None  # the coming request's tower merge (tower_keep), until its quotas
 
     @property
     def cost(self) -> CostModel:
@@ -183,14 +184,12 @@ class Controller:
             cost = self.cost
             left = b.latency_ms - encode_ms - cost.overhead_ms
             cap = []
+            slow = False  # the steered tower overran: rows left one token per segment
             for t, s, v in zip(n_text, n_segments, n_visual, strict=True):
                 least = cost.llm_ms(bsz, t + s)
                 if least > left and tower_steered:
                     cap.append(s)
-                    plan.reasons.append(
-                        f"latency_ms={b.latency_ms:g}: the vision tower took {encode_ms:.0f} ms, more than predicted; "
-                        "one token per image / crop / frame left for the language model"
-                    )
+                    slow = True
                     continue
                 if least > left:
                     reach = encode_ms + cost.overhead_ms + least
@@ -201,6 +200,11 @@ class Controller:
                     )
                 cap.append(min(v, cost.max_tokens(bsz, left) - t))
             totals = [min(a, c) for a, c in zip(totals, cap, strict=True)]
+            if slow:
+                plan.reasons.append(
+                    f"latency_ms={b.latency_ms:g}: the vision tower took {encode_ms:.0f} ms, more than predicted; "
+                    "one token per image / crop / frame left for the language model"
+                )
             plan.reasons.append(
                 f"latency_ms={b.latency_ms:g}: vision tower {encode_ms:.1f} ms (measured), language model budget "
                 f"{left:.1f} ms (calibrated: {cost.describe()})"
@@ -281,16 +285,16 @@ class Controller:
             f"predicted {tower_ms:.1f} ms; calibrated per view {tower.describe()}, x{self.tower_scale:.2f} as "
             f"measured), language model predicted {llm_ms:.1f} ms"
         )
-        self._tower = (views, k / per_view, tower, reason, tower_ms + llm_ms)
+        self._tower = TowerChoice(views, k / per_view, tower, reason, tower_ms + llm_ms)
         return k
 
     def observe_tower(self, encode_ms: float) -> None:
         """After a steered tower ran: move :attr:`tower_scale` halfway to measured / predicted (bounded to 1/4..4),
         so the next request's choice follows this machine's current speed."""
-        if self._tower is None or encode_ms <= 0:
+        t = self._tower
+        if t is None or encode_ms <= 0:
             return
-        views, keep, tower, *_ = self._tower
-        predicted = views * tower.view_ms(keep)
+        predicted = t.views * t.cost.view_ms(t.keep)
         if predicted > 0:
             self.tower_scale = min(4.0, max(0.25, 0.5 * self.tower_scale + 0.5 * encode_ms / predicted))
 
@@ -305,9 +309,8 @@ class Controller:
         plan = Plan(kv_bits=self.budget.kv_bits, kv_max=self.budget.kv_max)
         tower_steered = self._tower is not None
         if tower_steered:  # the tower's merge was chosen for this request (tower_keep)
-            *_, reason, predicted = self._tower
-            plan.reasons.append(reason)
-            plan.predicted_ms = predicted
+            plan.reasons.append(self._tower.reason)
+            plan.predicted_ms = self._tower.predicted_ms
             self.observe_tower(encode_ms)
             self._tower = None
         per_row: dict[int, list] = {}  # row -> [(info, its segment count, segment number, plan entry)]
@@ -351,6 +354,16 @@ class Controller:
         count quota, when the budget also has one)."""
         limits = sizes if caps is None else [min(s, c) for s, c in zip(sizes, caps, strict=True)]
         return allocate(total, limits, weights)
+
+
+class TowerChoice(NamedTuple):
+    """The merge :meth:`Controller.tower_keep` chose for the coming request's tower."""
+
+    views: int
+    keep: float  # fraction of each view's tokens leaving the tower
+    cost: TowerCost
+    reason: str
+    predicted_ms: float  # tower + language model
 
 
 def largest(lo: int, hi: int, ok) -> int:
