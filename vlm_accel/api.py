@@ -236,7 +236,6 @@ class Session:
                 self.frame_cache = PatchCache(adapter, frame_cache)
             else:
                 self.frame_cache = FrameCache(adapter, frame_cache)
-
         self._install()
 
     def __repr__(self) -> str:

@@ -198,12 +198,11 @@ def _calibrate_tower(model, size: tuple[int, int]) -> None:
     from . import accelerate
     from .budget import Budget
     from .calibration import calibrate_tower
-    from .tower_steering import FASTEST
 
     sess = accelerate(model, Budget(latency_ms=1e12), method="tome_vit")  # ValueError for towers it cannot merge
     try:
         lm = sess.adapter.language_model
-        for schedule in dict.fromkeys((sess.steering.schedule, FASTEST)):
+        for schedule in sess.steering.schedules:
             cost = calibrate_tower(model, lm, sess.steering.probe, size, schedule)
             print(f"vision encoder per {size[0]}x{size[1]} view, {schedule} schedule: {cost.describe()}")  # noqa: T201
     finally:

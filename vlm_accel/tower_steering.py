@@ -36,6 +36,11 @@ class TowerSteering:
         self._prompt: tuple | None = None  # (input_ids, attention_mask) of the request whose images come next
         self._costs: dict[tuple, object] = {}  # (view size, schedule) -> TowerCost: read from disk once per session
 
+    @property
+    def schedules(self) -> tuple[str, ...]:
+        """The merge schedules a request may use, in order of preference."""
+        return tuple(dict.fromkeys((self.schedule, FASTEST)))
+
     def note_prompt(self, kwargs: dict) -> None:
         """``kwargs`` of a ``generate`` / forward call: remember its prompt (``input_ids`` ``[B, L]`` with image
         placeholders, ``attention_mask``) for the tower call that follows (``generate`` encodes the images before
@@ -57,7 +62,7 @@ class TowerSteering:
         views = pv.shape[0] if pv.dim() == 4 else pv.shape[0] * pv.shape[1]  # anyres: padded crops counted too
         n_text, n_vis = self._rows(views * per_view)
         unmet = None
-        for schedule in dict.fromkeys((self.schedule, FASTEST)):
+        for schedule in self.schedules:
             cost = self._cost(size, schedule)
             try:
                 k = self.controller.tower_keep(n_text, n_vis, views, per_view, cost)
