@@ -18,6 +18,7 @@ from vlm_accel.zoo.train_video import (
     grid_labels,
     image_token_labels,
     pooled_labels,
+    reverse_clip,
 )
 
 
@@ -110,3 +111,39 @@ def test_attention_targets_sit_on_the_object_before_and_after_the_event():
             for q in clip_turns(_meta(render_clip(0, "train", kind="appear", index=[0])), random.Random(0))
             if q["type"] == "move"
         )
+
+
+@pytest.mark.parametrize("kind", ["move", "appear", "disappear", "change"])
+def test_a_clip_played_backwards_asks_the_reversed_questions(kind):
+    from vlm_accel.video.synthetic import clip_questions
+    from vlm_accel.zoo.train_video import _tracks
+
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    for seed in range(4):
+        T = render_clip(seed, "train", kind=kind, index=[0]).num_frames
+        clip = render_clip(seed, "train", kind=kind, index=sampled(T))
+        lab = torch.from_numpy(clip.patch_labels())
+        meta = _meta(clip)
+        feats = torch.arange(FRAMES, dtype=torch.float32)[:, None, None].expand(FRAMES, 256, 2)
+        f2, l2, p2, m2 = reverse_clip(feats, lab, pooled_labels(lab), meta)
+        assert f2[:, 0, 0].tolist() == list(range(FRAMES))[::-1] and torch.equal(l2, lab.flip(0))
+        fwd, back = _tracks(meta), _tracks(m2)
+        for f in range(FRAMES):  # the reversed tracks describe the reversed frames
+            i, j = meta["index"][FRAMES - 1 - f], m2["index"][f]
+            for a, b in zip(fwd, back, strict=True):
+                assert a.present(i) == b.present(j) and a.color_at(i) == b.color_at(j)
+                assert np.allclose(a.pos(i), b.pos(j))
+        q1 = {q["type"]: q["answer"] for q in clip_questions(fwd, random.Random(0), T, meta["kind"])}
+        q2 = {q["type"]: q["answer"] for q in clip_questions(back, random.Random(0), T, m2["kind"])}
+        if kind == "move":
+            assert q2["move"] == opposite[q1["move"]]
+        elif kind == "appear":  # the shape that appeared is the one that disappears
+            k = next(k for k, t in enumerate(fwd) if t.t_in > 0)
+            assert m2["kind"] == "disappear" and q2["disappear"] == fwd[k].shape
+        elif kind == "disappear":
+            k = next(k for k, t in enumerate(fwd) if t.t_out < T)
+            assert m2["kind"] == "appear" and q2["appear"] == fwd[k].color
+        else:
+            assert q2["change"] == q1["change"]
+        n0 = sum(t.present(0) for t in back)
+        assert q2["count"] == str(sum(t.present(T - 1) for t in back)) and n0 == sum(t.present(T - 1) for t in fwd)

@@ -275,6 +275,32 @@ def _tracks(meta) -> list[Track]:
     return [Track(**{**d, "jitter": tuple(d["jitter"])}) for d in meta["tracks"]]
 
 
+REVERSIBLE = {"move": "move", "appear": "disappear", "disappear": "appear", "change": "change"}
+
+
+def reverse_track(t: Track, T: int) -> Track:
+    """The track played backwards (frame ``t`` → ``T − 1 − t``): a move the other way, an appearance a
+    disappearance, a colour change from the second colour to the first."""
+    r = Track(**t.to_dict())
+    if t.x1 is not None:
+        r.x0, r.y0, r.x1, r.y1 = t.x1, t.y1, t.x0, t.y0
+        r.move_from, r.move_to = T - 1 - t.move_to, T - 1 - t.move_from
+    r.t_in, r.t_out = max(0, T - t.t_out), T - t.t_in
+    if t.t_change is not None:
+        r.color, r.color2, r.t_change = t.color2, t.color, T - t.t_change
+    return r
+
+
+def reverse_clip(feats, labels, lab8, meta):
+    """A cached clip played backwards (exact: the tower encodes each frame alone). ``meta["kind"]`` must be in
+    :data:`REVERSIBLE` (an ``order`` clip reversed has no "appears first")."""
+    T = meta["T"]
+    tracks = [reverse_track(t, T).to_dict() for t in _tracks(meta)]
+    index = [T - 1 - i for i in reversed(meta["index"])]
+    rmeta = {**meta, "kind": REVERSIBLE[meta["kind"]], "index": index, "tracks": tracks}
+    return feats.flip(0), labels.flip(0), lab8.flip(0), rmeta
+
+
 def clip_turns(meta, rng: random.Random, no_change_p: float = 0.35) -> list[dict]:
     """Questions of a cached clip (``change`` "no" questions subsampled so yes / no balance)."""
     tracks = _tracks(meta)
@@ -308,8 +334,10 @@ def clip_att_targets(meta, q: dict, lab8: torch.Tensor) -> dict[int, torch.Tenso
             out[2] = tokens(q["objs"], range(FRAMES))
     elif t == "x_color_end":
         out[1], out[2] = tokens(q["objs"], [5, 6, 7]), tokens(q["objs"], range(FRAMES))
-    elif t in ("appear", "disappear", "x_appear_shape", "x_disappear_color"):
-        out[0], out[1] = tokens(every, [0, 1, 2]), tokens(every, [5, 6, 7])
+    elif t in ("appear", "x_appear_shape"):  # early: every object; late: the one that appeared
+        out[0], out[1] = tokens(every, [0, 1, 2]), tokens(q["objs"], [5, 6, 7])
+    elif t in ("disappear", "x_disappear_color"):  # early: the one that will vanish; late: every object
+        out[0], out[1] = tokens(q["objs"], [0, 1, 2]), tokens(every, [5, 6, 7])
     elif t == "count":
         out[1] = tokens(every, [FRAMES - 1])
     elif t == "x_count_start":
@@ -355,7 +383,12 @@ class Data:
         self.clip_paths, self.image_paths = cp, ip
         self.n_clips = sum(len(d["clips"]) for d in self.clip_parts)
         self.n_images = sum(len(d["objects"]) for d in self.image_parts)
+        self.kinds = [m["kind"] for d in self.clip_parts for m in d["clips"]]
         return grew
+
+    def clip_weights(self, weights: dict[str, float]) -> torch.Tensor:
+        """``[n_clips]`` sampling weight of each clip by its kind (1 for kinds not named)."""
+        return torch.tensor([weights.get(k, 1.0) for k in self.kinds])
 
     def clip(self, i: int):
         for d in self.clip_parts:
@@ -441,16 +474,20 @@ def train(args) -> None:
     model.model.vision_tower.requires_grad_(False)
     vt = model.model.vision_tower
     tcache: dict[str, list[int]] = {}
+    kind_w = dict(kv.split("=") for kv in args.kind_w.split(",")) if args.kind_w else {}
+    kind_w = {k: float(v) for k, v in kind_w.items()}
     last_save, t_log = time.time(), time.time()
     while step < args.steps:
         rng = random.Random(f"{args.seed}-{step}")
         g = torch.Generator().manual_seed(args.seed * 100003 + step)
-        ci = torch.randint(0, data.n_clips, (args.clips_per_step,), generator=g).tolist()
+        ci = torch.multinomial(data.clip_weights(kind_w), args.clips_per_step, True, generator=g).tolist()
         ii = torch.randint(0, max(data.n_images, 1), (args.images_per_step if data.n_images else 0,), generator=g)
         ii = ii.tolist()
         seqs, heads_rows = [], {0: [], 1: [], 2: []}  # head -> [(b, row, mask over the media tokens)]
-        color_rows = []
-        cf, cl, c8, cm = zip(*[data.clip(i) for i in ci], strict=True)
+        answer_w = []
+        clips = [data.clip(i) for i in ci]
+        clips = [reverse_clip(*c) if c[3]["kind"] in REVERSIBLE and rng.random() < args.reverse_p else c for c in clips]
+        cf, cl, c8, cm = zip(*clips, strict=True)
         for b, (meta, lab8) in enumerate(zip(cm, c8, strict=True)):
             qs = clip_turns(meta, rng)
             rng.shuffle(qs)
@@ -459,7 +496,9 @@ def train(args) -> None:
                 for h, m in clip_att_targets(meta, q, lab8).items():
                     heads_rows[h].append((b, row, s.media_start, m))
                 if q["answer"] in COLOR_NAMES:
-                    color_rows.append((b, row + 1))
+                    answer_w.append((b, row + 1, args.color_w))
+                elif q["type"] == "move":
+                    answer_w.append((b, row + 1, args.move_w))
             seqs.append(s)
         imf, ims, iml, imo = zip(*[data.image(i) for i in ii], strict=True) if ii else ((), (), (), ())
         for j, (objs, labs, size) in enumerate(zip(imo, iml, ims, strict=True)):
@@ -487,7 +526,7 @@ def train(args) -> None:
                     if hits:
                         heads_rows[2].append((b, row, s.media_start, torch.isin(tl, torch.tensor(hits))))
                 if q["answer"] in COLOR_NAMES:
-                    color_rows.append((b, row + 1))
+                    answer_w.append((b, row + 1, args.color_w))
             seqs.append(s)
         B = len(seqs)
         L = max(len(s.ids) for s in seqs)
@@ -520,8 +559,8 @@ def train(args) -> None:
             logits = model.lm_head(out.last_hidden_state[:, :-1])
         logits = logits.float()
         wts = torch.ones(tgt.shape)
-        for b, r in color_rows:
-            wts[b, r] = args.color_w
+        for b, r, w in answer_w:  # answer-token weights (colour answers, move directions)
+            wts[b, r] = w
         wts = wts[:, 1:] * (tgt[:, 1:] != -100)
         ce = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), tgt[:, 1:].reshape(-1), reduction="none", ignore_index=-100
@@ -754,6 +793,9 @@ def main() -> None:
     t.add_argument("--att", type=float, default=0.3)
     t.add_argument("--att-layer", type=int, default=2)
     t.add_argument("--color-w", type=float, default=2.0)
+    t.add_argument("--move-w", type=float, default=2.0, help="loss weight of move answers")
+    t.add_argument("--reverse-p", type=float, default=0.5, help="reverse a move / appear / disappear / change clip")
+    t.add_argument("--kind-w", default="move=2,appear=1.5,order=1.5", help="clip sampling weights by kind")
     t.add_argument("--max-q", type=int, default=10)
     t.add_argument("--n-exists", type=int, default=2)
     t.add_argument("--describe-p", type=float, default=0.3)
