@@ -315,6 +315,24 @@ def test_latency_target_chooses_the_tower_merge_before_the_tower_runs(tmp_path, 
             model(**inputs)
 
 
+def test_a_tower_choice_belongs_to_its_request(tmp_path, monkeypatch):
+    """Images encoded on their own (``encode_images``) under a steered tower: the choice ends with that call (its
+    measured time corrects the tower scale: the calibration says 60 ms per view, the tiny tower takes far less),
+    so a later forward does not report, or learn from, a tower merge that it never ran."""
+    model, processor = tiny.build_default_like()
+    _tower_costs(model, tmp_path, monkeypatch)
+    inputs = _default_like_inputs(processor)
+    with vlm_accel.accelerate(model, Budget(latency_ms=100.0), method="tome_vit") as sess, torch.no_grad():
+        (feats,) = sess.encode_images(pixel_values=inputs["pixel_values"])
+        assert feats.shape[0] < 256  # the tower merged for that call
+        scale = sess.controller.tower_scale
+        assert scale < 1.0
+        sess.plan = None
+        model(input_ids=inputs["input_ids"][:, :3], attention_mask=inputs["attention_mask"][:, :3])
+        assert sess.plan is None or "vision tower" not in str(sess.plan)
+        assert sess.controller.tower_scale == scale
+
+
 @pytest.mark.parametrize("unit", [1000.0, 0.001])
 def test_latency_composite_tower_then_pre_llm_cap(tmp_path, monkeypatch, unit):
     """A composite: the tower's merge is chosen first (128 of 256 per view), then the pre-LLM method keeps what the
@@ -366,8 +384,8 @@ def test_tower_scale_follows_measured_time():
 
     c = Controller(Budget(latency_ms=100.0), None, None)
     tower = calibration.TowerCost("k", (1.0, 0.5), (100.0, 60.0), "cubic")
-    c._tower = TowerChoice(2, 0.5, tower, "why", 120.0)
-    c.observe_tower(240.0)  # measured twice the prediction (2 views x 60 ms): halfway there
+    # measured twice the prediction (2 views x 60 ms): halfway there
+    c.observe_tower(TowerChoice(50, 2, 0.5, tower, "why", 120.0), 240.0)
     assert c.tower_scale == pytest.approx(1.5)
     assert tower.view_ms(0.75) == pytest.approx(80.0) and tower.view_ms(0.01) == 60.0
 

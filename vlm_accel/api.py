@@ -18,7 +18,7 @@ from . import methods as _methods
 from .adapters import Adapter, ImageInfo, Segment, adapter_for
 from .adapters.base import call_arguments, cls_attention
 from .budget import Budget
-from .controller import Controller, Plan
+from .controller import Controller, Plan, TowerChoice
 from .encoder_merge import ENCODER_METHODS, NEEDS_FULL_GRID, TowerMerge
 from .kv.compress import KVCompressor
 from .kv.presses import get_press
@@ -129,6 +129,7 @@ class _Pending:
     infos: dict[str, list[ImageInfo]] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     encode_ms: float = 0.0  # the vision tower's time in this forward
+    tower: TowerChoice | None = None  # the merge chosen for this request's tower (latency_ms steering a tome_vit)
 
     def ready(self) -> list[str]:
         return [m for m in self.masks if self.infos.get(m)]
@@ -382,7 +383,7 @@ class Session:
             t0 = time.perf_counter()
             try:
                 if self.steering is not None:  # latency_ms: this request's merge, chosen before the tower runs
-                    self.steering.before_tower(call)
+                    self._pending.tower = self.steering.before_tower(call)
                 if self.tower is not None:  # merging inside the vision tower, for this call only
                     self.tower.begin(call, modality)
                 out = orig(*args, **kwargs)
@@ -873,7 +874,7 @@ class Session:
         for x in located:
             distinct.setdefault(id(x[2]), x)
         self._quotas = self.controller.quotas(
-            list(distinct.values()), self._alive_segments, self._steered, pending.encode_ms, attn, masks
+            list(distinct.values()), self._alive_segments, self._steered, pending.encode_ms, attn, masks, pending.tower
         )
         self.plan = self.controller.plan
         if self.kv is not None and self.budget.memory_gb is not None:
@@ -947,6 +948,8 @@ class Session:
         self._pending = _Pending()
         out = self.adapter.inner.get_image_features(**vision_inputs)
         infos = self._pending.infos.pop("image")
+        if self._pending.tower is not None:  # a steered tower: its measured time corrects the next prediction
+            self.controller.observe_tower(self._pending.tower, self._pending.encode_ms)
         self._pending = _Pending()
         deep = getattr(out, "deepstack_features", None) or []
         result = []

@@ -142,7 +142,6 @@ class Controller:
         self._cost: CostModel | None = None
         self.plan: Plan | None = None
         self.tower_scale = 1.0  # measured / calibrated tower time of the steered requests so far (see observe_tower)
-        self._tower: TowerChoice | None = None  # the coming request's tower merge (tower_keep), until its quotas
 
     @property
     def cost(self) -> CostModel:
@@ -254,11 +253,14 @@ class Controller:
         return totals
 
     # --- the vision tower (a merge inside it) ------------------------------------------------------------------
-    def tower_keep(self, n_text: list[int], n_visual: list[int], views: int, per_view: int, tower: TowerCost) -> int:
+    def tower_keep(
+        self, n_text: list[int], n_visual: list[int], views: int, per_view: int, tower: TowerCost
+    ) -> TowerChoice:
         """Tokens per view the vision tower lets out (``tome_vit``), chosen before the tower runs so that the
         request's predicted prefill meets ``latency_ms``: the most that fit. Predicted: the tower on ``views`` views
         (calibrated ``tower`` cost per view at that merge level, times :attr:`tower_scale`) plus the language model on
-        every row's ``n_text`` text tokens and its share of ``n_visual`` visual placeholders left by the merge.
+        every row's ``n_text`` text tokens and its share of ``n_visual`` visual placeholders left by the merge. The
+        choice belongs to the request: its prefill's :meth:`quotas` take it back (reason, prediction, measured time).
         ``ValueError`` with the nearest reachable value when even one token per view does not fit."""
         cost = self.cost
         bsz = len(n_text)
@@ -285,34 +287,34 @@ class Controller:
             f"predicted {tower_ms:.1f} ms; calibrated per view {tower.describe()}, x{self.tower_scale:.2f} as "
             f"measured), language model predicted {llm_ms:.1f} ms"
         )
-        self._tower = TowerChoice(views, k / per_view, tower, reason, tower_ms + llm_ms)
-        return k
+        return TowerChoice(k, views, k / per_view, tower, reason, tower_ms + llm_ms)
 
-    def observe_tower(self, encode_ms: float) -> None:
-        """After a steered tower ran: move :attr:`tower_scale` halfway to measured / predicted (bounded to 1/4..4),
-        so the next request's choice follows this machine's current speed."""
-        t = self._tower
-        if t is None or encode_ms <= 0:
+    def observe_tower(self, t: TowerChoice, encode_ms: float) -> None:
+        """After the tower chosen by ``t`` ran in ``encode_ms``: move :attr:`tower_scale` halfway to measured /
+        predicted (bounded to 1/4..4), so the next request's choice follows this machine's current speed."""
+        if encode_ms <= 0:
             return
         predicted = t.views * t.cost.view_ms(t.keep)
         if predicted > 0:
             self.tower_scale = min(4.0, max(0.25, 0.5 * self.tower_scale + 0.5 * encode_ms / predicted))
 
     # --- one prefill ----------------------------------------------------------------------------------------
-    def quotas(self, inputs, segments_of, stage, encode_ms: float, attn, masks) -> dict[int, list[int]]:
+    def quotas(
+        self, inputs, segments_of, stage, encode_ms: float, attn, masks, tower: TowerChoice | None = None
+    ) -> dict[int, list[int]]:
         """Per input (``id(info)``) the quota of each of its segments for this prefill; records :attr:`plan`.
 
         ``inputs``: ``(modality, number, info, rows [n], cols [n], features [n, D])`` per distinct input;
         ``segments_of(info)``: its budgeted segments; ``stage``: ``(name, budget)`` of the stage the quotas steer;
-        ``attn`` ``[B, L]`` padding mask or ``None``; ``masks``: per modality the ``[B, L]`` placeholder masks."""
+        ``attn`` ``[B, L]`` padding mask or ``None``; ``masks``: per modality the ``[B, L]`` placeholder masks;
+        ``tower``: the merge :meth:`tower_keep` chose for this request's vision tower, if it was steered."""
         name, own = stage
         plan = Plan(kv_bits=self.budget.kv_bits, kv_max=self.budget.kv_max)
-        tower_steered = self._tower is not None
+        tower_steered = tower is not None
         if tower_steered:  # the tower's merge was chosen for this request (tower_keep)
-            plan.reasons.append(self._tower.reason)
-            plan.predicted_ms = self._tower.predicted_ms
-            self.observe_tower(encode_ms)
-            self._tower = None
+            plan.reasons.append(tower.reason)
+            plan.predicted_ms = tower.predicted_ms
+            self.observe_tower(tower, encode_ms)
         per_row: dict[int, list] = {}  # row -> [(info, its segment count, segment number, plan entry)]
         for m, j, info, rows, _, feats in inputs:
             segs = segments_of(info)
@@ -357,8 +359,9 @@ class Controller:
 
 
 class TowerChoice(NamedTuple):
-    """The merge :meth:`Controller.tower_keep` chose for the coming request's tower."""
+    """The merge :meth:`Controller.tower_keep` chose for one request's tower."""
 
+    tokens: int  # per view, leaving the tower
     views: int
     keep: float  # fraction of each view's tokens leaving the tower
     cost: TowerCost

@@ -15,6 +15,7 @@ import torch
 
 from .budget import Budget
 from .calibration import tower_calibrated
+from .controller import TowerChoice
 
 FASTEST = "front"  # the schedule a target falls back to: halving at every layer (costs accuracy, see the README)
 
@@ -50,12 +51,13 @@ class TowerSteering:
         if torch.is_tensor(ids) and ids.dim() == 2 and token is not None and bool((ids == token).any()):
             self._prompt = (ids, kwargs.get("attention_mask"))
 
-    def before_tower(self, call: dict) -> None:
-        """``call``: the ``get_image_features`` arguments, before the tower runs: set the merge of this request.
-        ``ValueError`` with the nearest reachable value when no schedule meets the target."""
+    def before_tower(self, call: dict) -> TowerChoice | None:
+        """``call``: the ``get_image_features`` arguments, before the tower runs: set the merge of this request and
+        return the choice (the request's prefill reports it), ``None`` for a call without pixels. ``ValueError``
+        with the nearest reachable value when no schedule meets the target."""
         pv = call.get("pixel_values")
         if not torch.is_tensor(pv) or pv.dim() not in (4, 5):
-            return
+            return None
         size = tuple(pv.shape[-2:])
         patch = self.model.config.vision_config.patch_size
         per_view = (size[0] // patch) * (size[1] // patch)
@@ -65,12 +67,12 @@ class TowerSteering:
         for schedule in self.schedules:
             cost = self._cost(size, schedule)
             try:
-                k = self.controller.tower_keep(n_text, n_vis, views, per_view, cost)
+                choice = self.controller.tower_keep(n_text, n_vis, views, per_view, cost)
             except ValueError as e:
                 unmet = e
                 continue
-            self.tower.schedule, self.tower.budget = schedule, Budget(visual=k)
-            return
+            self.tower.schedule, self.tower.budget = schedule, Budget(visual=choice.tokens)
+            return choice
         raise unmet
 
     def _cost(self, size: tuple[int, int], schedule: str):
