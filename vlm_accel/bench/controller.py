@@ -18,6 +18,7 @@ model's video input: ``Budget(tokens=T)`` over the clip's frames vs ``Budget(vis
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import statistics
 import sys
@@ -62,15 +63,20 @@ def _default_inputs(processor, item, images=None) -> dict:
     )
 
 
+def _accelerated(model, budget, method):
+    """``with`` block: the model accelerated at ``budget`` (restored on leaving), or as it is when ``budget`` is None
+    (the full-budget reference); yields the session or None."""
+    return vlm_accel.accelerate(model, budget, method=method) if budget is not None else contextlib.nullcontext()
+
+
 def _score(model, processor, items, budget, method, after=None) -> list[int | None]:
     """1 / 0 per item, ``None`` where the target was unreachable for that request (the controller raised).
     ``after(session)`` runs after every answered item (to read its stats / plan)."""
     from ..zoo import normalize_answer
     from ..zoo.evaluate import answer_batch
 
-    sess = vlm_accel.accelerate(model, budget, method=method) if budget is not None else None
-    try:
-        hits = []
+    hits = []
+    with _accelerated(model, budget, method) as sess:
         for it in items:  # one request at a time: a latency target is per request
             try:
                 pred = answer_batch(model, processor, [it["image"]], [it["question"]])[0]
@@ -81,10 +87,7 @@ def _score(model, processor, items, budget, method, after=None) -> list[int | No
             hits.append(int(normalize_answer(pred) == normalize_answer(it["answer"])))
             if after is not None:
                 after(sess)
-        return hits
-    finally:
-        if sess is not None:
-            sess.restore()
+    return hits
 
 
 def _retained(hits: list[int | None], full_hits: list[int]) -> dict:
@@ -201,18 +204,13 @@ def allocation(n: int, totals, method: str) -> list[dict]:
         cases.append((processor(images=imgs, text=[q], return_tensors="pt"), it["answer"]))
 
     def score(budget) -> float:
-        sess = vlm_accel.accelerate(model, budget, method=method) if budget is not None else None
-        try:
-            hits = 0
-            with torch.no_grad():
-                for inputs, answer in cases:
-                    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-                    pred = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-                    hits += normalize_answer(pred) == normalize_answer(answer)
-            return hits / len(cases)
-        finally:
-            if sess is not None:
-                sess.restore()
+        hits = 0
+        with _accelerated(model, budget, method), torch.no_grad():
+            for inputs, answer in cases:
+                out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+                pred = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                hits += normalize_answer(pred) == normalize_answer(answer)
+        return hits / len(cases)
 
     return _split_rows(totals, score, parts=2, what="allocation")
 
@@ -237,12 +235,8 @@ def allocation_clips(n: int, totals, method: str, model_dir: str | None, frames:
     ]
 
     def accuracy(budget) -> float:
-        sess = vlm_accel.accelerate(model, budget, method=method) if budget is not None else None
-        try:
+        with _accelerated(model, budget, method):
             hits = score(model, processor, items, "full" if budget is None else f"tokens={budget.tokens or '-'}")
-        finally:
-            if sess is not None:
-                sess.restore()
         return sum(hits) / len(hits)
 
     return _split_rows(totals, accuracy, parts=frames, what="allocation-clips")
