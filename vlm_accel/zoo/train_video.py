@@ -485,6 +485,7 @@ def train(args) -> None:
         ii = ii.tolist()
         seqs, heads_rows = [], {0: [], 1: [], 2: []}  # head -> [(b, row, mask over the media tokens)]
         answer_w = []
+        pos_rows = []  # (b, row, (x, y) target of the answer row's read after the supervised layer; nan: none)
         clips = [data.clip(i) for i in ci]
         clips = [reverse_clip(*c) if c[3]["kind"] in REVERSIBLE and rng.random() < args.reverse_p else c for c in clips]
         cf, cl, c8, cm = zip(*clips, strict=True)
@@ -499,6 +500,10 @@ def train(args) -> None:
                     answer_w.append((b, row + 1, args.color_w))
                 elif q["type"] == "move":
                     answer_w.append((b, row + 1, args.move_w))
+                    if args.pos_read > 0:
+                        tr, idx = _tracks(meta)[q["objs"][0]], meta["index"]
+                        (x0, y0), (x1, y1) = tr.pos(idx[0]), tr.pos(idx[-1])
+                        pos_rows.append((b, row, (2 * POS_SCALE * (x1 - x0), 2 * POS_SCALE * (y1 - y0))))
             seqs.append(s)
         imf, ims, iml, imo = zip(*[data.image(i) for i in ii], strict=True) if ii else ((), (), (), ())
         for j, (objs, labs, size) in enumerate(zip(imo, iml, ims, strict=True)):
@@ -515,10 +520,13 @@ def train(args) -> None:
             tl = image_token_labels(model, labs, size)
             s = Seq(tok, cfg.image_token_index, len(tl), [(q["question"], q["answer"]) for q in qs], tcache)
             for q, row in zip(qs, s.rows, strict=True):
-                if q.get("obj", -1) >= 0:
+                if q.get("obj", -1) >= 0:  # the late head reads the named object (the early one is free: see pos_rows)
                     m = tl == q["obj"]
-                    heads_rows[0].append((b, row, s.media_start, m))
                     heads_rows[1].append((b, row, s.media_start, m))
+                    if args.pos_read == 0:
+                        heads_rows[0].append((b, row, s.media_start, m))
+                if q["type"] == "side" and args.pos_read > 0:
+                    pos_rows.append((b, row, (POS_SCALE * (2 * objs[q["obj"]][2] - 1), float("nan"))))
                 words = q["question"].lower().replace("?", " ").split()
                 shape = next((w for w in words if w in SHAPES), None)
                 if shape is not None:
@@ -592,7 +600,20 @@ def train(args) -> None:
                     )
                 )
         loss_att = torch.stack(latt).mean() if latt else torch.zeros(())
-        loss = loss_qa + args.aux * la + args.att * loss_att
+        # the supervised layer's output at the answer row, read along right - left / down - up: a move's displacement
+        # (late head minus early head), an image object's side (its position minus the centre)
+        loss_pos = torch.zeros(())
+        if pos_rows:
+            dirs = torch.stack(
+                [emb.weight[side_ids[1]] - emb.weight[side_ids[0]], emb.weight[vert_ids[1]] - emb.weight[vert_ids[0]]],
+                -1,
+            )
+            hid = out.hidden_states[args.att_layer + 1].float()
+            read = torch.stack([hid[b, r] for b, r, _ in pos_rows]) @ dirs.float()
+            tgt_xy = torch.tensor([t for _, _, t in pos_rows])
+            on = ~tgt_xy.isnan()
+            loss_pos = F.smooth_l1_loss(read[on], tgt_xy[on])
+        loss = loss_qa + args.aux * la + args.att * loss_att + args.pos_read * loss_pos
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -601,12 +622,13 @@ def train(args) -> None:
         step += 1
         if step % 10 == 0:
             log.info(
-                "step %d loss %.4f qa %.4f aux %.4f att %.4f lr %.2e  %.2f s/step (clips %d, images %d)",
+                "step %d loss %.4f qa %.4f aux %.4f att %.4f pos %.4f lr %.2e  %.2f s/step (clips %d, images %d)",
                 step,
                 loss.item(),
                 loss_qa.item(),
                 la.item(),
                 loss_att.item(),
+                loss_pos.item(),
                 opt.param_groups[0]["lr"],
                 (time.time() - t_log) / 10,
                 data.n_clips,
@@ -796,6 +818,7 @@ def main() -> None:
     t.add_argument("--move-w", type=float, default=2.0, help="loss weight of move answers")
     t.add_argument("--reverse-p", type=float, default=0.5, help="reverse a move / appear / disappear / change clip")
     t.add_argument("--kind-w", default="move=2,appear=1.5,order=1.5", help="clip sampling weights by kind")
+    t.add_argument("--pos-read", type=float, default=0.1, help="weight of the answer-row position read (0: off)")
     t.add_argument("--max-q", type=int, default=10)
     t.add_argument("--n-exists", type=int, default=2)
     t.add_argument("--describe-p", type=float, default=0.3)
