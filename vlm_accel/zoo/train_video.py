@@ -600,6 +600,24 @@ def train(args) -> None:
                     )
                 )
         loss_att = torch.stack(latt).mean() if latt else torch.zeros(())
+        # a temporal head: a token of a later frame attends to its own cell in frame 0 (what was there at the start),
+        # so the layers above can see what appeared (own object, background before) and what vanished (background,
+        # an object before)
+        loss_tmp = torch.zeros(())
+        if args.temporal > 0:
+            t_layer, t_head = args.temporal_head
+            rows, tg = [], []
+            for b in range(len(ci)):
+                start = seqs[b].media_start
+                frames = torch.randint(1, FRAMES, (args.temporal_rows,), generator=g).tolist()
+                cells = torch.randint(0, 64, (args.temporal_rows,), generator=g).tolist()
+                for f, c in zip(frames, cells, strict=True):
+                    rows.append((b, start + f * 64 + c))
+                    t = torch.zeros(L, dtype=torch.bool)
+                    t[start + c] = True
+                    tg.append(t)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                loss_tmp = attention_target_loss(lm, out.hidden_states[t_layer], pos, mask, rows, tg, t_layer, [t_head])
         # the supervised layer's output at the answer row, read along right - left / down - up: a move's displacement
         # (late head minus early head), an image object's side (its position minus the centre)
         loss_pos = torch.zeros(())
@@ -613,7 +631,7 @@ def train(args) -> None:
             tgt_xy = torch.tensor([t for _, _, t in pos_rows])
             on = ~tgt_xy.isnan()
             loss_pos = F.smooth_l1_loss(read[on], tgt_xy[on])
-        loss = loss_qa + args.aux * la + args.att * loss_att + args.pos_read * loss_pos
+        loss = loss_qa + args.aux * la + args.att * loss_att + args.pos_read * loss_pos + args.temporal * loss_tmp
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -622,13 +640,14 @@ def train(args) -> None:
         step += 1
         if step % 10 == 0:
             log.info(
-                "step %d loss %.4f qa %.4f aux %.4f att %.4f pos %.4f lr %.2e  %.2f s/step (clips %d, images %d)",
+                "step %d loss %.4f qa %.4f aux %.4f att %.4f pos %.4f tmp %.4f lr %.2e  %.2f s/step (clips %d, images %d)",  # noqa: E501
                 step,
                 loss.item(),
                 loss_qa.item(),
                 la.item(),
                 loss_att.item(),
                 loss_pos.item(),
+                loss_tmp.item(),
                 opt.param_groups[0]["lr"],
                 (time.time() - t_log) / 10,
                 data.n_clips,
@@ -819,6 +838,9 @@ def main() -> None:
     t.add_argument("--reverse-p", type=float, default=0.5, help="reverse a move / appear / disappear / change clip")
     t.add_argument("--kind-w", default="move=2,appear=1.5,order=1.5", help="clip sampling weights by kind")
     t.add_argument("--pos-read", type=float, default=0.1, help="weight of the answer-row position read (0: off)")
+    t.add_argument("--temporal", type=float, default=0.3, help="weight of the temporal head's attention (0: off)")
+    t.add_argument("--temporal-head", type=int, nargs=2, default=(0, 3), help="its layer and head")
+    t.add_argument("--temporal-rows", type=int, default=32, help="video tokens supervised per clip and step")
     t.add_argument("--max-q", type=int, default=10)
     t.add_argument("--n-exists", type=int, default=2)
     t.add_argument("--describe-p", type=float, default=0.3)
