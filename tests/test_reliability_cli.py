@@ -66,13 +66,20 @@ def test_bad_frames_blame_the_argument_not_the_file(capsys, tmp_path, frames):
 
 
 def test_budget_1_is_one_token_as_in_the_library(capsys, caplog):
-    """``--budget 1`` keeps one visual token (an int is a count everywhere) and warns how to keep all; ``1.0`` keeps
-    all (no acceleration)."""
+    """``--budget 1`` keeps one visual token per image / view (an int is a count everywhere) and warns how to keep
+    all; ``1.0`` keeps all (no acceleration)."""
+    from test_zoo import image_views, kept_tokens
+
+    import vlm_accel
+
+    model, processor = vlm_accel.load_default()
+    n, views = image_views(model, processor, zoo.load_image(SAMPLE))  # one view (LLaVA) or base + aspect (anyres)
     with caplog.at_level(logging.INFO, logger="vlm_accel.cli"):
         rc, out, _ = run_cli(capsys, "ask", SAMPLE, "What shape is in the image?", "--budget", "1")
     assert rc == 0 and out.strip()
     messages = [r.getMessage() for r in caplog.records]
-    assert "visual tokens kept: 1 of 256" in messages
+    assert kept_tokens(1, n, views) == len(views)
+    assert f"visual tokens kept: {len(views)} of {n}" in messages
     assert any("--budget 1.0" in m for m in messages if "ONE visual token" in m)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="vlm_accel.cli"):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +14,42 @@ from vlm_accel.zoo import render
 
 HAVE_WEIGHTS = (zoo.DEFAULT_DIR / "model.safetensors").is_file()
 needs_weights = pytest.mark.usefixtures("default_model")  # committed weights: a missing file fails, not skips
+# Exact answers are asserted for the model that ships (vlm_accel/zoo/default). A model given by VLM_ACCEL_MODEL (e.g.
+# an interim export of the next default, still training) is checked for everything but its answers.
+SHIPPED = Path(os.environ.get("VLM_ACCEL_MODEL") or zoo.DEFAULT_DIR).resolve() == zoo.DEFAULT_DIR.resolve()
+shipped_answers = pytest.mark.skipif(not SHIPPED, reason="VLM_ACCEL_MODEL: answers are fixed for the shipped model")
+
+
+def image_views(model, processor, image) -> tuple[int, list[int]]:
+    """``(placeholders, budgeted views)`` of one image as the processor and the model lay it out: a LLaVA image is
+    one view of its placeholders; a LLaVA-OneVision (anyres) image a base view of the tower's square grid and the
+    aspect view without its row newlines (structural tokens: never budgeted, dropped with the pruned ones)."""
+    inputs = processor(
+        images=image, text=zoo.build_prompt(processor, "What shape is in the image?"), return_tensors="pt"
+    )
+    n = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    if "image_sizes" not in inputs:
+        return n, [n]
+    with torch.no_grad():
+        packed = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"].to(model.dtype), image_sizes=inputs["image_sizes"]
+        ).pooler_output[0]
+    assert packed.shape[0] == n  # the processor's placeholders are the model's tokens
+    newlines = int((packed == model.model.image_newline.to(packed.dtype)).all(-1).sum())
+    vc = model.config.vision_config
+    base = (vc.image_size // vc.patch_size) ** 2
+    return n, [base, n - base - newlines]
+
+
+def kept_tokens(budget, n: int, views: list[int]) -> int:
+    """Visual tokens ``accelerate(budget=...)`` keeps of an image of ``n`` placeholders in ``views``: per view
+    ``max(1, round(budget * size))`` for a fraction, ``budget`` per image-sized unit for a count (vlm_accel.budget);
+    every placeholder when no view is reduced."""
+    quotas = [
+        min(v, max(1, round(budget * v)) if isinstance(budget, float) else budget * max(1, round(v / views[0])))
+        for v in views
+    ]
+    return n if all(q >= v for q, v in zip(quotas, views, strict=True)) else sum(quotas)
 
 
 def test_weights_are_packaged():
@@ -72,11 +111,21 @@ def test_heldout_balanced_and_valid():
 
 @needs_weights
 def test_standard_flow_offline(default_model):
+    """A stock transformers class and processor: apply_chat_template -> processor -> generate, with the DINOv2
+    tower's >= 196 visual tokens per image (the processor's placeholders are exactly the model's tokens)."""
     model, processor = default_model
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        LlavaForConditionalGeneration,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionProcessor,
+        LlavaProcessor,
+    )
 
-    assert isinstance(model, LlavaForConditionalGeneration)
-    assert isinstance(processor, LlavaProcessor)
+    stock = {
+        LlavaForConditionalGeneration: LlavaProcessor,
+        LlavaOnevisionForConditionalGeneration: LlavaOnevisionProcessor,
+    }
+    assert type(model) in stock and isinstance(processor, stock[type(model)])
     assert model.config.vision_config.model_type == "dinov2"
     img = zoo.render_scene(0, "heldout").image
     prompt = processor.apply_chat_template(
@@ -84,19 +133,22 @@ def test_standard_flow_offline(default_model):
         add_generation_prompt=True,
     )
     inputs = processor(images=img, text=prompt, return_tensors="pt")
-    assert inputs["pixel_values"].shape == (1, 3, 224, 224)
-    assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == 256  # ≥ 196 visual tokens
-    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert inputs["pixel_values"].shape[0] == 1 and inputs["pixel_values"].shape[-3:] == (3, 224, 224)
+    n, views = image_views(model, processor, img)
+    assert views[0] == 256 and sum(views) <= n  # the whole image at 224 px: 16 x 16 tokens, then any other view
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     ans = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert zoo.normalize_answer(ans) == str(len(zoo.render_scene(0, "heldout").objects))
+    if SHIPPED:
+        assert zoo.normalize_answer(ans) == str(len(zoo.render_scene(0, "heldout").objects))
+    else:
+        assert zoo.normalize_answer(ans) in ("1", "2", "3", "4")  # a count, whichever (VLM_ACCEL_MODEL)
 
 
 @needs_weights
-def test_no_center_crop():
-    from transformers import AutoProcessor
-
-    proc = AutoProcessor.from_pretrained(zoo.DEFAULT_DIR, local_files_only=True)
-    assert not getattr(proc.image_processor, "do_center_crop", False)
+def test_no_center_crop(default_model):
+    _, processor = default_model
+    assert not getattr(processor.image_processor, "do_center_crop", False)
 
 
 @needs_weights
@@ -115,6 +167,7 @@ def test_fixed_heldout_answers(default_model):
 
 
 @needs_weights
+@shipped_answers
 def test_bundled_samples(default_model):
     model, processor = default_model
     for s in zoo.samples():
@@ -133,19 +186,35 @@ def test_ask_bad_image(default_model, tmp_path):
 
 
 @needs_weights
-@pytest.mark.parametrize("budget,kept", [(0.33, 84), (0.11, 28), (64, 64), (1.0, 256)])
-def test_accelerate_keeps_promised_tokens(default_model, budget, kept):
-    """accelerate() on the embedded model keeps exactly the budgeted tokens, still answers the bundled samples at a
-    third of the tokens, and restores exactly."""
+@pytest.mark.parametrize("budget", [0.33, 0.11, 64, 1.0])
+def test_accelerate_keeps_promised_tokens(default_model, budget):
+    """accelerate() on the embedded model keeps exactly the budgeted tokens (per view, as the processor lays the
+    image out), still answers the bundled samples at a third of the tokens, and restores exactly."""
     import vlm_accel
 
     model, processor = default_model
     item = zoo.samples()[0]
+    n, views = image_views(model, processor, zoo.load_image(item["path"]))
+    kept = kept_tokens(budget, n, views)
+    assert kept < n if budget != 1.0 else kept == n
     for method in vlm_accel.methods():
-        with vlm_accel.accelerate(model, budget=budget, method=method) as sess:
-            answer = zoo.ask(model, processor, item["path"], item["question"])
-        assert sess.stats.visual_tokens_in == 256
-        assert sess.stats.visual_tokens_kept == kept
-        if budget == 0.33 and method in ("visionzip", "divprune"):
+        answered = budget == 0.33 and method in ("visionzip", "divprune")
+        with vlm_accel.accelerate(model, budget=budget, method=method) as sess:  # counts: the prefill's (1 token)
+            answer = zoo.ask(model, processor, item["path"], item["question"], max_new_tokens=8 if answered else 1)
+        assert sess.stats.visual_tokens_in == n
+        assert sess.stats.visual_tokens_kept == kept, method
+        if answered:
             assert zoo.normalize_answer(answer) == zoo.normalize_answer(item["answer"])
     assert zoo.normalize_answer(zoo.ask(model, processor, item["path"], item["question"])) == item["answer"]
+
+
+def test_kept_tokens_follows_the_library_rounding():
+    """The expected counts above are the library's per-segment quota (``Budget.visual_quota``), not a copy of it."""
+    from vlm_accel.budget import Budget
+
+    for budget in (0.33, 0.11, 0.004, 64, 1, 1.0):
+        for views in ([256], [256, 256], [256, 192], [256, 80]):
+            want = [Budget.of(budget).visual_quota(v, max(1, round(v / views[0]))) for v in views]
+            reduced = any(q < v for q, v in zip(want, views, strict=True))
+            n = sum(views) + 16
+            assert kept_tokens(budget, n, views) == (sum(want) if reduced else n), (budget, views)

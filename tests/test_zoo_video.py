@@ -15,8 +15,10 @@ from vlm_accel.zoo import onevision
 
 @pytest.fixture(scope="module")
 def image_model():
+    """The trained image model the OneVision form is built from (``onevision.from_image_model``'s source: the
+    packaged directory, whatever ``VLM_ACCEL_MODEL`` says)."""
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    return zoo.load_default()
+    return zoo.load_default(zoo.DEFAULT_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +144,21 @@ def test_ask_bad_media(ov, tmp_path):
         zoo.ask(model, processor, Image.new("RGB", (32, 32)), " ")
 
 
-def test_ask_video_on_an_image_only_model_streams_frames(image_model, clip_file):
-    model, processor = image_model
+def test_ask_video_on_an_image_only_model_streams_frames(clip_file):
+    """A model without a video input (a tiny LLaVA shaped like the image default) gets the sampled frames as a
+    stream of images: ``ask`` answers what ``ask_video`` answers on those frames."""
+    from vlm_accel.video.stream import ask_video
+
+    import tiny
+
+    model, processor = tiny.build_default_like()
     assert not zoo.has_video_input(model, processor)
     path, item = clip_file
-    assert isinstance(zoo.ask(model, processor, path, item["question"], num_frames=4), str)
+    answer = zoo.ask(model, processor, path, item["question"], num_frames=4)
+    frames = load(path, num_frames=4).frames
+    clip = Video(frames, np.arange(len(frames), dtype=float), 1.0, str(path))
+    want, stats = ask_video(model, processor, clip, item["question"], max_new_tokens=8)
+    assert isinstance(answer, str) and answer == want.strip() and stats.frames_seen == 4
 
 
 def test_load_model_routes_zoo_directories(ov_dir):
@@ -189,6 +201,8 @@ def test_cli_ask_video_goes_through_the_video_input(ov, ov_dir, clip_file, capsy
 
 
 def test_demo_video_tab_goes_through_the_video_input(ov, clip_file):
+    """The demo's video tab answers what ``zoo.ask`` answers under the same budget (its frame cache at threshold 0
+    changes no answer) and shows each sampled frame with the tokens kept of it."""
     import vlm_accel
     from vlm_accel.demo import Demo
 
@@ -201,7 +215,12 @@ def test_demo_video_tab_goes_through_the_video_input(ov, clip_file):
         assert answer == zoo.ask(model, processor, path, item["question"])
     assert info["visual tokens"] == f"{sess.stats.visual_tokens_kept} of {8 * 64 + 1}"
     assert info["method"] == "temporal" and info["frames sampled"] == 8 == len(gallery)
-    np.testing.assert_array_equal(np.asarray(gallery[-1][0]), load(path, num_frames=8).frames[-1])
+    assert info["frames encoded"] + info["frames reused (frame cache)"] == 8
+    counts = [int(caption.split(", ")[-1].split(": ")[-1].split()[0]) for _, caption in gallery]  # "N tokens kept"
+    assert sum(counts) == sess.stats.visual_tokens_kept
+    for (image, _), frame in zip(gallery, load(path, num_frames=8).frames, strict=True):  # the sampled frames,
+        shown, frame = np.asarray(image, np.int32)[4:-4, 4:-4], frame.astype(np.int32)[4:-4, 4:-4]  # border aside
+        assert np.all((shown == frame) | (shown == (frame * 0.25).astype(np.int32)))  # dropped tokens dimmed
     with pytest.raises(ValueError, match="no video"):
         Demo(model, processor).answer_video(None, "What shape disappears?")
 

@@ -36,7 +36,8 @@ class Demo:
     @torch.no_grad()
     def answer_image(self, image, question: str, budget: float = 0.33, method: str = "auto"):
         """``(full answer, accelerated answer, overlay, stats)``. The overlay dims the patches the method dropped
-        (square token grids, e.g. LLaVA-1.5 / the default model, and Qwen grids; anyres images are shown as is)."""
+        (square token grids, e.g. LLaVA-1.5 / the default model, and Qwen grids; anyres images (LLaVA-NeXT /
+        OneVision): the base view's tokens, the whole image at the tower's resolution)."""
         image = load_image(image)
         t0 = time.perf_counter()
         full = ask(self.model, self.processor, image, question, self.max_new_tokens)
@@ -68,27 +69,34 @@ class Demo:
 
     def _overlay(self, sess, image: Image.Image, question: str) -> Image.Image:
         inputs = self.processor(images=image, text=build_prompt(self.processor, question), return_tensors="pt")
-        vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
-        if "image_sizes" in inputs:  # anyres: base view and crops have no single grid to draw
-            return image
+        vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes") if k in inputs}
         vision["pixel_values"] = vision["pixel_values"].to(self.model.device, self.model.dtype)
         enc = sess.encode_images(detailed=True, **vision)[0]
         n = int((inputs["input_ids"] == self.model.config.image_token_id).sum())
-        if "image_grid_thw" in vision:
+        index = enc.index.cpu()
+        if "image_sizes" in vision:  # anyres: the base view (the whole image squashed to the tower's square) first
+            vc = self.model.config.vision_config
+            side = vc.image_size // vc.patch_size
+            gh = gw = side
+            index = index[index < side * side]
+        elif "image_grid_thw" in vision:
             merge = self.model.config.vision_config.spatial_merge_size
             _, gh, gw = (int(v) for v in vision["image_grid_thw"][0])
             gh, gw = gh // merge, gw // merge
         else:
             gh = gw = math.isqrt(n)
-        if gh * gw != n:
+        if gh * gw > n or ("image_sizes" not in vision and gh * gw != n):
             return image
-        return dim_dropped(image, enc.index.cpu(), (gh, gw))
+        return dim_dropped(image, index, (gh, gw))
 
     def answer_video(self, path, question: str, budget: float = 0.33, method: str = "auto", frames: int = 8):
-        """``(answer, stats, gallery)``: ``frames`` frames streamed as images, each reduced to ``budget``.
+        """``(answer, stats, gallery)``: ``frames`` frames sampled uniformly, each reduced to ``budget``; a model with
+        a video input (LLaVA-OneVision, Qwen-VL) gets them through it, an image-only model as a stream of images.
 
         ``gallery``: per sampled frame ``(image, caption)``, the dropped tokens dimmed (single-view token grids), a
-        frame reused from the frame cache framed in orange and captioned so."""
+        frame reused from the frame cache (threshold 0: exact repeats) framed in orange and captioned so. ``stats``:
+        frames sampled / encoded / reused from the frame cache, and the visual tokens kept (video input: of the
+        clip's tokens) or held in the stream (image-only)."""
         from .video import ask_video
         from .zoo import has_video_input
 
@@ -124,25 +132,99 @@ class Demo:
     @torch.no_grad()
     def _answer_video_input(self, path, question: str, budget: float, method: str, frames: int):
         """A model with a video input (LLaVA-OneVision, Qwen-VL): ``frames`` frames sampled uniformly go through it
-        (``zoo.ask``), reduced to ``budget`` per frame; the gallery shows the sampled frames."""
+        (``zoo.ask``), reduced to ``budget`` per frame, with the frame cache at threshold 0 (a frame equal to the
+        last encoded one reuses its features). The gallery shows each sampled frame with the tokens the language
+        model dropped dimmed, a frame reused from the frame cache framed in orange."""
         from .video import load
+        from .zoo import load_media
 
         clip = load(path, num_frames=frames)  # a clear ValueError naming the file before any model work
-        with accelerate(self.model, budget=budget, method=method) as sess:
+        _, images = load_media(clip, frames)  # what ``ask`` gives the processor
+        prompt = build_prompt(self.processor, question, "video")
+        inputs = self.processor(videos=[images], text=prompt, return_tensors="pt")
+        with accelerate(self.model, budget=budget, method=method, frame_cache=VIDEO_FRAME_CACHE) as sess:
             answer = ask(self.model, self.processor, clip, question, self.max_new_tokens, num_frames=frames)
-            stats = sess.stats
-        gallery = [
-            (Image.fromarray(f), f"frame {i + 1} (t = {t:.2f} s)")
-            for i, (f, t) in enumerate(zip(clip.frames, clip.timestamps, strict=True))
-        ]
+            stats, trace = sess.stats, sess.trace
+            reused = _reused_units(sess, inputs, self.model.dtype)
+        if reused is not None and len(reused) - sum(reused) != stats.frames_encoded:
+            logger.warning("demo: the frame cache encoded %d frames, not %d", stats.frames_encoded, reused.count(False))
+            reused = None
+        units = _video_units(self.model, inputs, trace)
+        gallery = []
+        for i, (f, t) in enumerate(zip(clip.frames, clip.timestamps, strict=True)):
+            image, caption = Image.fromarray(f), f"frame {i + 1} (t = {t:.2f} s)"
+            if units is not None:
+                u = min(i * len(units) // len(clip.frames), len(units) - 1)  # Qwen: a unit spans 2 frames
+                kept, grid = units[u]
+                image = dim_dropped(image, kept, grid)
+                caption = f"frame {i + 1}: {kept.numel()} tokens kept"
+                if reused is not None and reused[u]:
+                    image = mark_reused(image)
+                    caption = f"frame {i + 1}: reused from the frame cache, {kept.numel()} tokens kept"
+            gallery.append((image, caption))
         info = {
             "input": "the model's video input",
             "method": sess.method_name,
             "budget per frame": budget,
             "frames sampled": len(clip.frames),
+            "frames encoded": stats.frames_encoded,
+            "frames reused (frame cache)": stats.frames_in - stats.frames_encoded,
             "visual tokens": f"{stats.visual_tokens_kept} of {stats.visual_tokens_in}",
         }
         return answer, info, gallery
+
+
+VIDEO_FRAME_CACHE = 0.0  # the video tab's frame-cache threshold: exact repeats only (changes no answer)
+
+
+def _reused_units(sess, inputs, dtype) -> list[bool] | None:
+    """Per encoding unit of the video in ``inputs`` (a frame; a temporal patch for Qwen), whether the session's frame
+    cache reused an earlier unit's features: the cache's own rule (``frames_match`` against the last encoded unit)
+    replayed on the same pixels, as the cache does not report which units it reused."""
+    from .video.cache import frames_match
+
+    cache = sess.frame_cache
+    if cache is None:
+        return None
+    call = {k: inputs[k] for k in ("pixel_values_videos", "video_grid_thw") if k in inputs}
+    call["pixel_values_videos"] = call["pixel_values_videos"].to(dtype)
+    out, ref = [], None
+    for unit in cache.adapter.video_frames(call)[0]:
+        hit = ref is not None and frames_match(unit.pixels, ref, cache.threshold)
+        ref = ref if hit else unit.pixels
+        out.append(hit)
+    return out
+
+
+def _video_units(model, inputs, trace) -> list[tuple[torch.Tensor, tuple[int, int]]] | None:
+    """Per encoding unit of the one video in ``inputs`` (a frame; a temporal patch for Qwen): the flat indices of
+    its tokens the language model's last layer processed (``trace``), and its token grid ``(h, w)``.
+
+    The video's placeholders in the prompt are its units' tokens in order, ``h * w`` each, then any structural ones
+    (LLaVA-OneVision's trailing newline). ``None`` when the layout does not fit that."""
+    if trace is None:
+        return None
+    cfg = model.config
+    video_id = getattr(cfg, "video_token_id", None)
+    video_id = getattr(cfg, "video_token_index", None) if video_id is None else video_id
+    where = (inputs["input_ids"][0] == video_id).nonzero().flatten()
+    if "video_grid_thw" in inputs:
+        merge = cfg.vision_config.spatial_merge_size
+        n_units, gh, gw = (int(v) for v in inputs["video_grid_thw"][0])
+        grid = (gh // merge, gw // merge)
+    else:
+        n_units = inputs["pixel_values_videos"].shape[1]
+        side = math.isqrt(where.numel() // max(n_units, 1))
+        grid = (side, side)
+    per = grid[0] * grid[1]
+    if per == 0 or n_units * per > where.numel() or where.numel() - n_units * per > n_units:
+        return None
+    index = trace.output_index if trace.output_index is not None else trace.index
+    valid = trace.output_valid if trace.output_valid is not None else trace.valid
+    kept_pos = index[0][valid[0].bool()].cpu()
+    local = torch.searchsorted(where, kept_pos).clamp(max=where.numel() - 1)  # place among the video's placeholders
+    local = local[(where[local] == kept_pos) & (local < n_units * per)]
+    return [(local[(local >= u * per) & (local < (u + 1) * per)] - u * per, grid) for u in range(n_units)]
 
 
 def comparison_table(full: str, fast: str, tokens_in: int, tokens_kept: int, t_full: float, t_fast: float):
