@@ -20,10 +20,12 @@ def test_frame_cache_exact_and_saves_on_static_clip(models, family):
         with vlm_accel.accelerate(model, budget=1.0, frame_cache=0.0) as sess:
             out_static = model(**static).logits
             s_static = (sess.stats.frames_in, sess.stats.frames_encoded)
+            reused = sess.frame_cache.stats.reused  # per video: which units took the cached features
             out_moving = model(**moving).logits
             s_moving = (sess.stats.frames_in, sess.stats.frames_encoded)
     assert torch.equal(out_static, ref_static) and torch.equal(out_moving, ref_moving)  # bit-identical features
     assert s_static == (8, 2)  # one frame encoded per static clip
+    assert reused == [[False, True, True, True], [False, True, True, True]]
     assert s_moving == (8, 8)
 
 

@@ -145,10 +145,7 @@ class Demo:
         with accelerate(self.model, budget=budget, method=method, frame_cache=VIDEO_FRAME_CACHE) as sess:
             answer = ask(self.model, self.processor, clip, question, self.max_new_tokens, num_frames=frames)
             stats, trace = sess.stats, sess.trace
-            reused = _reused_units(sess, inputs, self.model.dtype)
-        if reused is not None and len(reused) - sum(reused) != stats.frames_encoded:
-            logger.warning("demo: the frame cache encoded %d frames, not %d", stats.frames_encoded, reused.count(False))
-            reused = None
+            reused = sess.frame_cache.stats.reused[0] if sess.frame_cache is not None else None
         units = _video_units(self.model, inputs, trace)
         gallery = []
         for i, (f, t) in enumerate(zip(clip.frames, clip.timestamps, strict=True)):
@@ -175,25 +172,6 @@ class Demo:
 
 
 VIDEO_FRAME_CACHE = 0.0  # the video tab's frame-cache threshold: exact repeats only (changes no answer)
-
-
-def _reused_units(sess, inputs, dtype) -> list[bool] | None:
-    """Per encoding unit of the video in ``inputs`` (a frame; a temporal patch for Qwen), whether the session's frame
-    cache reused an earlier unit's features: the cache's own rule (``frames_match`` against the last encoded unit)
-    replayed on the same pixels, as the cache does not report which units it reused."""
-    from .video.cache import frames_match
-
-    cache = sess.frame_cache
-    if cache is None:
-        return None
-    call = {k: inputs[k] for k in ("pixel_values_videos", "video_grid_thw") if k in inputs}
-    call["pixel_values_videos"] = call["pixel_values_videos"].to(dtype)
-    out, ref = [], None
-    for unit in cache.adapter.video_frames(call)[0]:
-        hit = ref is not None and frames_match(unit.pixels, ref, cache.threshold)
-        ref = ref if hit else unit.pixels
-        out.append(hit)
-    return out
 
 
 def _video_units(model, inputs, trace) -> list[tuple[torch.Tensor, tuple[int, int]]] | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +43,7 @@ class Frame:
 class FrameStats:
     frames_in: int = 0
     frames_encoded: int = 0
+    reused: list[list[bool]] = field(default_factory=list)  # per video, per unit: features taken from the cache
 
 
 class FrameCache:
@@ -74,18 +75,19 @@ class FrameCache:
             videos = self.adapter.video_frames(call)
             self.stats = FrameStats()  # per call
             # plan: every frame either is encoded or points at an earlier encoded frame
-            plan, todo = [], []
+            plan, todo, reused = [], [], []
             ref_pix, ref_slot = (self._ref[0], -1) if self._ref is not None else (None, None)
             for frames in videos:
-                row = []
+                row, hits = [], []
                 for frame in frames:
-                    if ref_pix is not None and frames_match(frame.pixels, ref_pix, self.threshold):
-                        row.append(ref_slot)
-                    else:
+                    hit = ref_pix is not None and frames_match(frame.pixels, ref_pix, self.threshold)
+                    if not hit:
                         todo.append(frame)
                         ref_pix, ref_slot = frame.pixels, len(todo) - 1
-                        row.append(ref_slot)
+                    row.append(ref_slot)
+                    hits.append(hit)
                 plan.append(row)
+                reused.append(hits)
             prev = self._ref[1] if self._ref is not None else None  # features of the reference from an earlier call
             encoded = self.adapter.encode_frames(orig, todo, call) if todo else []
             if todo:
@@ -93,6 +95,7 @@ class FrameCache:
             per_video = [[encoded[i] if i >= 0 else prev for i in row] for row in plan]
             self.stats.frames_in = sum(len(r) for r in plan)
             self.stats.frames_encoded = len(todo)
+            self.stats.reused = reused
             return self.adapter.assemble_video(per_video, call)
 
         return get_video_features
