@@ -147,3 +147,14 @@ def test_a_clip_played_backwards_asks_the_reversed_questions(kind):
             assert q2["change"] == q1["change"]
         n0 = sum(t.present(0) for t in back)
         assert q2["count"] == str(sum(t.present(T - 1) for t in back)) and n0 == sum(t.present(T - 1) for t in fwd)
+
+
+def test_image_turns_add_up_down_questions_about_uniquely_named_objects():
+    from vlm_accel.zoo.train_video import image_turns
+
+    objs = [("circle", "red", 0.3, 0.2, 0.2), ("triangle", "blue", 0.7, 0.8, 0.2), ("circle", "green", 0.5, 0.52, 0.2)]
+    objs += [("rectangle", "teal", 0.2, 0.9, 0.1), ("rectangle", "teal", 0.8, 0.1, 0.1)]  # same name: never asked
+    qs = [q for q in image_turns(objs, random.Random(0), 10, 2, vertical=5) if q["type"] == "x_vert"]
+    got = {q["question"]: q["answer"] for q in qs}
+    assert got == {"Is the red circle up or down?": "up", "Is the blue triangle up or down?": "down"}
+    assert all(objs[q["obj"]][1] in q["question"] for q in qs)

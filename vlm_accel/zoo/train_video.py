@@ -350,12 +350,22 @@ def clip_att_targets(meta, q: dict, lab8: torch.Tensor) -> dict[int, torch.Tenso
     return {h: m for h, m in out.items() if m.any()}
 
 
-def image_turns(objs, rng: random.Random, max_q: int, n_exists: int) -> list[dict]:
+def image_turns(objs, rng: random.Random, max_q: int, n_exists: int, vertical: int = 0) -> list[dict]:
+    """Questions of a cached image (``objs``: ``(shape, colour, cx, cy, size)``), at most ``max_q``, plus up to
+    ``vertical`` training-only "Is the <colour> <shape> up or down?" (type ``x_vert``, objects named uniquely and
+    clearly off the middle): the up / down read that ``move`` needs gets many more examples than moving clips give."""
     from .train import _SceneView
 
     qs = questions(_SceneView(objs), rng, n_exists=n_exists, extra=True)
     rng.shuffle(qs)
-    return qs[:max_q]
+    qs = qs[:max_q]
+    names = [(o[1], o[0]) for o in objs]
+    cands = [i for i, o in enumerate(objs) if names.count(names[i]) == 1 and abs(o[3] - 0.5) >= 0.08]
+    for i in rng.sample(cands, min(vertical, len(cands))):
+        shape, color, _, cy, _ = objs[i]
+        q = f"Is the {color} {shape} up or down?"
+        qs.append({"question": q, "answer": "up" if cy < 0.5 else "down", "type": "x_vert", "obj": i})
+    return qs
 
 
 # --------------------------------------------------------------------------------------------------------- train
@@ -508,7 +518,7 @@ def train(args) -> None:
         imf, ims, iml, imo = zip(*[data.image(i) for i in ii], strict=True) if ii else ((), (), (), ())
         for j, (objs, labs, size) in enumerate(zip(imo, iml, ims, strict=True)):
             b = len(ci) + j
-            qs = image_turns(objs, rng, args.max_q, args.n_exists)
+            qs = image_turns(objs, rng, args.max_q, args.n_exists, args.vertical)
             if rng.random() < args.describe_p:
                 from .render import describe
                 from .train import _SceneView
@@ -527,6 +537,8 @@ def train(args) -> None:
                         heads_rows[0].append((b, row, s.media_start, m))
                 if q["type"] == "side" and args.pos_read > 0:
                     pos_rows.append((b, row, (POS_SCALE * (2 * objs[q["obj"]][2] - 1), float("nan"))))
+                if q["type"] == "x_vert" and args.pos_read > 0:
+                    pos_rows.append((b, row, (float("nan"), POS_SCALE * (2 * objs[q["obj"]][3] - 1))))
                 words = q["question"].lower().replace("?", " ").split()
                 shape = next((w for w in words if w in SHAPES), None)
                 if shape is not None:
@@ -836,11 +848,14 @@ def main() -> None:
     t.add_argument("--color-w", type=float, default=2.0)
     t.add_argument("--move-w", type=float, default=2.0, help="loss weight of move answers")
     t.add_argument("--reverse-p", type=float, default=0.5, help="reverse a move / appear / disappear / change clip")
-    t.add_argument("--kind-w", default="move=2,appear=1.5,change=1.5,disappear=1.2", help="clip sampling weights by kind")
+    t.add_argument(
+        "--kind-w", default="move=2,appear=1.5,change=1.5,disappear=1.2", help="clip sampling weights by kind"
+    )
     t.add_argument("--pos-read", type=float, default=0.5, help="weight of the answer-row position read (0: off)")
     t.add_argument("--temporal", type=float, default=0.3, help="weight of the temporal head's attention (0: off)")
     t.add_argument("--temporal-head", type=int, nargs=2, default=(0, 3), help="its layer and head")
     t.add_argument("--temporal-rows", type=int, default=32, help="video tokens supervised per clip and step")
+    t.add_argument("--vertical", type=int, default=2, help="training-only up / down questions per image")
     t.add_argument("--max-q", type=int, default=10)
     t.add_argument("--n-exists", type=int, default=2)
     t.add_argument("--describe-p", type=float, default=0.3)
