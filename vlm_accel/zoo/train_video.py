@@ -824,6 +824,28 @@ def export(args) -> None:
     log.info("exported step %d to %s", state["step"], args.out)
 
 
+def evaluate_checkpoints(args) -> None:
+    """Teacher-forced accuracy of checkpoints on ``--clips`` held-out clips of ``--seed`` (cached once under
+    ``ROOT/feats``; seed 1 and 300 clips: the set the README's third-session table uses)."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from .onevision import load_processor
+
+    torch.set_num_threads(args.threads)
+    init = os.path.join(args.root, "init")
+    path = os.path.join(args.root, "feats", f"clips_eval_s{args.seed}_n{args.clips}.pt")
+    if not os.path.exists(path):
+        cache_eval_clips(Tower(init), args.root, args.clips, seed=args.seed)
+    ev = {"clips": torch.load(path, weights_only=False)}
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    tok = load_processor(init).tokenizer
+    for ck in args.ckpt:
+        state = torch.load(ck, weights_only=False)
+        model.load_state_dict(state["model"], strict=False)
+        acc = evaluate_cached(model, tok, ev)
+        log.info("%s step %d: %s", ck, state["step"], " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sp = ap.add_subparsers(dest="cmd", required=True)
@@ -870,12 +892,20 @@ def main() -> None:
     e.add_argument("--root", default=ROOT)
     e.add_argument("--ckpt", default=None, help="checkpoint file (default ROOT/ckpt/last.pt)")
     e.add_argument("--out", required=True)
+    v = sp.add_parser("eval")
+    v.add_argument("--root", default=ROOT)
+    v.add_argument("--clips", type=int, default=300)
+    v.add_argument("--seed", type=int, default=1)
+    v.add_argument("--threads", type=int, default=1)
+    v.add_argument("ckpt", nargs="+", help="checkpoint files (ROOT/ckpt/*.pt)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.cmd == "cache":
         cache(args)
     elif args.cmd == "train":
         train(args)
+    elif args.cmd == "eval":
+        evaluate_checkpoints(args)
     else:
         export(args)
 
