@@ -634,12 +634,8 @@ def train(args) -> None:
         # (late head minus early head), an image object's side (its position minus the centre)
         loss_pos = torch.zeros(())
         if pos_rows:
-            dirs = torch.stack(
-                [emb.weight[side_ids[1]] - emb.weight[side_ids[0]], emb.weight[vert_ids[1]] - emb.weight[vert_ids[0]]],
-                -1,
-            )
             hid = out.hidden_states[args.att_layer + 1].float()
-            read = torch.stack([hid[b, r] for b, r, _ in pos_rows]) @ dirs.float()
+            read = torch.stack([hid[b, r] for b, r, _ in pos_rows]) @ position_dirs(emb.weight, side_ids, vert_ids)
             tgt_xy = torch.tensor([t for _, _, t in pos_rows])
             on = ~tgt_xy.isnan()
             loss_pos = F.smooth_l1_loss(read[on], tgt_xy[on])
@@ -680,6 +676,12 @@ def train(args) -> None:
         if args.keep_every and step % args.keep_every == 0:
             sd = {k: v for k, v in model.state_dict().items() if not k.startswith("model.vision_tower.")}
             _save({"model": sd, "step": step}, os.path.join(ck_dir, f"step{step:05d}.pt"))
+
+
+def position_dirs(W: torch.Tensor, side_ids: torch.Tensor, vert_ids: torch.Tensor) -> torch.Tensor:
+    """``[H, 2]`` the directions a position is read along: ``right − left`` and ``down − up`` of the (tied) word
+    embeddings ``W`` ``[V, H]`` (``side_ids``: left, right; ``vert_ids``: up, down), fp32."""
+    return torch.stack([W[side_ids[1]] - W[side_ids[0]], W[vert_ids[1]] - W[vert_ids[0]]], -1).float()
 
 
 def _aux_loss(W, vraw, iraw, clip_labels, clip_metas, img_labels, img_objs, col_ids, shp_ids, side_ids, vert_ids):
@@ -727,8 +729,7 @@ def _aux_loss(W, vraw, iraw, clip_labels, clip_metas, img_labels, img_objs, col_
     v = torch.cat(toks)
     pos = torch.stack([torch.cat(xs), torch.cat(ys)], -1)  # [T, 2]
     on = ~pos[:, 0].isnan()
-    dirs = torch.stack([W[side_ids[1]] - W[side_ids[0]], W[vert_ids[1]] - W[vert_ids[0]]], -1)  # [H, 2]
-    read = v[on] @ dirs
+    read = v[on] @ position_dirs(W, side_ids, vert_ids)
     return (
         F.cross_entropy(v @ W[col_ids].T, torch.cat(col))
         + F.cross_entropy(v @ W[shp_ids].T, torch.cat(shp))
