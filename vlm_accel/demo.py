@@ -136,14 +136,13 @@ class Demo:
         last encoded one reuses its features). The gallery shows each sampled frame with the tokens the language
         model dropped dimmed, a frame reused from the frame cache framed in orange."""
         from .video import load
-        from .zoo import load_media
+        from .zoo import answer_inputs, load_media, media_inputs
 
         clip = load(path, num_frames=frames)  # a clear ValueError naming the file before any model work
-        _, images = load_media(clip, frames)  # what ``ask`` gives the processor
-        prompt = build_prompt(self.processor, question, "video")
-        inputs = self.processor(videos=[images], text=prompt, return_tensors="pt")
+        kind, images = load_media(clip, frames)
+        inputs = media_inputs(self.model, self.processor, kind, images, question, self.max_new_tokens)
         with accelerate(self.model, budget=budget, method=method, frame_cache=VIDEO_FRAME_CACHE) as sess:
-            answer = ask(self.model, self.processor, clip, question, self.max_new_tokens, num_frames=frames)
+            answer = answer_inputs(self.model, self.processor, inputs, self.max_new_tokens)
             stats, trace = sess.stats, sess.trace
             reused = sess.frame_cache.stats.reused[0] if sess.frame_cache is not None else None
         units = _video_units(self.model, inputs, trace)
@@ -185,7 +184,7 @@ def _video_units(model, inputs, trace) -> list[tuple[torch.Tensor, tuple[int, in
     cfg = model.config
     video_id = getattr(cfg, "video_token_id", None)
     video_id = getattr(cfg, "video_token_index", None) if video_id is None else video_id
-    where = (inputs["input_ids"][0] == video_id).nonzero().flatten()
+    where = (inputs["input_ids"][0] == video_id).nonzero().flatten().cpu()
     if "video_grid_thw" in inputs:
         merge = cfg.vision_config.spatial_merge_size
         n_units, gh, gw = (int(v) for v in inputs["video_grid_thw"][0])

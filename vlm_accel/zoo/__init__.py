@@ -33,6 +33,7 @@ __all__ = [
     "SAMPLES_DIR",
     "SHAPES",
     "Scene",
+    "answer_inputs",
     "ask",
     "build_prompt",
     "describe",
@@ -41,6 +42,7 @@ __all__ = [
     "load_default",
     "load_image",
     "load_media",
+    "media_inputs",
     "normalize_answer",
     "questions",
     "render_scene",
@@ -187,6 +189,13 @@ def ask(model, processor, media, question: str, max_new_tokens: int = 8, num_fra
         clip = Video(frames, np.arange(len(frames), dtype=float), 1.0, str(media) if isinstance(media, str) else "")
         answer, _stats = ask_video(model, processor, clip, question, max_new_tokens=max_new_tokens)
         return answer.strip()
+    return answer_inputs(model, processor, media_inputs(model, processor, kind, content, question, max_new_tokens))
+
+
+def media_inputs(model, processor, kind: str, content, question: str, max_new_tokens: int = 8):
+    """The processor's inputs for ``question`` about loaded media (``(kind, content)`` of :func:`load_media`; a video
+    through the model's video input) on the model's device and dtype; ``ValueError`` when the prompt plus
+    ``max_new_tokens`` passes the model's context."""
     if kind == "video":
         inputs = processor(videos=[content], text=build_prompt(processor, question, "video"), return_tensors="pt")
     else:
@@ -196,6 +205,11 @@ def ask(model, processor, media, question: str, max_new_tokens: int = 8, num_fra
     for key in ("pixel_values", "pixel_values_videos"):
         if key in inputs:
             inputs[key] = inputs[key].to(model.dtype)
+    return inputs
+
+
+def answer_inputs(model, processor, inputs, max_new_tokens: int = 8) -> str:
+    """Greedy answer (stripped text) to the prompt in ``inputs`` (:func:`media_inputs`)."""
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
