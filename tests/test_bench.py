@@ -92,3 +92,32 @@ def test_controller_allocation_on_clips_runner():
     model, processor = loaded
     with pytest.raises(ValueError, match="video input"):
         controller.allocation_clips(n=1, totals=[8], method="auto", model_dir=None, loaded=(model, None))
+
+
+@pytest.mark.parametrize("method", ["visionzip", "tome_vit"])
+def test_tower_memo_reuses_only_an_unobserved_tower(method):
+    """The bench memo returns the tower's previous output for a bit-identical call (same logits as running it), and
+    steps aside for methods that hook or patch the tower (CLS attention capture, merging inside it)."""
+    import torch
+
+    import vlm_accel
+    from vlm_accel.bench.common import tower_memo
+
+    model = tiny.build("llava")  # a CLIP tower: visionzip captures its CLS attention
+    inputs = tiny.inputs_for(model, "llava", "image", batch=2)
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        ref = {}
+        for m in ("temporal", method):
+            with vlm_accel.accelerate(model, budget=0.5, method=m):
+                ref[m] = model(**inputs).logits
+        with tower_memo(tower) as counts:
+            full = model(**inputs).logits
+            for m in ("temporal", method):
+                with vlm_accel.accelerate(model, budget=0.5, method=m):
+                    assert torch.equal(model(**inputs).logits, ref[m]), m
+            assert torch.equal(model(**inputs).logits, full)  # the observed run left nothing to reuse: it runs
+            assert counts == {"hits": 1, "runs": 3}
+            with pytest.raises(RuntimeError, match="already overridden"), tower_memo(tower):
+                pass
+    assert "forward" not in vars(tower)

@@ -274,3 +274,5 @@ def test_videoqa_matrix_on_the_video_input(ov, tmp_path):
     assert cache["answers_changed"] == 0 and 0 < cache["frames_encoded_pct"] <= 100
     assert rows[4]["max_tokens"] == (8 * 64 + 1) // 2
     assert all((tmp_path / f"vv.{ext}").is_file() for ext in ("json", "csv", "png"))
+    memo = json.loads((tmp_path / "vv.json").read_text())["tower_memo"]
+    assert memo["hits"] == 2  # temporal per frame and per clip reused the full budget's tower output

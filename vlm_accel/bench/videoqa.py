@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import vlm_accel
 
-from .common import environment, format_table, write_results
+from .common import environment, format_table, tower_memo, write_results
 from .vqa import BUDGETS, plot, summarize
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,20 @@ def video_tokens(model, processor, frames) -> int:
     return int((inputs["input_ids"] == token).sum())
 
 
+def video_configs(methods, budgets, cache_thresholds, stream_fractions) -> list[tuple[str, str, float]]:
+    """``(method, scope, budget)`` of every row of :func:`run_video`, the full budget first."""
+    jobs = [("none", "frame", 1.0)]
+    jobs += [(m, sc, b) for m in methods for b in budgets if b != 1.0 for sc in ("frame", "clip")]
+    jobs += [("frame_cache", "frame_cache", th) for th in cache_thresholds]
+    return jobs + [("stream", "stream", frac) for frac in stream_fractions]
+
+
+def _vision_tower(model):
+    inner = getattr(model, "model", model)
+    return getattr(inner, "vision_tower", None) or getattr(inner, "visual", None)
+
+
+@torch.no_grad()
 def run_video(
     model,
     processor,
@@ -121,60 +135,72 @@ def run_video(
     out_dir="eval/results",
     name="videoqa",
     meta=None,
+    memo: bool = True,
 ):
     """The video matrix on a model with a video input; rows ``{method, budget, scope, accuracy, retained_pct,
     acc_<type>...}`` (+ ``frames_encoded_pct`` / ``answers_changed`` for the frame cache, ``max_tokens`` for the
     stream). Scopes: ``frame`` (the budget applies to every frame), ``clip`` (``Budget(video="clip")``),
     ``frame_cache`` (full budget, encoder reuse at ``budget`` = threshold), ``stream`` (a :class:`StreamSession`
-    bounded at ``budget`` × the clip's tokens; frames go in as images)."""
+    bounded at ``budget`` × the clip's tokens; frames go in as images).
+
+    Clip by clip, every configuration in turn; with ``memo`` the vision tower's output on a clip is computed once and
+    reused by the configurations whose method acts after the tower (:func:`~vlm_accel.bench.common.tower_memo`;
+    methods that hook or patch the tower, the frame cache and the stream run it themselves)."""
+    import contextlib
+
     from ..budget import Budget
     from ..video.stream import stream
     from ..zoo import normalize_answer
 
-    gold = [normalize_answer(it["answer"]) for it in items]
-
-    def hits_of(preds):
-        return [int(p == g) for p, g in zip(preds, gold, strict=True)]
-
-    full_preds = predict(model, processor, items, "full budget")
-    full = hits_of(full_preds)
-    rows = [{**summarize(items, full, full, "none", 1.0), "scope": "frame"}]
-    jobs = [(m, b, sc) for m in methods for b in budgets if b != 1.0 for sc in ("frame", "clip")]
-    for method, b, scope in tqdm(jobs, desc="methods x budgets x scope", file=sys.stderr):
-        budget = b if scope == "frame" else Budget(visual=b, video="clip")
-        with vlm_accel.accelerate(model, budget=budget, method=method):
-            hits = hits_of(predict(model, processor, items, f"{method}@{b}/{scope}"))
-        rows.append({**summarize(items, hits, full, method, b), "scope": scope})
-    for th in cache_thresholds:
-        counts = {"in": 0, "encoded": 0}
-        with vlm_accel.accelerate(model, budget=1.0, frame_cache=th) as sess:
-
-            def tally(sess=sess, counts=counts):
-                counts["in"] += sess.stats.frames_in
-                counts["encoded"] += sess.stats.frames_encoded
-
-            preds = predict(model, processor, items, f"frame cache {th}", on_item=tally)
-        row = {**summarize(items, hits_of(preds), full, "frame_cache", th), "scope": "frame_cache"}
-        row["frames_encoded_pct"] = round(100 * counts["encoded"] / max(counts["in"], 1), 1)
-        row["answers_changed"] = sum(p != f for p, f in zip(preds, full_preds, strict=True))
-        rows.append(row)
+    jobs = video_configs(methods, budgets, cache_thresholds, stream_fractions)
     n_clip = video_tokens(model, processor, items[0]["frames"])
-    for frac in stream_fractions:
-        bound = max(1, int(frac * n_clip))
-        preds = []
-        for it in tqdm(items, desc=f"stream {frac}", leave=False, file=sys.stderr):
-            with stream(model, processor, budget=1.0, max_tokens=bound) as live:
-                for k, frame in enumerate(it["frames"]):
-                    live.add_frame(frame, float(k))
-                preds.append(normalize_answer(live.ask(it["question"], max_new_tokens=8)))
-        row = {**summarize(items, hits_of(preds), full, "stream", frac), "scope": "stream", "max_tokens": bound}
+    preds: dict[tuple, list[str]] = {job: [] for job in jobs}
+    frames = {job: [0, 0] for job in jobs}  # frame cache: frames in, frames encoded
+    tower = _vision_tower(model) if memo else None
+    with tower_memo(tower) if tower is not None else contextlib.nullcontext({}) as counts:
+        for it in tqdm(items, desc="clips x configurations", file=sys.stderr):
+            for job in jobs:
+                method, scope, b = job
+                if scope == "stream":
+                    with stream(model, processor, budget=1.0, max_tokens=max(1, int(b * n_clip))) as live:
+                        for k, frame in enumerate(it["frames"]):
+                            live.add_frame(frame, float(k))
+                        preds[job].append(normalize_answer(live.ask(it["question"], max_new_tokens=8)))
+                    continue
+                if method == "none":
+                    ctx = contextlib.nullcontext()
+                elif scope == "frame_cache":
+                    ctx = vlm_accel.accelerate(model, budget=1.0, frame_cache=b)
+                else:
+                    budget = b if scope == "frame" else Budget(visual=b, video="clip")
+                    ctx = vlm_accel.accelerate(model, budget=budget, method=method)
+                with ctx as sess:
+                    preds[job].append(normalize_answer(answer(model, processor, it["frames"], it["question"])))
+                    if scope == "frame_cache":
+                        frames[job][0] += sess.stats.frames_in
+                        frames[job][1] += sess.stats.frames_encoded
+    gold = [normalize_answer(it["answer"]) for it in items]
+    full_preds = preds[jobs[0]]
+    full = [int(p == g) for p, g in zip(full_preds, gold, strict=True)]
+    rows = []
+    for job in jobs:
+        method, scope, b = job
+        hits = [int(p == g) for p, g in zip(preds[job], gold, strict=True)]
+        row = {**summarize(items, hits, full, method, b), "scope": scope}
+        row["answers_changed"] = sum(p != f for p, f in zip(preds[job], full_preds, strict=True))
+        row["frames_encoded_pct"] = round(100 * frames[job][1] / frames[job][0], 1) if frames[job][0] else None
+        row["max_tokens"] = max(1, int(b * n_clip)) if scope == "stream" else None
         rows.append(row)
-    extra = ("frames_encoded_pct", "answers_changed", "max_tokens")
-    rows = [{**dict.fromkeys(extra), **r} for r in rows]  # one set of columns for the CSV
-    meta = {"benchmark": "videoqa", "clip_tokens": n_clip, "env": environment(str(model.device)), **(meta or {})}
+    meta = {
+        "benchmark": "videoqa",
+        "clip_tokens": n_clip,
+        "tower_memo": dict(counts),
+        "env": environment(str(model.device)),
+        **(meta or {}),
+    }
     write_results(out_dir, name, meta, rows)
-    cols = ["method", "scope", "budget", "accuracy", "retained_pct"] + [k for k in rows[0] if k.startswith("acc_")]
-    print(format_table(rows, cols))  # noqa: T201
+    cols = ["method", "scope", "budget", "accuracy", "retained_pct", "answers_changed"]
+    print(format_table(rows, cols + [k for k in rows[0] if k.startswith("acc_")]))  # noqa: T201
     curves = [
         {**r, "method": r["method"] if r["scope"] == "frame" else f"{r['method']} (per clip)"}
         for r in rows
