@@ -85,7 +85,7 @@ def test_controller_allocation_on_clips_runner():
     from vlm_accel.bench import controller
     from vlm_accel.zoo import onevision
 
-    loaded = onevision.from_image_model()
+    loaded = onevision.load_video_default()
     rows = controller.allocation_clips(n=2, totals=[16], method="auto", model_dir=None, loaded=loaded)
     assert [(r["total_tokens"], r["split"]) for r in rows] == [("all", "none"), (16, "information"), (16, "uniform")]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)

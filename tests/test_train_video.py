@@ -58,11 +58,12 @@ def test_image_token_labels_align_with_the_packed_features():
     from transformers import AutoConfig, LlavaOnevisionForConditionalGeneration
 
     from vlm_accel.zoo import DEFAULT_DIR
-    from vlm_accel.zoo.onevision import build_config, build_processor
+    from vlm_accel.zoo.onevision import build_config, build_processor, is_onevision
 
     processor = build_processor()
+    cfg = AutoConfig.from_pretrained(DEFAULT_DIR)
     model = LlavaOnevisionForConditionalGeneration(
-        build_config(AutoConfig.from_pretrained(DEFAULT_DIR), processor.tokenizer)
+        cfg if is_onevision(DEFAULT_DIR) else build_config(cfg, processor.tokenizer)
     )
     for seed in (3, 4, 5):
         scene = render.render_scene(seed, "train")

@@ -14,14 +14,9 @@ from vlm_accel.video import Video, load
 from vlm_accel.video.synthetic import heldout_clips, write_video
 from vlm_accel.zoo import onevision
 
-
-def _is_onevision(d) -> bool:
-    return json.loads((d / "config.json").read_text()).get("model_type") == "llava_onevision"
-
-
 # while the packaged default is the image model, the OneVision form under test is built from it; once the default is
 # the trained OneVision model, that model is tested
-SHIPS_ONEVISION = _is_onevision(zoo.DEFAULT_DIR)
+SHIPS_ONEVISION = onevision.is_onevision(zoo.DEFAULT_DIR)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 tower, on held-out synthetic clips (:mod:`vlm_accel.video.synthetic`) through a LLaVA-OneVision video path.
 
 Model: the embedded default as a stock ``LlavaOnevisionForConditionalGeneration``
-(:func:`vlm_accel.zoo.onevision.from_image_model`: its pretrained DINOv2 ViT-S/14 tower at 224 px, 256 patches per
-frame; the LLM never trained on video, so answers are only compared with the full tower's, not scored). Per cache
+(:func:`vlm_accel.zoo.onevision.load_video_default`: its pretrained DINOv2 ViT-S/14 tower at 224 px, 256 patches per
+frame; answers are compared with the full tower's, not scored). Per cache
 and threshold: frames / patches the tower encoded, the tower's time (median of interleaved repeats, one process),
 the video features' error against the full tower (relative L2 per frame: mean and max; cosine), and the share of
 greedy answers equal to the full tower's.
@@ -96,9 +96,9 @@ def answer(model, processor, inputs, cache) -> str:
 def run(
     n: int, frames: int, thresholds: list[float], max_changed: list[float], repeats: int, answers: bool
 ) -> tuple[list[dict], dict]:
-    from ..zoo.onevision import from_image_model
+    from ..zoo.onevision import load_video_default
 
-    model, processor = from_image_model()
+    model, processor = load_video_default()
     items = clips(n, frames)
     configs = [None] + [("frame", t, None) for t in thresholds]
     configs += [("patch", t, mc) for t in thresholds for mc in (max_changed if t > 0 else max_changed[:1])]

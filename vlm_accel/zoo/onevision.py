@@ -20,6 +20,7 @@ The word-level tokenizer keeps every id of the image model and appends the clip 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from pathlib import Path
@@ -243,6 +244,20 @@ def build_config(image_config, tokenizer):
     )
 
 
+def is_onevision(path: str | os.PathLike) -> bool:
+    """Whether the model directory ``path`` holds a LLaVA-OneVision model (``config.json``'s ``model_type``)."""
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "llava_onevision"
+
+
+def load_video_default():
+    """``(model, processor)`` of the embedded default with a video input: the packaged model when it is the
+    OneVision one, else the packaged image model's weights in the OneVision layout (:func:`from_image_model`)."""
+    from . import DEFAULT_DIR, load_default
+
+    return load_default(DEFAULT_DIR) if is_onevision(DEFAULT_DIR) else from_image_model(DEFAULT_DIR)
+
+
 @torch.no_grad()
 def from_image_model(src: str | os.PathLike | None = None):
     """``(model, processor)``: a OneVision model carrying the image model's tower, projector and LM weights."""
@@ -251,6 +266,11 @@ def from_image_model(src: str | os.PathLike | None = None):
     from . import DEFAULT_DIR
 
     src = Path(src or DEFAULT_DIR)
+    if is_onevision(src):
+        raise ValueError(
+            f"{src} already holds a OneVision model; from_image_model takes the trained LLaVA image model's directory "
+            "(python -m vlm_accel.zoo.train, or the zoo README's account of where the image weights are kept)"
+        )
     llava = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32, local_files_only=True)
     processor = build_processor()
     tok = processor.tokenizer
