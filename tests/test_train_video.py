@@ -106,6 +106,19 @@ def test_attention_targets_sit_on_the_object_before_and_after_the_event():
         (k,) = q["objs"]
         flat = torch.cat([lab8.reshape(FRAMES * 64), torch.tensor([-1])])
         assert (flat[t[0] | t[1]] == k).all()
+    for seed in range(6):  # disappear: the late head looks where the vanished object was in frame 0
+        T = render_clip(seed, "train", kind="disappear", index=[0]).num_frames
+        small = render_clip(seed, "train", kind="disappear", index=sampled(T))
+        lab8 = pooled_labels(torch.from_numpy(small.patch_labels()))
+        meta = _meta(small)
+        (q,) = [q for q in clip_turns(meta, random.Random(0)) if q["type"] == "disappear"]
+        t = clip_att_targets(meta, q, lab8)
+        (k,) = q["objs"]
+        flat = lab8.reshape(FRAMES, 64)
+        late = t[1][: FRAMES * 64].reshape(FRAMES, 64)
+        assert late[5:].any() and not late[:5].any()
+        assert (flat[0][late[5:].any(0)] == k).all() and not (flat[5:][late[5:]] == k).any()
+        assert set((torch.arange(VIDEO_TOKENS) // 64)[t[0]].tolist()) <= {0, 1, 2}
     with pytest.raises(StopIteration):  # a clip without a mover has no move question
         next(
             q

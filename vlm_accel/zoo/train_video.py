@@ -312,7 +312,8 @@ def clip_att_targets(meta, q: dict, lab8: torch.Tensor) -> dict[int, torch.Tenso
     """Attention targets for one clip question: ``{head: [513] bool}`` over the video tokens.
 
     ``lab8``: ``[8, 8, 8]`` pooled labels of the 8 sampled frames. Head 0 (early): frames 0–2; head 1 (late):
-    frames 5–7; head 2: every token of the named shape (``change`` questions)."""
+    frames 5–7 (``disappear``: the cells the vanished object held in frame 0); head 2: every token of the named
+    shape (``change`` questions)."""
     tracks = _tracks(meta)
     T = meta["T"]
     idx = meta["index"]
@@ -336,8 +337,15 @@ def clip_att_targets(meta, q: dict, lab8: torch.Tensor) -> dict[int, torch.Tenso
         out[1], out[2] = tokens(q["objs"], [5, 6, 7]), tokens(q["objs"], range(FRAMES))
     elif t in ("appear", "x_appear_shape"):  # early: every object; late: the one that appeared
         out[0], out[1] = tokens(every, [0, 1, 2]), tokens(q["objs"], [5, 6, 7])
-    elif t in ("disappear", "x_disappear_color"):  # early: the one that will vanish; late: every object
-        out[0], out[1] = tokens(q["objs"], [0, 1, 2]), tokens(every, [5, 6, 7])
+    elif t in ("disappear", "x_disappear_color"):
+        # early: every object; late: the cells the vanished one held in frame 0, now without it. A frame 0–2 token
+        # cannot know it will vanish (causal attention), but a late token at such a cell sees, through the temporal
+        # head, what frame 0 had there
+        gone = torch.isin(flat, torch.tensor(q["objs"]))
+        ghost = torch.zeros(VIDEO_TOKENS, dtype=torch.bool)
+        for f in (5, 6, 7):
+            ghost[f * 64 : (f + 1) * 64] = gone[0] & ~gone[f]
+        out[0], out[1] = tokens(every, [0, 1, 2]), ghost
     elif t == "count":
         out[1] = tokens(every, [FRAMES - 1])
     elif t == "x_count_start":
