@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vlm_accel import zoo
+from vlm_accel.video.synthetic import QTYPES as QTYPES_CLIP
 from vlm_accel.zoo import render
 
 HAVE_WEIGHTS = (zoo.DEFAULT_DIR / "model.safetensors").is_file()
@@ -170,8 +171,14 @@ def test_fixed_heldout_answers(default_model):
 @shipped_answers
 def test_bundled_samples(default_model):
     model, processor = default_model
+    kinds = ("image", "video") if zoo.has_video_input(model, processor) else ("image",)
     for s in zoo.samples():
-        assert zoo.normalize_answer(zoo.ask(model, processor, s["path"], s["question"])) == s["answer"]
+        assert s["kind"] in ("image", "video") and (zoo.SAMPLES_DIR / s["file"]).is_file()
+        if s["kind"] in kinds:
+            assert zoo.normalize_answer(zoo.ask(model, processor, s["path"], s["question"])) == s["answer"], s
+    assert {s["type"] for s in zoo.samples("video")} == set(QTYPES_CLIP)  # one clip per question type
+    with pytest.raises(ValueError, match="kind"):
+        zoo.samples("audio")
 
 
 @needs_weights

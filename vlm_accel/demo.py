@@ -64,7 +64,7 @@ class Demo:
         """One full and one accelerated answer on a bundled sample, so the first click's timings are not cold."""
         from .zoo import samples
 
-        s = samples()[0]
+        s = samples("image")[0]
         self.answer_image(s["path"], s["question"])
 
     def _overlay(self, sess, image: Image.Image, question: str) -> Image.Image:
@@ -264,9 +264,10 @@ def build_app(demo: Demo):
         import gradio as gr
     except ImportError as e:
         raise ImportError('the demo needs Gradio: pip install "vlm-accel[demo]"') from e
-    from .zoo import samples
+    from .zoo import has_video_input, samples
 
     choices = ["auto", *_method_names()]
+    video_input = has_video_input(demo.model, demo.processor)  # the bundled clips' questions need it
 
     def ask_image(image, question, budget, method, progress=gr.Progress()):  # noqa: B008  (Gradio's way)
         progress(0.1, desc="running the full and the accelerated model")
@@ -301,7 +302,7 @@ def build_app(demo: Demo):
             go.click(
                 _user_errors(ask_image, gr), [image, question, budget, method], [full, fast, overlay, table, stats]
             )
-            gr.Examples([[str(s["path"]), s["question"]] for s in samples()], [image, question])
+            gr.Examples([[str(s["path"]), s["question"]] for s in samples("image")], [image, question])
         with gr.Tab("Video", elem_id="tab-video"):
             with gr.Row():
                 with gr.Column():
@@ -324,8 +325,10 @@ def build_app(demo: Demo):
                 [video, vquestion, vbudget, vmethod, vframes],
                 [vanswer, vgallery, vstats],
             )
+            clips = [[s["path"], s["question"]] for s in samples("video")] if video_input else []
             if SAMPLE_VIDEO.is_file():
-                gr.Examples([[str(SAMPLE_VIDEO), "What color is the shape?"]], [video, vquestion])
+                clips.append([str(SAMPLE_VIDEO), "What color is the shape?"])
+            gr.Examples(clips, [video, vquestion])
     return app
 
 

@@ -214,12 +214,16 @@ def answer_inputs(model, processor, inputs, max_new_tokens: int = 8) -> str:
     return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def samples() -> list[dict]:
-    """The bundled sample images with a question and its expected answer each: ``[{path, question, answer}]``."""
+def samples(kind: str | None = None) -> list[dict]:
+    """The bundled held-out samples with a question and its expected answer each: ``[{path, kind, question,
+    answer}]``; ``kind``: ``"image"`` (rendered scenes) or ``"video"`` (MP4 clips; ask with ``num_frames=8``), or
+    ``None`` for both."""
     import json
 
+    if kind not in (None, "image", "video"):
+        raise ValueError(f"kind must be 'image', 'video' or None, got {kind!r}")
     with open(SAMPLES_DIR / "samples.json") as f:
         items = json.load(f)
     for it in items:
         it["path"] = str(SAMPLES_DIR / it["file"])
-    return items
+    return [it for it in items if kind is None or it["kind"] == kind]
