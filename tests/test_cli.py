@@ -8,7 +8,7 @@ from vlm_accel import cli, zoo
 
 
 def test_ask_image_prints_the_answer_last(capsys):
-    s = zoo.samples()[0]
+    s = zoo.samples("image")[0]
     assert cli.main(["ask", str(s["path"]), s["question"], "--budget", "0.33"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == s["answer"]
 
@@ -58,10 +58,16 @@ def test_ask_video_streams_the_sampled_frames(tmp_path, capsys, caplog, image_on
 
 
 def test_in_llm_method_with_options_and_listing(capsys):
-    s = zoo.samples()[0]
+    """``--method fastv --option layer=1`` answers what the Python API answers with the same method and option."""
+    import vlm_accel
+
+    s = zoo.samples("image")[0]
     args = ["ask", str(s["path"]), s["question"], "--budget", "0.33", "--method", "fastv", "--option", "layer=1"]
     assert cli.main(args) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1] == s["answer"]
+    model, processor = zoo.load_default()
+    with vlm_accel.accelerate(model, budget=0.33, method="fastv", method_options={"layer": 1}):
+        expected = zoo.ask(model, processor, s["path"], s["question"])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == expected
     assert cli.main(args[:-1] + ["K=1"]) == 2
     assert "valid options: layer" in capsys.readouterr().err
     assert cli.main(["methods"]) == 0
@@ -70,7 +76,7 @@ def test_in_llm_method_with_options_and_listing(capsys):
 
 
 def test_tower_method_from_the_command_line(capsys):
-    s = zoo.samples()[0]
+    s = zoo.samples("image")[0]
     assert cli.main(["ask", str(s["path"]), s["question"], "--budget", "0.33", "--method", "tome_vit"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == s["answer"]
     assert cli.main(["methods"]) == 0
