@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from test_zoo import image_views, kept_tokens
 
 from vlm_accel import zoo
 from vlm_accel.demo import SAMPLE_VIDEO
@@ -210,14 +211,18 @@ def test_image_tab_in_a_real_browser(server, browser):
     assert _value(browser, "answer-fast") == sample["answer"]
     rows = _table_rows(browser)
     assert [r[0] for r in rows] == ["all tokens", "accelerated"]
-    assert [r[2] for r in rows] == ["256", "84"]  # budget 0.33 of 256 visual tokens
-    assert "84 of 256" in _css(browser, "#stats")[0].text
+    model, processor = zoo.load_default()  # what the demo's process loaded
+    n, views = image_views(model, processor, zoo.load_image(sample["path"]))
+    kept = kept_tokens(0.33, n, views)  # budget 0.33 of the sample's visual tokens
+    assert [r[2] for r in rows] == [str(n), str(kept)]
+    assert f"{kept} of {n}" in _css(browser, "#stats")[0].text
 
     # budget and method changed in the page: applied on the next click, no restart
     _set_number(browser, "budget", 0.11)
     _choose(browser, "method", "divprune")
     _css(browser, "#ask")[0].click()
-    _wait(browser, lambda d: [r[2] for r in _table_rows(d)] == ["256", "28"], "the table at budget 0.11")
+    want = [str(n), str(kept_tokens(0.11, n, views))]
+    _wait(browser, lambda d: [r[2] for r in _table_rows(d)] == want, "the table at budget 0.11")
     _wait(browser, lambda d: "divprune" in _css(d, "#stats")[0].text, "the method in the stats")
     browser.save_screenshot(str(ARTIFACTS / "image-0.11-divprune.png"))
     assert not _severe_console_errors(browser)
