@@ -1,13 +1,15 @@
-"""The embedded default VLM: a small LLaVA (DINOv2 ViT-S/14 + 4-layer Llama) trained on rendered shape scenes.
+"""The embedded default VLM: a small LLaVA-OneVision (DINOv2 ViT-S/14 + 4-layer Llama) trained on rendered shape
+scenes and clips of them.
 
     from vlm_accel.zoo import load_default, ask
     model, processor = load_default()
     ask(model, processor, "vlm_accel/zoo/samples/sample_1.png", "What color is the circle?")
-    ask(model, processor, "clip.mp4", "Which way does the red circle move?")   # 8 frames sampled uniformly
+    ask(model, processor, "vlm_accel/zoo/samples/clip_1.mp4", "Which way does the green rectangle move?")
 
-The model is a stock ``transformers.LlavaForConditionalGeneration`` with a stock ``LlavaProcessor``, so the usual
-``apply_chat_template`` → ``processor(images=..., text=...)`` → ``generate`` flow works unchanged (256 visual tokens
-per image).
+The model is a stock ``transformers.LlavaOnevisionForConditionalGeneration`` with a stock
+``LlavaOnevisionProcessor``, so the usual ``apply_chat_template`` → ``processor(images=..., text=...)`` (or
+``videos=...``) → ``generate`` flow works unchanged: an image is 256 tokens of the whole image plus its
+aspect-preserving view (≤ 528), a clip 8 uniformly sampled frames of 64 tokens each plus a newline (513).
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ def load_default(path: str | os.PathLike | None = None, dtype: torch.dtype = tor
     """Load the embedded default VLM and its processor offline.
 
     Args:
-        path: model directory (default: the packaged ``vlm_accel/zoo/default``; env ``VLM_ACCEL_MODEL`` overrides);
-            a zoo-built ``llava`` (image) or ``llava_onevision`` (image + video) directory.
+        path: model directory (default: the packaged ``vlm_accel/zoo/default``, the OneVision model for images and
+            videos; env ``VLM_ACCEL_MODEL`` overrides); a zoo-built ``llava`` (image) or ``llava_onevision`` (image +
+            video) directory.
         dtype: parameter dtype (weights are stored in fp16; fp32 is the CPU default).
         device: where to put the model.
 

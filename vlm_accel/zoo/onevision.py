@@ -1,6 +1,7 @@
 """The default VLM as a stock ``LlavaOnevisionForConditionalGeneration``: one model for images and videos.
 
-Built from the trained image model (``default/``, a ``LlavaForConditionalGeneration``): the same DINOv2 ViT-S/14
+Built from the trained image model (a ``LlavaForConditionalGeneration``, packaged as ``default/`` until the video
+weights replaced it; the zoo README says where it is kept): the same DINOv2 ViT-S/14
 tower (position embeddings pre-interpolated to the 16×16 grid of a 224-px input, so ``vision_config.image_size`` is
 224 as OneVision's pooling expects), the same projector and 4-layer Llama, plus OneVision's ``image_newline``.
 Input layouts (what the language model sees):
@@ -14,7 +15,7 @@ Input layouts (what the language model sees):
 The word-level tokenizer keeps every id of the image model and appends the clip questions' words and ``<video>``
 (still within the 96-row embedding).
 
-    python -m vlm_accel.zoo.onevision --out /work/zoo-video-ckpt/init   # untrained newline, image-trained rest
+    python -m vlm_accel.zoo.onevision --src IMAGE_MODEL_DIR --out /work/zoo-video-ckpt/init   # the training init
 """
 
 from __future__ import annotations
@@ -300,7 +301,9 @@ def from_image_model(src: str | os.PathLike | None = None):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--src", default=None, help="trained LLaVA image model directory (default: the packaged one)")
+    ap.add_argument(
+        "--src", required=True, help="the trained LLaVA image model's directory (python -m vlm_accel.zoo.train)"
+    )
     ap.add_argument("--out", default="/work/zoo-video-ckpt/init")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
