@@ -66,17 +66,14 @@ def load_default(path: str | os.PathLike | None = None, dtype: torch.dtype = tor
         ``(model, processor)``: a ``LlavaForConditionalGeneration`` + ``LlavaProcessor``, or a
         ``LlavaOnevisionForConditionalGeneration`` + ``LlavaOnevisionProcessor``, the model in eval mode.
     """
-    import json
-
     from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
+
+    from .onevision import is_onevision, load_processor
 
     path = Path(path or os.environ.get("VLM_ACCEL_MODEL") or DEFAULT_DIR)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no model at {path} (expected config.json + model.safetensors + processor files)")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type == "llava_onevision":
-        from .onevision import load_processor
-
+    if is_onevision(path):
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
         processor = load_processor(path)
     else:
