@@ -65,9 +65,27 @@ def test_temporal_runs_follow_static_positions():
 def test_temporal_keeps_each_static_token_once_at_first_frame():
     frame = torch.randn(16, 8)
     clip = torch.cat([frame, frame, frame, frame])  # 4 identical frames
-    red = get("temporal")(clip, 40, Context(grid=(4, 4), frames=4))
+    red = get("temporal")(clip, 16, Context(grid=(4, 4), frames=4))
     assert red.keep.tolist() == list(range(16))  # survivors sit in the first frame
     torch.testing.assert_close(red.apply(clip), frame)
+
+
+def test_temporal_spends_its_quota_on_the_most_changing_tokens():
+    """Links above the static threshold are cut least similar first until the quota is spent: a cell whose content
+    drifts (cosine 0.95, above the threshold) gets its own token before any identical one does."""
+    g = torch.Generator().manual_seed(0)
+    frame = torch.randn(16, 8, generator=g)
+    later = frame.clone()
+    side = torch.randn(8, generator=g)
+    side -= (side @ frame[5]) / (frame[5] @ frame[5]) * frame[5]  # orthogonal to the cell: cosine 1 / sqrt(1 + s^2)
+    later[5] = frame[5] + 0.33 * frame[5].norm() * torch.nn.functional.normalize(side, dim=0)
+    assert 0.9 < torch.cosine_similarity(later[5], frame[5], dim=0) < 0.99
+    clip = torch.cat([frame, frame, later, later])  # cell 5 drifts at frame 2
+    for k, extra in ((16, []), (17, [2 * 16 + 5])):
+        red = get("temporal")(clip, k, Context(grid=(4, 4), frames=4))
+        assert red.keep.tolist() == list(range(16)) + extra
+    red = get("temporal")(clip, 40, Context(grid=(4, 4), frames=4))
+    assert red.keep.numel() == 40 and 2 * 16 + 5 in red.keep.tolist()  # the budget is spent, the drift kept
 
 
 @pytest.mark.parametrize("method", vlm_accel.methods())

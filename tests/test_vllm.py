@@ -82,7 +82,7 @@ def test_settings_parse_budget_and_method():
     "cfg, error, words",
     [
         ({"method": "relevance"}, ValueError, ["needs the question", "work in vLLM", "divprune"]),
-        ({"method": "temporal"}, ValueError, ["exact count", "work in vLLM"]),
+        ({"method": "temporal"}, ValueError, ["frames of a clip", "work in vLLM"]),
         ({"method": "nope"}, ValueError, ["unknown method"]),
         ({"budget": 1.5}, ValueError, ["fraction"]),
         ({"budget": "64"}, TypeError, ["budget"]),

@@ -140,11 +140,16 @@ def legacy_tome(x: torch.Tensor, k: int, ctx: Context):
     return Reduction(rep[order], members / members.sum(1, keepdim=True))
 
 
-def legacy_temporal_runs(x: torch.Tensor, frames: int, tau: float = 0.9) -> torch.Tensor:
+def legacy_temporal_runs(x: torch.Tensor, frames: int, tau: float = 0.9, runs: int = 0) -> torch.Tensor:
     p = x.shape[0] // frames
     xs = torch.nn.functional.normalize(x.float().view(frames, p, -1), dim=-1)
     starts = torch.ones(frames, p, dtype=torch.bool, device=x.device)
-    starts[1:] = (xs[1:] * xs[:-1]).sum(-1) <= tau
+    sim = (xs[1:] * xs[:-1]).sum(-1)
+    starts[1:] = sim <= tau
+    spare = runs - p - int(starts[1:].sum())
+    if spare > 0:  # the least similar links still standing, ties in frame order
+        order = torch.sort(sim.masked_fill(starts[1:], float("inf")).flatten(), stable=True).indices[:spare]
+        starts[1:].view(-1)[order] = True
     run_first = torch.arange(frames * p, device=x.device).view(frames, p)
     for t in range(1, frames):
         run_first[t] = torch.where(starts[t], run_first[t], run_first[t - 1])
@@ -158,7 +163,7 @@ def legacy_temporal(x: torch.Tensor, k: int, ctx: Context):
     n = x.shape[0]
     if ctx.frames < 2 or n % ctx.frames:
         return legacy_tome(x, k, ctx)
-    run_id = legacy_temporal_runs(x, ctx.frames)
+    run_id = legacy_temporal_runs(x, ctx.frames, runs=k)
     runs = int(run_id.max()) + 1
     members = torch.zeros(runs, n, device=x.device)
     members[run_id, torch.arange(n, device=x.device)] = 1.0

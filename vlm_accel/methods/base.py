@@ -69,11 +69,11 @@ class Method:
     """A registered reducer: ``fn(x [N, D], k, ctx) -> Reduction``.
 
     ``needs`` names the evidence the adapter must collect (``"importance"``; ``"clip"`` = give me a whole video
-    clip as one segment, not frame by frame); ``exact=False`` lets a method keep fewer tokens than its quota (e.g.
-    when merging static tokens leaves fewer); ``description`` is one line for listings. ``stage`` is ``"pre"`` for
-    methods that act between the vision encoder and the LLM, ``"llm"`` for methods that act inside the LLM (their
-    ``ctx.importance`` is the attention the tokens receive in the LLM); ``options`` are what ``method_options=``
-    may set.
+    clip as one segment, not frame by frame); ``exact=False`` lets a method keep fewer tokens than its quota (the
+    tower merge ``tome_vit``, whose layers decide the count); ``description`` is one line for listings. ``stage`` is
+    ``"pre"`` for methods that act between the vision encoder and the LLM, ``"llm"`` for methods that act inside the
+    LLM (their ``ctx.importance`` is the attention the tokens receive in the LLM); ``options`` are what
+    ``method_options=`` may set.
     """
 
     name: str

@@ -59,8 +59,10 @@ def _unsupported_reason(method) -> str | None:
         return "acts inside the LLM (vLLM's attention kernels and paged KV cache expose no per-token attention)"
     if "query" in method.needs:
         return "needs the question, but vLLM encodes images without the prompt text (and caches them by image)"
-    if "clip" in method.needs or not method.exact:
-        return "is a video method that may keep fewer tokens than its quota; vLLM needs an exact count per image"
+    if "clip" in method.needs:
+        return "merges across the frames of a clip, but the plugin reduces each image on its own in vLLM"
+    if not method.exact:
+        return "may keep fewer tokens than its quota; vLLM needs an exact count per image"
     return None
 
 

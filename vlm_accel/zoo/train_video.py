@@ -450,6 +450,56 @@ def image_token_labels(model, labels: torch.Tensor, size: torch.Tensor) -> torch
     return packed[0][:, 0].round().long()
 
 
+def reduce_clip(tokens: torch.Tensor, method: str, budget: float, scope: str, seed: int):
+    """What the plugin hands the LLM for one clip at ``budget`` of its tokens: ``tokens`` ``[FRAMES * 64, H]`` (the
+    pooled frames, no newline) -> ``(keep [K], weights [K, N] or None)`` — ``method`` on every frame (``scope``
+    ``"frame"``, clip methods always take the whole clip) or on the clip at once (``"clip"``), quotas as the session
+    computes them (:meth:`vlm_accel.Budget.visual_quota`). The kept tokens keep their positions."""
+    from ..budget import Budget
+    from ..methods import Context, get
+
+    m, quota = get(method), Budget(visual=budget).visual_quota
+    n = tokens.shape[0]
+    if scope == "clip" or "clip" in m.needs:
+        segments = [(torch.arange(n), FRAMES, quota(n, 1 if scope == "clip" else FRAMES))]
+    else:
+        segments = [(torch.arange(f * 64, (f + 1) * 64), 1, quota(64)) for f in range(FRAMES)]
+    keep, rows = [], []
+    for idx, frames, k in segments:
+        ctx = Context(grid=(8, 8), frames=frames, generator=torch.Generator().manual_seed(seed))
+        red = m(tokens[idx].float(), k, ctx)
+        keep.append(idx[red.keep])
+        w = torch.zeros(red.keep.numel(), n)
+        w[:, idx] = red.weights if red.weights is not None else F.one_hot(red.keep, len(idx)).float()
+        rows.append(w)
+    keep, w = torch.cat(keep), torch.cat(rows)
+    order = keep.argsort()
+    return keep[order], w[order]
+
+
+def reduced_clips(vid: torch.Tensor, mask: torch.Tensor, seqs: list, reduce: dict, seed: int):
+    """``vid`` ``[B, FRAMES * 64 + 1, H]`` and the block mask ``[B', 1, L, L]`` with clip ``b`` of ``reduce``
+    (``b -> (method, budget, scope)``) as the LLM sees it through the plugin: its kept slots hold the kept (merged)
+    features, the others are hidden from every query (the same as removing them: positions are explicit)."""
+    n = FRAMES * 64
+    mask = mask.clone()
+    out = []
+    for b in range(vid.shape[0]):
+        if b not in reduce:
+            out.append(vid[b])
+            continue
+        with torch.no_grad():
+            keep, w = reduce_clip(vid[b, :n].detach(), *reduce[b], seed=seed + b)
+        merged = (w.to(vid.dtype) @ vid[b, :n]).to(vid.dtype)
+        out.append(torch.cat([vid[b, :n].index_copy(0, keep, merged), vid[b, n:]]))
+        gone = torch.ones(n, dtype=torch.bool)
+        gone[keep] = False
+        cols = seqs[b].media_start + gone.nonzero()[:, 0]
+        mask[b, 0, :, cols] = False
+        mask[b, 0, cols, cols] = True  # a hidden slot attends to itself only (no empty rows; its output is unused)
+    return torch.stack(out), mask
+
+
 def train(args) -> None:
     from transformers import LlavaOnevisionForConditionalGeneration
 
@@ -494,6 +544,8 @@ def train(args) -> None:
     tcache: dict[str, list[int]] = {}
     kind_w = dict(kv.split("=") for kv in args.kind_w.split(",")) if args.kind_w else {}
     kind_w = {k: float(v) for k, v in kind_w.items()}
+    methods = [m for m in args.reduce_methods.split(",") if m]
+    budgets = [float(b) for b in args.reduce_budgets.split(",") if b]
     last_save, t_log = time.time(), time.time()
     while step < args.steps:
         rng = random.Random(f"{args.seed}-{step}")
@@ -507,12 +559,18 @@ def train(args) -> None:
         clips = [data.clip(i) for i in ci]
         clips = [reverse_clip(*c) if c[3]["kind"] in REVERSIBLE and rng.random() < args.reverse_p else c for c in clips]
         cf, cl, c8, cm = zip(*clips, strict=True)
+        # reduced layouts: some clips reach the LLM as the plugin hands them over at a reduced budget
+        reduce = {
+            b: (rng.choice(methods), rng.choice(budgets), rng.choice(("frame", "clip")))
+            for b in range(len(ci))
+            if args.reduce_p > 0 and rng.random() < args.reduce_p  # (0: the original recipe's random stream)
+        }
         for b, (meta, lab8) in enumerate(zip(cm, c8, strict=True)):
             qs = clip_turns(meta, rng)
             rng.shuffle(qs)
             s = Seq(tok, cfg.video_token_index, VIDEO_TOKENS, [(q["question"], q["answer"]) for q in qs], tcache)
             for q, row in zip(qs, s.rows, strict=True):
-                for h, m in clip_att_targets(meta, q, lab8).items():
+                for h, m in clip_att_targets(meta, q, lab8).items() if b not in reduce else ():
                     heads_rows[h].append((b, row, s.media_start, m))
                 if q["answer"] in COLOR_NAMES:
                     answer_w.append((b, row + 1, args.color_w))
@@ -576,6 +634,8 @@ def train(args) -> None:
         ifeats, isizes = (torch.stack(imf).float(), torch.stack(ims)) if ii else (None, None)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             vid, vraw = video_embeds(model, cfeats)
+            if reduce:
+                vid, mask = reduced_clips(vid, mask, seqs, reduce, args.seed * 100003 + step)
             img, iraw = [], vraw.new_zeros(0, 2, 256, vraw.shape[-1])
             if ii:
                 img, iraw = image_embeds(model, ifeats, isizes)
@@ -627,7 +687,7 @@ def train(args) -> None:
         if args.temporal > 0:
             t_layer, t_head = args.temporal_head
             rows, tg = [], []
-            for b in range(len(ci)):
+            for b in (b for b in range(len(ci)) if b not in reduce):
                 start = seqs[b].media_start
                 frames = torch.randint(1, FRAMES, (args.temporal_rows,), generator=g).tolist()
                 cells = torch.randint(0, 64, (args.temporal_rows,), generator=g).tolist()
@@ -636,8 +696,11 @@ def train(args) -> None:
                     t = torch.zeros(L, dtype=torch.bool)
                     t[start + c] = True
                     tg.append(t)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                loss_tmp = attention_target_loss(lm, out.hidden_states[t_layer], pos, mask, rows, tg, t_layer, [t_head])
+            if rows:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                    loss_tmp = attention_target_loss(
+                        lm, out.hidden_states[t_layer], pos, mask, rows, tg, t_layer, [t_head]
+                    )
         # the supervised layer's output at the answer row, read along right - left / down - up: a move's displacement
         # (late head minus early head), an image object's side (its position minus the centre)
         loss_pos = torch.zeros(())
@@ -755,8 +818,11 @@ def _load_eval(root: str) -> dict:
 
 
 @torch.no_grad()
-def evaluate_cached(model, tok, ev: dict, n_images: int = 200) -> dict[str, float]:
-    """Teacher-forced first-answer-token accuracy on the cached held-out clips (per type) and images (overall)."""
+def evaluate_cached(model, tok, ev: dict, n_images: int = 200, reduce: tuple | None = None) -> dict[str, float]:
+    """Teacher-forced first-answer-token accuracy on the cached held-out clips (per type) and images (overall).
+
+    ``reduce``: ``(method, budget, scope)`` — the clips as the plugin hands them to the LLM (:func:`reduce_clip`:
+    kept or merged tokens at their original positions); images are then skipped."""
     model.eval()
     cfg = model.config
     lm = model.model.language_model
@@ -766,45 +832,54 @@ def evaluate_cached(model, tok, ev: dict, n_images: int = 200) -> dict[str, floa
     def run(feats_fn, items, media_id, key_fn):
         for s0 in range(0, len(items), 16):
             chunk = items[s0 : s0 + 16]
-            media = feats_fn(s0, s0 + len(chunk))
-            seqs = [
-                Seq(tok, media_id, len(m), [(it["question"], "")], cache).ids[:-1]
-                for it, m in zip(chunk, media, strict=True)
-            ]
+            media = [m.float() for m in feats_fn(s0, s0 + len(chunk))]
+            places = [torch.arange(len(m)) for m in media]  # each media token's offset in the full layout
+            if reduce is not None:
+                for b, m in enumerate(media):
+                    keep, w = reduce_clip(m[:-1], *reduce, seed=s0 + b)
+                    media[b] = torch.cat([w @ m[:-1], m[-1:]])
+                    places[b] = torch.cat([keep, torch.tensor([len(m) - 1])])
+            seqs, poss = [], []
+            for it, m, pl in zip(chunk, media, places, strict=True):
+                sq = Seq(tok, media_id, len(m), [(it["question"], "")], cache)
+                start, n_full = sq.media_start, int(pl[-1]) + 1
+                text = len(sq.ids) - 1 - start - len(m)
+                seqs.append(sq.ids[:-1])
+                poss.append(
+                    list(range(start)) + (start + pl).tolist() + list(range(start + n_full, start + n_full + text))
+                )
             L = max(len(x) for x in seqs)
             ids = torch.full((len(chunk), L), tok.pad_token_id)
             att = torch.zeros((len(chunk), L), dtype=torch.long)
-            for b, x in enumerate(seqs):
-                ids[b, L - len(x) :], att[b, L - len(x) :] = torch.tensor(x), 1
-            media = [m.float() for m in media]
+            p = torch.zeros((len(chunk), L), dtype=torch.long)
+            for b, (x, ps) in enumerate(zip(seqs, poss, strict=True)):
+                ids[b, L - len(x) :], att[b, L - len(x) :], p[b, L - len(x) :] = torch.tensor(x), 1, torch.tensor(ps)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 e = lm.embed_tokens(ids)
                 e = e.masked_scatter((ids == media_id)[..., None], torch.cat(media).to(e.dtype))
-                p = (att.cumsum(-1) - 1).clamp(min=0)
                 h = lm(inputs_embeds=e, attention_mask=att, position_ids=p).last_hidden_state[:, -1]
                 pred = model.lm_head(h).float().argmax(-1)
             for it, pr in zip(chunk, pred.tolist(), strict=True):
                 first = tok(it["answer"], add_special_tokens=False)["input_ids"][0]
                 hits.setdefault(key_fn(it), []).append(int(pr == first))
 
-    if True:
-        if "clips" in ev:
-            f = ev["clips"]["feats"]
-            run(
-                lambda a, b: list(video_embeds(model, f[a:b].float())[0]),
-                ev["clips"]["items"],
-                cfg.video_token_index,
-                lambda it: it["type"],
-            )
-        if "images" in ev:
-            d = ev["images"]
-            items = d["items"][:n_images]
-            run(
-                lambda a, b: image_embeds(model, d["feats"][a:b].float(), d["sizes"][a:b])[0],
-                items,
-                cfg.image_token_index,
-                lambda it: "image",
-            )
+    if "clips" in ev:
+        f = ev["clips"]["feats"]
+        run(
+            lambda a, b: list(video_embeds(model, f[a:b].float())[0]),
+            ev["clips"]["items"],
+            cfg.video_token_index,
+            lambda it: it["type"],
+        )
+    if "images" in ev and reduce is None:
+        d = ev["images"]
+        items = d["items"][:n_images]
+        run(
+            lambda a, b: image_embeds(model, d["feats"][a:b].float(), d["sizes"][a:b])[0],
+            items,
+            cfg.image_token_index,
+            lambda it: "image",
+        )
     acc = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
     clip_keys = [k for k in hits if k != "image"]
     if clip_keys:
@@ -851,8 +926,10 @@ def evaluate_checkpoints(args) -> None:
     for ck in args.ckpt:
         state = torch.load(ck, weights_only=False)
         model.load_state_dict(state["model"], strict=False)
-        acc = evaluate_cached(model, tok, ev)
-        log.info("%s step %d: %s", ck, state["step"], " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
+        for red in [None] + [(m, float(b), sc) for m, b, sc in args.reduce or []]:
+            acc = evaluate_cached(model, tok, ev, reduce=red)
+            what = "full" if red is None else "{}@{}/{}".format(*red)
+            log.info("%s step %d %s: %s", ck, state["step"], what, " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
 
 
 def main() -> None:
@@ -886,6 +963,9 @@ def main() -> None:
     t.add_argument("--temporal", type=float, default=0.3, help="weight of the temporal head's attention (0: off)")
     t.add_argument("--temporal-head", type=int, nargs=2, default=(0, 3), help="its layer and head")
     t.add_argument("--temporal-rows", type=int, default=32, help="video tokens supervised per clip and step")
+    t.add_argument("--reduce-p", type=float, default=0.0, help="share of clips seen in a reduced layout (0: off)")
+    t.add_argument("--reduce-methods", default="temporal,tome,random", help="plugin methods that reduce them")
+    t.add_argument("--reduce-budgets", default="0.5,0.25,0.1", help="their budgets (fractions of the tokens)")
     t.add_argument("--vertical", type=int, default=2, help="training-only up / down questions per image")
     t.add_argument("--max-q", type=int, default=10)
     t.add_argument("--n-exists", type=int, default=2)
@@ -906,6 +986,9 @@ def main() -> None:
     v.add_argument("--clips", type=int, default=300)
     v.add_argument("--seed", type=int, default=1)
     v.add_argument("--threads", type=int, default=1)
+    v.add_argument(
+        "--reduce", nargs=3, action="append", metavar=("METHOD", "BUDGET", "SCOPE"), help="also: reduced clips"
+    )
     v.add_argument("ckpt", nargs="+", help="checkpoint files (ROOT/ckpt/*.pt)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
