@@ -480,16 +480,18 @@ def reduce_clip(tokens: torch.Tensor, method: str, budget: float, scope: str, se
 def reduced_clips(vid: torch.Tensor, mask: torch.Tensor, seqs: list, reduce: dict, seed: int):
     """``vid`` ``[B, FRAMES * 64 + 1, H]`` and the block mask ``[B', 1, L, L]`` with clip ``b`` of ``reduce``
     (``b -> (method, budget, scope)``) as the LLM sees it through the plugin: its kept slots hold the kept (merged)
-    features, the others are hidden from every query (the same as removing them: positions are explicit)."""
+    features, the others are hidden from every query (the same as removing them: positions are explicit).
+    Also returns ``{b: (keep [K], weights [K, N])}`` for :func:`follow_merge`."""
     n = FRAMES * 64
     mask = mask.clone()
-    out = []
+    out, kept = [], {}
     for b in range(vid.shape[0]):
         if b not in reduce:
             out.append(vid[b])
             continue
         with torch.no_grad():
             keep, w = reduce_clip(vid[b, :n].detach(), *reduce[b], seed=seed + b)
+        kept[b] = keep, w
         merged = (w.to(vid.dtype) @ vid[b, :n]).to(vid.dtype)
         out.append(torch.cat([vid[b, :n].index_copy(0, keep, merged), vid[b, n:]]))
         gone = torch.ones(n, dtype=torch.bool)
@@ -497,7 +499,18 @@ def reduced_clips(vid: torch.Tensor, mask: torch.Tensor, seqs: list, reduce: dic
         cols = seqs[b].media_start + gone.nonzero()[:, 0]
         mask[b, 0, :, cols] = False
         mask[b, 0, cols, cols] = True  # a hidden slot attends to itself only (no empty rows; its output is unused)
-    return torch.stack(out), mask
+    return torch.stack(out), mask, kept
+
+
+def follow_merge(m: torch.Tensor, keep: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """An attention target over a clip's ``FRAMES * 64 + 1`` media slots -> the kept slots whose tokens stand for
+    a targeted one (a merged token stands for all its members); the newline stays as it was."""
+    n = FRAMES * 64
+    hit = ((w > 0) & m[:n][None]).any(1)  # [K]
+    out = torch.zeros_like(m)
+    out[keep[hit]] = True
+    out[n:] = m[n:]
+    return out
 
 
 def train(args) -> None:
@@ -570,7 +583,7 @@ def train(args) -> None:
             rng.shuffle(qs)
             s = Seq(tok, cfg.video_token_index, VIDEO_TOKENS, [(q["question"], q["answer"]) for q in qs], tcache)
             for q, row in zip(qs, s.rows, strict=True):
-                for h, m in clip_att_targets(meta, q, lab8).items() if b not in reduce else ():
+                for h, m in clip_att_targets(meta, q, lab8).items():
                     heads_rows[h].append((b, row, s.media_start, m))
                 if q["answer"] in COLOR_NAMES:
                     answer_w.append((b, row + 1, args.color_w))
@@ -635,7 +648,10 @@ def train(args) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             vid, vraw = video_embeds(model, cfeats)
             if reduce:
-                vid, mask = reduced_clips(vid, mask, seqs, reduce, args.seed * 100003 + step)
+                vid, mask, kept = reduced_clips(vid, mask, seqs, reduce, args.seed * 100003 + step)
+                for h, rows in heads_rows.items():  # the targets follow the merge (dropped: none left)
+                    rows = [(b, r, st, follow_merge(m, *kept[b]) if b in kept else m) for b, r, st, m in rows]
+                    heads_rows[h] = [row for row in rows if row[3].any()]
             img, iraw = [], vraw.new_zeros(0, 2, 256, vraw.shape[-1])
             if ii:
                 img, iraw = image_embeds(model, ifeats, isizes)
