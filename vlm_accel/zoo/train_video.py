@@ -480,7 +480,8 @@ def reduce_clip(tokens: torch.Tensor, method: str, budget: float, scope: str, se
 def reduced_clips(vid: torch.Tensor, mask: torch.Tensor, seqs: list, reduce: dict, seed: int):
     """``vid`` ``[B, FRAMES * 64 + 1, H]`` and the block mask ``[B', 1, L, L]`` with clip ``b`` of ``reduce``
     (``b -> (method, budget, scope)``) as the LLM sees it through the plugin: its kept slots hold the kept (merged)
-    features, the others are hidden from every query (the same as removing them: positions are explicit).
+    features, the others — and the trailing newline, which the plugin drops with the pruned tokens of a reduced
+    clip (a structural token) — are hidden from every query (the same as removing them: positions are explicit).
     Also returns ``{b: (keep [K], weights [K, N])}`` for :func:`follow_merge`."""
     n = FRAMES * 64
     mask = mask.clone()
@@ -494,7 +495,7 @@ def reduced_clips(vid: torch.Tensor, mask: torch.Tensor, seqs: list, reduce: dic
         kept[b] = keep, w
         merged = (w.to(vid.dtype) @ vid[b, :n]).to(vid.dtype)
         out.append(torch.cat([vid[b, :n].index_copy(0, keep, merged), vid[b, n:]]))
-        gone = torch.ones(n, dtype=torch.bool)
+        gone = torch.ones(n + 1, dtype=torch.bool)
         gone[keep] = False
         cols = seqs[b].media_start + gone.nonzero()[:, 0]
         mask[b, 0, :, cols] = False
@@ -504,12 +505,11 @@ def reduced_clips(vid: torch.Tensor, mask: torch.Tensor, seqs: list, reduce: dic
 
 def follow_merge(m: torch.Tensor, keep: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """An attention target over a clip's ``FRAMES * 64 + 1`` media slots -> the kept slots whose tokens stand for
-    a targeted one (a merged token stands for all its members); the newline stays as it was."""
+    a targeted one (a merged token stands for all its members); never the newline (dropped with the reduction)."""
     n = FRAMES * 64
     hit = ((w > 0) & m[:n][None]).any(1)  # [K]
     out = torch.zeros_like(m)
     out[keep[hit]] = True
-    out[n:] = m[n:]
     return out
 
 
@@ -838,7 +838,7 @@ def evaluate_cached(model, tok, ev: dict, n_images: int = 200, reduce: tuple | N
     """Teacher-forced first-answer-token accuracy on the cached held-out clips (per type) and images (overall).
 
     ``reduce``: ``(method, budget, scope)`` — the clips as the plugin hands them to the LLM (:func:`reduce_clip`:
-    kept or merged tokens at their original positions); images are then skipped."""
+    kept or merged tokens at their original positions, no newline); images are then skipped."""
     model.eval()
     cfg = model.config
     lm = model.model.language_model
@@ -850,15 +850,15 @@ def evaluate_cached(model, tok, ev: dict, n_images: int = 200, reduce: tuple | N
             chunk = items[s0 : s0 + 16]
             media = [m.float() for m in feats_fn(s0, s0 + len(chunk))]
             places = [torch.arange(len(m)) for m in media]  # each media token's offset in the full layout
+            full = [len(m) for m in media]
             if reduce is not None:
                 for b, m in enumerate(media):
                     keep, w = reduce_clip(m[:-1], *reduce, seed=s0 + b)
-                    media[b] = torch.cat([w @ m[:-1], m[-1:]])
-                    places[b] = torch.cat([keep, torch.tensor([len(m) - 1])])
+                    media[b], places[b], full[b] = w @ m[:-1], keep, len(m)
             seqs, poss = [], []
-            for it, m, pl in zip(chunk, media, places, strict=True):
+            for it, m, pl, n_full in zip(chunk, media, places, full, strict=True):
                 sq = Seq(tok, media_id, len(m), [(it["question"], "")], cache)
-                start, n_full = sq.media_start, int(pl[-1]) + 1
+                start = sq.media_start
                 text = len(sq.ids) - 1 - start - len(m)
                 seqs.append(sq.ids[:-1])
                 poss.append(
