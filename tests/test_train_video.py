@@ -172,3 +172,40 @@ def test_image_turns_add_up_down_questions_about_uniquely_named_objects():
     got = {q["question"]: q["answer"] for q in qs}
     assert got == {"Is the red circle up or down?": "up", "Is the blue triangle up or down?": "down"}
     assert all(objs[q["obj"]][1] in q["question"] for q in qs)
+
+
+def test_reduced_clips_are_the_plugins_layout():
+    """Training on reduced clips: the plugin's quotas per frame / per clip, merged features in the kept slots, the
+    dropped slots and the trailing newline hidden from every query, attention targets moved to the kept slots."""
+    from vlm_accel.methods import Context, get
+    from vlm_accel.zoo.train import segment_mask
+    from vlm_accel.zoo.train_video import FRAMES, follow_merge, reduce_clip, reduced_clips
+
+    n = FRAMES * 64
+    x = torch.randn(n, 16, generator=torch.Generator().manual_seed(0))
+    for method, scope in (("tome", "frame"), ("tome", "clip"), ("temporal", "frame"), ("random", "frame")):
+        keep, w = reduce_clip(x, method, 0.25, scope, seed=0)
+        assert keep.numel() == n // 4 and torch.equal(keep, keep.sort().values)
+        torch.testing.assert_close(w.sum(1), torch.ones(keep.numel()))
+        if scope == "frame" and method != "temporal":  # per frame: each frame keeps its own quarter
+            assert torch.bincount(keep // 64, minlength=FRAMES).tolist() == [16] * FRAMES
+    keep, w = reduce_clip(x, "temporal", 0.25, "frame", seed=0)
+    red = get("temporal")(x, n // 4, Context(grid=(8, 8), frames=FRAMES))  # clip-wide, as the session runs it
+    assert torch.equal(keep, red.keep)
+
+    class S:
+        media_start = 3
+
+    vid = torch.randn(1, n + 1, 16)
+    seg = torch.zeros(1, 3 + n + 1 + 4, dtype=torch.long)
+    out, mask, kept = reduced_clips(vid, segment_mask(seg), [S()], {0: ("tome", 0.25, "frame")}, seed=0)
+    keep, w = kept[0]
+    torch.testing.assert_close(out[0, keep], w @ vid[0, :n])
+    visible = mask[0, 0, -1, 3 : 3 + n + 1]  # what the last text token sees of the media
+    assert visible[:n].nonzero()[:, 0].tolist() == keep.tolist() and not visible[n]
+    target = torch.zeros(n + 1, dtype=torch.bool)
+    target[[5, 70, n]] = True
+    moved = follow_merge(target, keep, w)
+    assert not moved[n] and set(moved.nonzero()[:, 0].tolist()) == {
+        int(keep[i]) for i in range(keep.numel()) if w[i, 5] > 0 or w[i, 70] > 0
+    }
