@@ -967,20 +967,7 @@ class Session:
         return result
 
     def _segments(self, info: ImageInfo) -> list[Segment]:
-        """Per-frame segments, or one clip segment when the budget is per clip or the method works across frames.
-
-        A clip segment counts as one unit for a per-clip budget and as one unit per frame otherwise."""
-        per_clip = self.budget.video == "clip"
-        if info.frames < 2 or len(info.segments) < 2 or not (per_clip or "clip" in self.method.needs):
-            return info.segments
-        return [
-            Segment(
-                torch.cat([s.idx for s in info.segments]),
-                info.segments[0].grid,
-                units=1 if per_clip else sum(s.units for s in info.segments),
-                frames=info.frames,
-            )
-        ]
+        return budget_segments(info, self.budget.video, self.method)
 
     @staticmethod
     def _query(embeds, mask, attn, row: int) -> torch.Tensor:
@@ -1093,6 +1080,24 @@ def _refuse_static(cache) -> None:
             "KV eviction (Budget.kv / kv_max) needs a growing cache; static caches keep their full length "
             "(drop cache_implementation='static')"
         )
+
+
+def budget_segments(info: ImageInfo, video: str, method: Method) -> list[Segment]:
+    """The segments of ``info`` that each get a quota: its per-frame segments, or one clip segment when the budget
+    is per clip (``video == "clip"``) or ``method`` works across frames (``"clip"`` in its needs).
+
+    A clip segment counts as one unit for a per-clip budget and as one unit per frame otherwise."""
+    per_clip = video == "clip"
+    if info.frames < 2 or len(info.segments) < 2 or not (per_clip or "clip" in method.needs):
+        return info.segments
+    return [
+        Segment(
+            torch.cat([s.idx for s in info.segments]),
+            info.segments[0].grid,
+            units=1 if per_clip else sum(s.units for s in info.segments),
+            frames=info.frames,
+        )
+    ]
 
 
 def _auto_method(adapter: Adapter) -> str:

@@ -452,25 +452,28 @@ def image_token_labels(model, labels: torch.Tensor, size: torch.Tensor) -> torch
 
 def reduce_clip(tokens: torch.Tensor, method: str, budget: float, scope: str, seed: int):
     """What the plugin hands the LLM for one clip at ``budget`` of its tokens: ``tokens`` ``[FRAMES * 64, H]`` (the
-    pooled frames, no newline) -> ``(keep [K], weights [K, N] or None)`` — ``method`` on every frame (``scope``
-    ``"frame"``, clip methods always take the whole clip) or on the clip at once (``"clip"``), quotas as the session
-    computes them (:meth:`vlm_accel.Budget.visual_quota`). The kept tokens keep their positions."""
+    pooled frames, no newline) -> ``(keep [K], weights [K, N])`` — ``method`` on every frame (``scope`` ``"frame"``)
+    or on the clip at once (``"clip"``), with the session's segments (:func:`vlm_accel.api.budget_segments`: clip
+    methods always take the whole clip) and quotas (:meth:`vlm_accel.Budget.visual_quota`). The kept tokens keep
+    their positions."""
+    from ..adapters import ImageInfo
+    from ..adapters.base import frame_segments
+    from ..api import budget_segments
     from ..budget import Budget
     from ..methods import Context, get
+    from ..methods.batch import reduce_segments
 
-    m, quota = get(method), Budget(visual=budget).visual_quota
-    n = tokens.shape[0]
-    if scope == "clip" or "clip" in m.needs:
-        segments = [(torch.arange(n), FRAMES, quota(n, 1 if scope == "clip" else FRAMES))]
-    else:
-        segments = [(torch.arange(f * 64, (f + 1) * 64), 1, quota(64)) for f in range(FRAMES)]
+    m, n = get(method), tokens.shape[0]
+    info = ImageInfo(n, frame_segments(FRAMES, (8, 8), tokens.device), frames=FRAMES)
+    segments = budget_segments(info, scope, m)
+    quotas = [Budget(visual=budget).visual_quota(s.idx.numel(), s.units) for s in segments]
+    ctxs = [Context(grid=s.grid, frames=s.frames, generator=torch.Generator().manual_seed(seed)) for s in segments]
+    reds = reduce_segments(m, [tokens[s.idx].float() for s in segments], quotas, ctxs)
     keep, rows = [], []
-    for idx, frames, k in segments:
-        ctx = Context(grid=(8, 8), frames=frames, generator=torch.Generator().manual_seed(seed))
-        red = m(tokens[idx].float(), k, ctx)
-        keep.append(idx[red.keep])
+    for s, red in zip(segments, reds, strict=True):
+        keep.append(s.idx[red.keep])
         w = torch.zeros(red.keep.numel(), n)
-        w[:, idx] = red.weights if red.weights is not None else F.one_hot(red.keep, len(idx)).float()
+        w[:, s.idx] = red.weights if red.weights is not None else F.one_hot(red.keep, len(s.idx)).float()
         rows.append(w)
     keep, w = torch.cat(keep), torch.cat(rows)
     order = keep.argsort()
@@ -849,12 +852,12 @@ def evaluate_cached(model, tok, ev: dict, n_images: int = 200, reduce: tuple | N
         for s0 in range(0, len(items), 16):
             chunk = items[s0 : s0 + 16]
             media = [m.float() for m in feats_fn(s0, s0 + len(chunk))]
-            places = [torch.arange(len(m)) for m in media]  # each media token's offset in the full layout
-            full = [len(m) for m in media]
+            full = [len(m) for m in media]  # media tokens of the full layout
+            places = [torch.arange(len(m)) for m in media]  # each media token's offset in it
             if reduce is not None:
                 for b, m in enumerate(media):
                     keep, w = reduce_clip(m[:-1], *reduce, seed=s0 + b)
-                    media[b], places[b], full[b] = w @ m[:-1], keep, len(m)
+                    media[b], places[b] = w @ m[:-1], keep
             seqs, poss = [], []
             for it, m, pl, n_full in zip(chunk, media, places, full, strict=True):
                 sq = Seq(tok, media_id, len(m), [(it["question"], "")], cache)
