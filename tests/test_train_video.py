@@ -192,6 +192,11 @@ def test_reduced_clips_are_the_plugins_layout():
     keep, w = reduce_clip(x, "temporal", 0.25, "frame", seed=0)
     red = get("temporal")(x, n // 4, Context(grid=(8, 8), frames=FRAMES))  # clip-wide, as the session runs it
     assert torch.equal(keep, red.keep)
+    keep, _ = reduce_clip(x, "random", 0.25, "frame", seed=0)
+    g = torch.Generator().manual_seed(0)  # one generator through the clip's frames, as the session's
+    frames = [f * 64 + get("random")(x[f * 64 : (f + 1) * 64], 16, Context(grid=(8, 8), generator=g)).keep
+              for f in range(FRAMES)]  # fmt: skip
+    assert torch.equal(keep, torch.cat(frames)) and not torch.equal(frames[0], frames[1] - 64)
 
     class S:
         media_start = 3

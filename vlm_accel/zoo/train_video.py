@@ -467,7 +467,8 @@ def reduce_clip(tokens: torch.Tensor, method: str, budget: float, scope: str, se
     info = ImageInfo(n, frame_segments(FRAMES, (8, 8), tokens.device), frames=FRAMES)
     segments = budget_segments(info, scope, m)
     quotas = [Budget(visual=budget).visual_quota(s.idx.numel(), s.units) for s in segments]
-    ctxs = [Context(grid=s.grid, frames=s.frames, generator=torch.Generator().manual_seed(seed)) for s in segments]
+    g = torch.Generator().manual_seed(seed)  # one per clip, shared by its segments, as the session's
+    ctxs = [Context(grid=s.grid, frames=s.frames, generator=g) for s in segments]
     reds = reduce_segments(m, [tokens[s.idx].float() for s in segments], quotas, ctxs)
     keep, rows = [], []
     for s, red in zip(segments, reds, strict=True):
