@@ -121,3 +121,17 @@ def test_tower_memo_reuses_only_an_unobserved_tower(method):
             with pytest.raises(RuntimeError, match="already overridden"), tower_memo(tower):
                 pass
     assert "forward" not in vars(tower)
+
+
+def test_videoqa_cache_and_stream_rows_can_be_left_out():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    videoqa.add_arguments(p)
+    a = p.parse_args(["--methods", "temporal", "--budgets", "1.0", "0.25", "--cache-thresholds", "--stream-fractions"])
+    assert a.cache_thresholds == [] and a.stream_fractions == []
+    assert videoqa.video_configs(a.methods, a.budgets, a.cache_thresholds, a.stream_fractions) == [
+        ("none", "frame", 1.0), ("temporal", "frame", 0.25), ("temporal", "clip", 0.25)
+    ]  # fmt: skip
+    d = p.parse_args([])
+    assert d.cache_thresholds == [0.0, 0.05, 0.15] and d.stream_fractions == [0.5, 0.25]

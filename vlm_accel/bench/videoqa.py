@@ -239,6 +239,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--methods", nargs="+", default=[m for m in VIDEO_METHODS if m in vlm_accel.methods()])
     p.add_argument("--budgets", nargs="+", type=float, default=VIDEO_BUDGETS)
+    p.add_argument("--cache-thresholds", nargs="*", type=float, default=[0.0, 0.05, 0.15], help="none: no cache rows")
+    p.add_argument("--stream-fractions", nargs="*", type=float, default=[0.5, 0.25], help="none: no stream rows")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="eval/results")
     p.add_argument("--name", default=None)
@@ -269,7 +271,9 @@ def cli(a: argparse.Namespace) -> int:
     }
     name = a.name or f"videoqa_{a.task}"
     if has_video_input(model, processor):
-        run_video(model, processor, items, a.methods, a.budgets, out_dir=a.out, name=name, meta=meta)
+        run_video(
+            model, processor, items, a.methods, a.budgets, a.cache_thresholds, a.stream_fractions, a.out, name, meta
+        )
     else:
         run(model, processor, items, a.methods, a.budgets, a.out, name, meta=meta)
     return 0
