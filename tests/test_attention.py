@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlm_accel.adapters import adapter_for
-from vlm_accel.attention import row_attention
+from vlm_accel.llm.attention import row_attention
 
 import tiny
 

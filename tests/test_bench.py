@@ -8,7 +8,7 @@ from PIL import Image
 
 from vlm_accel.bench import videoqa, vqa
 from vlm_accel.video import load
-from vlm_accel.video.synthetic import COLORS, shape_clip, write_clips
+from vlm_accel.zoo.clips import COLORS, shape_clip, write_clips
 
 import tiny
 

@@ -43,7 +43,7 @@ def test_ask_video_streams_the_sampled_frames(tmp_path, capsys, caplog, image_on
     """An image-only model (``--model DIR``) answers a clip from its sampled frames streamed as images, each reduced
     to ``--budget`` tokens; the log says how many frames were sampled and how many tokens the stream held."""
     pytest.importorskip("av")
-    from vlm_accel.video.synthetic import write_clips
+    from vlm_accel.zoo.clips import write_clips
 
     write_clips(tmp_path, n=1, frames=6)
     clip = tmp_path / "clip_0000.mp4"

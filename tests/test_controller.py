@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import vlm_accel
-from vlm_accel import calibration
-from vlm_accel.budget import Budget
-from vlm_accel.controller import allocate, information, kv_bytes_per_entry
+from vlm_accel.control import calibration
+from vlm_accel.control.budget import Budget
+from vlm_accel.control.controller import allocate, information, kv_bytes_per_entry
 
 import tiny
 
@@ -243,7 +243,7 @@ def test_stream_spends_a_token_target_on_the_frames_that_change():
 
 
 def test_stream_memory_target_bounds_held_tokens():
-    from vlm_accel.controller import activation_bytes
+    from vlm_accel.control.controller import activation_bytes
 
     model, processor = tiny.build_default_like()
     lm = model.model.language_model
@@ -380,7 +380,7 @@ def test_tower_calibration_keyed_by_view_size_and_schedule(tmp_path, monkeypatch
 
 
 def test_tower_scale_follows_measured_time():
-    from vlm_accel.controller import Controller, TowerChoice
+    from vlm_accel.control.controller import Controller, TowerChoice
 
     c = Controller(Budget(latency_ms=100.0), None, None)
     tower = calibration.TowerCost("k", (1.0, 0.5), (100.0, 60.0), "cubic")

@@ -110,7 +110,7 @@ def test_answer_video(any_demo, tmp_path):
     """Four frames at 16 tokens each: every frame's kept tokens in the gallery; the image-only path holds 16 per
     frame in its stream, the video input keeps 16 of each frame's tokens of the clip's placeholders."""
     pytest.importorskip("av")
-    from vlm_accel.video.synthetic import write_clips
+    from vlm_accel.zoo.clips import write_clips
 
     d = any_demo
     write_clips(tmp_path, n=1, frames=6)

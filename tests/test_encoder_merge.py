@@ -8,7 +8,7 @@ import transformers as tf
 import vlm_accel
 from vlm_accel import Budget
 from vlm_accel.adapters.base import encoder_layers
-from vlm_accel.encoder_merge import SCHEDULES, merge_schedule
+from vlm_accel.tower.merge import SCHEDULES, merge_schedule
 
 import tiny
 

@@ -7,7 +7,7 @@ import torch
 
 import vlm_accel
 from vlm_accel.adapters import adapter_for
-from vlm_accel.budget import Budget
+from vlm_accel.control.budget import Budget
 from vlm_accel.methods.inllm import stage_layers, stage_quota
 
 import oracle

@@ -20,9 +20,9 @@ import torch
 
 import vlm_accel
 from vlm_accel import kernels
-from vlm_accel.attention import attention_probs
 from vlm_accel.bench.kernels import LEGACY
 from vlm_accel.kernels import reference
+from vlm_accel.llm.attention import attention_probs
 from vlm_accel.methods import Context, get
 from vlm_accel.methods.batch import reduce_segments
 

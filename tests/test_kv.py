@@ -279,7 +279,7 @@ def _reference_vision_keep(keys, relevance, visual, valid, keep, relevant):
 def _reference_relevance(attn, hidden, pe, valid, window, kernel):
     """SnapKV's score, spelled out: eager causal attention of the last ``window`` rows, averaged over those rows and
     the query heads of each KV head, smoothed over ``kernel`` neighbours (zero padding at the ends)."""
-    from vlm_accel.attention import project_keys, project_queries
+    from vlm_accel.llm.attention import project_keys, project_queries
 
     b, n = valid.shape
     q = project_queries(attn, hidden, pe, torch.arange(n).expand(b, n))  # [B, H, L, hd]
@@ -300,8 +300,8 @@ def _reference_relevance(attn, hidden, pe, valid, window, kernel):
 def test_vision_press_equals_readable_rule(relevant, kv):
     import transformers as tf
 
-    from vlm_accel.attention import project_keys
     from vlm_accel.kv.presses import PressInput, VisionAwarePress, select
+    from vlm_accel.llm.attention import project_keys
 
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(tf.LlamaConfig(**tiny._LLAMA)).eval()

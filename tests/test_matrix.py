@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vlm_accel
-from vlm_accel.budget import Budget
+from vlm_accel.control.budget import Budget
 from vlm_accel.methods import get
 
 import tiny

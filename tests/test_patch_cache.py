@@ -7,7 +7,7 @@ import torch
 import vlm_accel
 from vlm_accel.adapters import adapter_for
 from vlm_accel.adapters.base import encoder_layers
-from vlm_accel.video.patch_cache import PatchCache, patch_diff
+from vlm_accel.tower.patch_cache import PatchCache, patch_diff
 
 import tiny
 

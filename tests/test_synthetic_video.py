@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vlm_accel.video import load
-from vlm_accel.video.synthetic import (
+from vlm_accel.zoo.clips import (
     COLORS,
     DIRECTIONS,
     KINDS,

@@ -7,7 +7,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 import vlm_accel
-from vlm_accel.budget import Budget
+from vlm_accel.control.budget import Budget
 
 import tiny
 

@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlm_accel.video.synthetic import render_clip, sampled
-from vlm_accel.zoo import render
-from vlm_accel.zoo.train_video import (
+from training.train_video import (
     FRAMES,
     VIDEO_TOKENS,
     Seq,
@@ -20,6 +18,8 @@ from vlm_accel.zoo.train_video import (
     pooled_labels,
     reverse_clip,
 )
+from vlm_accel.zoo import render
+from vlm_accel.zoo.clips import render_clip, sampled
 
 
 def _meta(clip):
@@ -129,8 +129,8 @@ def test_attention_targets_sit_on_the_object_before_and_after_the_event():
 
 @pytest.mark.parametrize("kind", ["move", "appear", "disappear", "change"])
 def test_a_clip_played_backwards_asks_the_reversed_questions(kind):
-    from vlm_accel.video.synthetic import clip_questions
-    from vlm_accel.zoo.train_video import _tracks
+    from training.train_video import _tracks
+    from vlm_accel.zoo.clips import clip_questions
 
     opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
     for seed in range(4):
@@ -164,7 +164,7 @@ def test_a_clip_played_backwards_asks_the_reversed_questions(kind):
 
 
 def test_image_turns_add_up_down_questions_about_uniquely_named_objects():
-    from vlm_accel.zoo.train_video import image_turns
+    from training.train_video import image_turns
 
     objs = [("circle", "red", 0.3, 0.2, 0.2), ("triangle", "blue", 0.7, 0.8, 0.2), ("circle", "green", 0.5, 0.52, 0.2)]
     objs += [("rectangle", "teal", 0.2, 0.9, 0.1), ("rectangle", "teal", 0.8, 0.1, 0.1)]  # same name: never asked
@@ -177,9 +177,9 @@ def test_image_turns_add_up_down_questions_about_uniquely_named_objects():
 def test_reduced_clips_are_the_plugins_layout():
     """Training on reduced clips: the plugin's quotas per frame / per clip, merged features in the kept slots, the
     dropped slots and the trailing newline hidden from every query, attention targets moved to the kept slots."""
+    from training.train import segment_mask
+    from training.train_video import FRAMES, follow_merge, reduce_clip, reduced_clips
     from vlm_accel.methods import Context, get
-    from vlm_accel.zoo.train import segment_mask
-    from vlm_accel.zoo.train_video import FRAMES, follow_merge, reduce_clip, reduced_clips
 
     n = FRAMES * 64
     x = torch.randn(n, 16, generator=torch.Generator().manual_seed(0))

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from vlm_accel import zoo
-from vlm_accel.video.synthetic import QTYPES as QTYPES_CLIP
 from vlm_accel.zoo import render
+from vlm_accel.zoo.clips import QTYPES as QTYPES_CLIP
 
 HAVE_WEIGHTS = (zoo.DEFAULT_DIR / "model.safetensors").is_file()
 needs_weights = pytest.mark.usefixtures("default_model")  # committed weights: a missing file fails, not skips
@@ -45,7 +45,7 @@ def image_views(model, processor, image) -> tuple[int, list[int]]:
 
 def kept_tokens(budget, n: int, views: list[int]) -> int:
     """Visual tokens ``accelerate(budget=...)`` keeps of an image of ``n`` placeholders in ``views``: per view
-    ``max(1, round(budget * size))`` for a fraction, ``budget`` per image-sized unit for a count (vlm_accel.budget);
+    ``max(1, round(budget * size))`` for a fraction, ``budget`` per image-sized unit for a count (control/budget.py);
     every placeholder when no view is reduced."""
     quotas = [
         min(v, max(1, round(budget * v)) if isinstance(budget, float) else budget * max(1, round(v / views[0])))
@@ -219,7 +219,7 @@ def test_accelerate_keeps_promised_tokens(default_model, budget):
 
 def test_kept_tokens_follows_the_library_rounding():
     """The expected counts above are the library's per-segment quota (``Budget.visual_quota``), not a copy of it."""
-    from vlm_accel.budget import Budget
+    from vlm_accel.control.budget import Budget
 
     for budget in (0.33, 0.11, 0.004, 64, 1, 1.0):
         for views in ([256], [256, 256], [256, 192], [256, 80]):

@@ -11,8 +11,8 @@ from PIL import Image
 
 from vlm_accel import zoo
 from vlm_accel.video import Video, load
-from vlm_accel.video.synthetic import heldout_clips, write_video
 from vlm_accel.zoo import onevision
+from vlm_accel.zoo.clips import heldout_clips, write_video
 
 # while the packaged default is the image model, the OneVision form under test is built from it; once the default is
 # the trained OneVision model, that model is tested

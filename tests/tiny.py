@@ -245,7 +245,7 @@ def inputs_for(model, family: str, kind: str, batch: int = 1, seed: int = 0, dty
 def build_default_like(seed: int = 0):
     """A tiny random model shaped like the embedded default (DINOv2 tower at 224 px / 14 px patches, 256 tokens),
     with the default's real processor (word-level tokenizer, chat template)."""
-    from vlm_accel.zoo.build import build_processor
+    from training.build import build_processor
 
     processor = build_processor()
     tok = processor.tokenizer

@@ -9,7 +9,7 @@ from __future__ import annotations
 from . import methods as _methods
 from . import registry
 from .api import Session, Stats, accelerate
-from .budget import Budget
+from .control.budget import Budget
 
 __version__ = "0.1.0"
 

@@ -17,20 +17,20 @@ import torch
 from . import methods as _methods
 from .adapters import Adapter, ImageInfo, Segment, adapter_for
 from .adapters.base import call_arguments, cls_attention
-from .budget import Budget
-from .controller import Controller, Plan, TowerChoice
-from .encoder_merge import ENCODER_METHODS, NEEDS_FULL_GRID, TowerMerge
+from .control.budget import Budget
+from .control.controller import Controller, Plan, TowerChoice
 from .kv.compress import KVCompressor
 from .kv.presses import get_press
 from .kv.quant import nbytes as kv_nbytes
-from .layout import cache_arg, compose, reduced_layout, slots
-from .layout import take as _take
-from .llm_stages import LLMStages, LMSegment
+from .llm.layout import cache_arg, compose, reduced_layout, slots
+from .llm.layout import take as _take
+from .llm.stages import LLMStages, LMSegment
+from .llm.static_cache import SlotState
 from .methods import Context, Method
 from .methods.batch import reduce_segments
 from .methods.inllm import mean_tokens
-from .static_cache import SlotState
-from .tower_steering import TowerSteering
+from .tower.merge import ENCODER_METHODS, NEEDS_FULL_GRID, TowerMerge
+from .tower.steering import TowerSteering
 
 logger = logging.getLogger(__name__)
 
@@ -227,12 +227,12 @@ class Session:
         self._encoding = False
         self.frame_cache = None
         if frame_cache is not None:
-            from .video.cache import FrameCache
+            from .tower.frame_cache import FrameCache
 
             if not adapter.has_video:
                 raise ValueError(f"frame_cache: {adapter.family} has no video input path")
             if frame_cache_patches:
-                from .video.patch_cache import PatchCache
+                from .tower.patch_cache import PatchCache
 
                 self.frame_cache = PatchCache(adapter, frame_cache)
             else:
@@ -409,7 +409,7 @@ class Session:
 
     def _noting_prompt(self, orig):
         """``Budget(latency_ms=...)`` with a merge inside the vision tower: a request's prompt is noted when it
-        starts, for the merge chosen right before its tower runs (:class:`~vlm_accel.tower_steering.TowerSteering`)."""
+        starts, for the merge chosen right before its tower runs (:class:`~vlm_accel.tower.steering.TowerSteering`)."""
 
         @functools.wraps(orig)
         def call(*args, **kwargs):
@@ -1003,7 +1003,7 @@ class Session:
     def _compiled_decode(self, orig, kwargs: dict, cache):
         """A decoding step traced by ``torch.compile`` (``generate(cache_implementation="static", compile_config=
         ...)`` compiles every step after the prefill): tensor arithmetic on fixed shapes only, from the reduced
-        prompt's slot state kept on the static cache (:mod:`vlm_accel.static_cache`), so one graph serves every
+        prompt's slot state kept on the static cache (:mod:`vlm_accel.llm.static_cache`), so one graph serves every
         prompt at any budget. In-LLM stages and KV eviction need per-step Python state: they run only uncompiled."""
         if self.stages is not None or self.kv is not None:
             raise RuntimeError(

@@ -25,7 +25,7 @@ def _budget(text: str):
     ``1`` keeps one token per image / frame, ``1.0`` keeps them all)."""
     import math
 
-    from .budget import Budget
+    from .control.budget import Budget
 
     try:
         value = float(text)
@@ -53,8 +53,8 @@ def _positive_int(text: str) -> int:
 
 
 def _method(text: str) -> str:
-    from .encoder_merge import ENCODER_METHODS
     from .methods import names
+    from .tower.merge import ENCODER_METHODS
 
     known = names() + sorted(ENCODER_METHODS)
     for part in text.split("+"):  # tower, pre-LLM and in-LLM methods may be joined: tome_vit+visionzip, visionzip+fastv
@@ -96,7 +96,7 @@ def cmd_ask(a) -> int:
     import vlm_accel
 
     from . import zoo
-    from .loading import load_image
+    from .media import load_image
 
     if a.budget == 1 and isinstance(a.budget, int):
         logger.warning(
@@ -152,9 +152,9 @@ def _ask_video(a) -> int:
 
 
 def cmd_methods(a) -> int:
-    from .encoder_merge import ENCODER_METHODS
     from .kv.presses import PRESSES
     from .methods import get, names
+    from .tower.merge import ENCODER_METHODS
 
     tags = {"llm": "[in-LLM] ", "encoder": "[in the vision tower] "}
     for n in names() + sorted(ENCODER_METHODS):
@@ -169,7 +169,7 @@ def cmd_methods(a) -> int:
 
 
 def cmd_calibrate(a) -> int:
-    from .calibration import cache_dir, calibrate
+    from .control.calibration import cache_dir, calibrate
     from .loading import load_model
 
     size = _view_size(a.tower) if a.tower else None
@@ -196,8 +196,8 @@ def _calibrate_tower(model, size: tuple[int, int]) -> None:
     """``--tower 224`` / ``336x336`` (``size``: height, width): the vision encoder's cost per view for ``tome_vit``
     under ``latency_ms`` (the configured schedule and the fallback), measured now instead of on the first request."""
     from . import accelerate
-    from .budget import Budget
-    from .calibration import calibrate_tower
+    from .control.budget import Budget
+    from .control.calibration import calibrate_tower
 
     sess = accelerate(model, Budget(latency_ms=1e12), method="tome_vit")  # ValueError for towers it cannot merge
     try:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .api import accelerate
-from .loading import load_image
+from .media import load_image
 from .methods import names as _method_names
 from .zoo import ask, build_prompt
 

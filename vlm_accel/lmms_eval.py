@@ -24,8 +24,9 @@ import torch
 from lmms_eval.api.model import lmms
 
 from .api import accelerate
-from .budget import Budget
-from .loading import check_context, load_model
+from .control.budget import Budget
+from .loading import load_model
+from .media import check_context
 
 logger = logging.getLogger(__name__)
 

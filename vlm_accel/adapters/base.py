@@ -53,6 +53,29 @@ class ImageInfo:
     alive: torch.Tensor | None = None
 
 
+@dataclass
+class Frame:
+    """One independently encoded unit of a video: its pixels and what the adapter needs to encode it alone."""
+
+    pixels: torch.Tensor
+    meta: object = None
+
+
+@dataclass
+class TowerSpec:
+    """What the adapter tells about a vision tower.
+
+    Attributes:
+        layers: the tower's transformer layers, in order (each called as ``layer(hidden [B, T, C], mask, ...)``).
+        attentions: per layer, its attention module (``k_proj`` and ``num_heads`` / ``head_dim`` read from it).
+        prefix: tokens at the front of every view that never merge (CLS), ``0`` for towers without one.
+    """
+
+    layers: list[nn.Module]
+    attentions: list[nn.Module]
+    prefix: int
+
+
 class Adapter:
     """Base class. Subclasses set ``family`` and ``model_classes`` and implement :meth:`describe`."""
 
@@ -102,10 +125,10 @@ class Adapter:
         """One :class:`ImageInfo` per video (``frames`` set, one segment per frame)."""
         raise NotImplementedError(f"{type(self).__name__} has no video path")
 
-    # --- token merging inside the vision tower (``tome_vit``, :mod:`vlm_accel.encoder_merge`) --------------------
+    # --- token merging inside the vision tower (``tome_vit``, :mod:`vlm_accel.tower.merge`) --------------------
     def tower_spec(self):
         """The vision tower's layers, attention modules and protected prefix (a
-        :class:`vlm_accel.encoder_merge.TowerSpec`); ``ValueError`` when the family's tower cannot merge tokens."""
+        :class:`TowerSpec`); ``ValueError`` when the family's tower cannot merge tokens."""
         raise ValueError(f"tome_vit: merging inside the vision tower is not available for {self.family}")
 
     def tower_feature_layer(self, call: dict) -> int:
@@ -125,7 +148,7 @@ class Adapter:
     has_video = False
 
     def video_frames(self, call: dict) -> list[list]:
-        """Per video, its frames as :class:`vlm_accel.video.cache.Frame` objects."""
+        """Per video, its frames as :class:`Frame` objects."""
         raise NotImplementedError
 
     def encode_frames(self, orig, frames: list, call: dict) -> list:

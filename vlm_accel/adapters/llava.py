@@ -8,7 +8,16 @@ import math
 import torch
 from torch import nn
 
-from .base import Adapter, ImageInfo, Segment, encoder_layers, feature_layer_index, frame_segments
+from .base import (
+    Adapter,
+    Frame,
+    ImageInfo,
+    Segment,
+    TowerSpec,
+    encoder_layers,
+    feature_layer_index,
+    frame_segments,
+)
 
 CLS_TOWERS = ("clip_vision_model", "dinov2")
 MERGE_TOWERS = ("clip_vision_model", "siglip_vision_model", "dinov2")  # towers tome_vit can merge inside
@@ -41,7 +50,6 @@ class LlavaAdapter(Adapter):
         return vcfg.image_size // vcfg.patch_size
 
     def tower_spec(self):
-        from ..encoder_merge import TowerSpec
 
         vcfg = self.model.config.vision_config
         if vcfg.model_type not in MERGE_TOWERS:
@@ -164,7 +172,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     has_video = True
 
     def video_frames(self, call):
-        from ..video.cache import Frame
 
         return [[Frame(frame) for frame in clip] for clip in call["pixel_values_videos"]]
 

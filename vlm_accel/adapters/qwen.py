@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, ImageInfo, Segment, frame_segments
+from .base import Adapter, Frame, ImageInfo, Segment, frame_segments
 
 
 class Qwen2VLAdapter(Adapter):
@@ -15,7 +15,6 @@ class Qwen2VLAdapter(Adapter):
     _out_cls = None
 
     def video_frames(self, call):
-        from ..video.cache import Frame
 
         pv, videos, off = call["pixel_values_videos"], [], 0
         for t, h, w in call["video_grid_thw"].tolist():

@@ -29,7 +29,7 @@ import torch
 
 import vlm_accel
 
-from ..budget import Budget
+from ..control.budget import Budget
 from .common import environment, format_table, run_main, write_results
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def _retained(hits: list[int | None], full_hits: list[int]) -> dict:
 
 def latency(which: str, n: int, repeats: int, method: str, fractions=FRACTIONS) -> list[dict]:
     """Rows: per target fraction, target / achieved prefill ms, ratio, kept tokens, accuracy retained (default)."""
-    from ..calibration import calibrate
+    from ..control.calibration import calibrate
 
     if which == "default":
         from ..zoo import heldout, load_default
@@ -149,7 +149,7 @@ def latency(which: str, n: int, repeats: int, method: str, fractions=FRACTIONS) 
 def memory(n: int, method: str, fractions=FRACTIONS) -> list[dict]:
     """Rows: per fraction of the unpatched request's KV + activations, the target, the largest ``stats.kv_bytes``
     seen, the KV limit the controller set, accuracy retained."""
-    from ..controller import activation_bytes, kv_bytes_per_entry
+    from ..control.controller import activation_bytes, kv_bytes_per_entry
     from ..zoo import heldout, load_default
 
     model, processor = load_default()
@@ -221,8 +221,8 @@ def allocation_clips(n: int, totals, method: str, model_dir: str | None, frames:
     frames)`` (the same count every frame), at equal total visual tokens per clip. ``loaded``: ``(model, processor)``
     instead of loading ``model_dir``."""
     from ..loading import load_model
-    from ..video.synthetic import heldout_clips
     from ..zoo import has_video_input
+    from ..zoo.clips import heldout_clips
     from .videoqa import score
 
     model, processor = loaded if loaded is not None else load_model(model_dir)

@@ -10,7 +10,7 @@ Every speed-up sits beside its token-count ideal: the time a part takes scaled b
 the unpatched model in the same run, ``s = vit_ms / prefill_ms`` (the tower's share of the prefill), ``T`` the
 tokens per view entering the tower's layers and ``N`` the prompt tokens the LLM gets; for a configuration, ``t`` the
 tokens per view averaged over the tower layers that ran (from the merge's record of the forward,
-:attr:`~vlm_accel.encoder_merge.TowerMerge.last`; ``T`` when the tower is untouched) and ``n`` the prompt tokens
+:attr:`~vlm_accel.tower.merge.TowerMerge.last`; ``T`` when the tower is untouched) and ``n`` the prompt tokens
 the LLM gets (text + visual tokens kept)::
 
     ideal_vit_speedup = T / t
@@ -40,7 +40,7 @@ import torch
 import vlm_accel
 
 from ..adapters.base import encoder_layers
-from ..encoder_merge import TOME_VIT
+from ..tower.merge import TOME_VIT
 from .common import SpanTimer, environment, format_table, run_main, write_results
 
 logger = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from vlm_accel import Budget
 
 from ..kv.presses import VisionAwarePress
 from ..kv.quant import nbytes
-from ..layout import cache_arg
+from ..llm.layout import cache_arg
 from .common import environment, format_table, run_main, write_results
 
 logger = logging.getLogger(__name__)

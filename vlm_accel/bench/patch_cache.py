@@ -1,5 +1,5 @@
-"""Per-patch frame cache (:class:`vlm_accel.video.patch_cache.PatchCache`) vs the whole-frame cache vs the full
-tower, on held-out synthetic clips (:mod:`vlm_accel.video.synthetic`) through a LLaVA-OneVision video path.
+"""Per-patch frame cache (:class:`vlm_accel.tower.patch_cache.PatchCache`) vs the whole-frame cache vs the full
+tower, on held-out synthetic clips (:mod:`vlm_accel.zoo.clips`) through a LLaVA-OneVision video path.
 
 Model: the embedded default as a stock ``LlavaOnevisionForConditionalGeneration``
 (:func:`vlm_accel.zoo.onevision.load_video_default`: its pretrained DINOv2 ViT-S/14 tower at 224 px, 256 patches per
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 def clips(n: int, frames: int, seed: int = 0) -> list[dict]:
-    from ..video.synthetic import heldout_clips
+    from ..zoo.clips import heldout_clips
 
     return list(heldout_clips(n, seed, frames=frames))
 
@@ -49,7 +49,7 @@ def _inputs(processor, item) -> dict:
 def encode(model, pv, cache) -> tuple[torch.Tensor, float, float, object]:
     """``(features, tower ms, get_video_features ms, stats)`` of one clip, with ``cache`` (None: the full tower)."""
     from ..adapters import adapter_for
-    from ..video.cache import FrameCache
+    from ..tower.frame_cache import FrameCache
 
     inner = model.model
     timer = SpanTimer(inner.vision_tower, inner.vision_tower)
@@ -71,7 +71,7 @@ def encode(model, pv, cache) -> tuple[torch.Tensor, float, float, object]:
 
 
 def _patch_cls():
-    from ..video.patch_cache import PatchCache
+    from ..tower.patch_cache import PatchCache
 
     return PatchCache
 
@@ -190,7 +190,7 @@ def cli(a: argparse.Namespace) -> int:
     meta = {
         "benchmark": "patch_cache",
         **meta,
-        "clips": f"vlm_accel.video.synthetic.heldout_clips(n={a.n}, seed=0, frames={a.frames})",
+        "clips": f"vlm_accel.zoo.clips.heldout_clips(n={a.n}, seed=0, frames={a.frames})",
         "repeats": a.repeats,
         "env": environment("cpu"),
         "load_average_before": [round(v, 2) for v in load_before],

@@ -7,7 +7,7 @@ answers changed) and the streaming session at token bounds of a fraction of the 
 gets the frames as images in one prompt (:func:`run`). ``--task`` names the question file by lmms-eval task name
 inside ``--data-dir`` (``videomme.jsonl``, ``mvbench.jsonl``, ``mlvu.jsonl`` ... in ``{video, question, answer[,
 type]}`` form, video paths relative to the file); ``--task synthetic`` writes and uses the held-out clips of
-:mod:`vlm_accel.video.synthetic` (six question types).
+:mod:`vlm_accel.zoo.clips` (six question types).
 
     vlm-accel bench videoqa --task synthetic --n 300 --budgets 1.0 0.5 0.25 0.1
     vlm-accel bench videoqa --task videomme --data-dir ~/data/lmms --model DIR
@@ -148,7 +148,7 @@ def run_video(
     methods that hook or patch the tower, the frame cache and the stream run it themselves)."""
     import contextlib
 
-    from ..budget import Budget
+    from ..control.budget import Budget
     from ..video.stream import stream
     from ..zoo import normalize_answer
 
@@ -255,7 +255,7 @@ def cli(a: argparse.Namespace) -> int:
 
     data = Path(a.data_dir)
     if a.task == "synthetic":
-        from ..video.synthetic import write_heldout_clips
+        from ..zoo.clips import write_heldout_clips
 
         qfile = write_heldout_clips(data / "synthetic", n=a.n)
     else:

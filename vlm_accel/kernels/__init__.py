@@ -153,7 +153,7 @@ def attention_scores(
     ``q`` ``[B, H, R, hd]``, ``k`` ``[B, H_kv, L, hd]``, ``allowed`` ``[B, R, L]`` bool (or broadcastable to it, e.g.
     ``[B, 1, L]`` key validity) or ``None`` -> ``[B, L]``
     (``"mean"``) or ``[B, H, L]`` (``"head"``), fp32. Equals ``attention_probs(q, k, scaling, allowed)`` of
-    :mod:`vlm_accel.attention` averaged over its row (and head) axes; see :func:`reference.attention_scores`.
+    :mod:`vlm_accel.llm.attention` averaged over its row (and head) axes; see :func:`reference.attention_scores`.
     """
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"attention_scores: q [B, H, R, hd] and k [B, H_kv, L, hd], got {q.shape} and {k.shape}")

@@ -14,8 +14,8 @@ import weakref
 import torch
 from torch import nn
 
-from ..attention import project_queries
-from ..layout import cache_arg
+from ..llm.attention import project_queries
+from ..llm.layout import cache_arg
 from .presses import Press, PressInput, get_press, quota, select
 
 

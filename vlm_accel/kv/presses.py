@@ -1,7 +1,7 @@
 """KV eviction presses: one small class per rule, a ``score()`` to override (shaped like NVIDIA kvpress's).
 
 A press scores every cached entry of one layer, per KV head; the lowest scores are evicted, the same number per row
-and head. Scores that need attention come from :func:`vlm_accel.attention.row_attention` (a few query rows
+and head. Scores that need attention come from :func:`vlm_accel.llm.attention.row_attention` (a few query rows
 recomputed from the layer's own projections and rotary embedding, against the cached keys), so every press works
 under ``eager``, ``sdpa`` and flash attention alike.
 
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import attention_probs, row_attention
 from ..kernels import max_min_select
+from ..llm.attention import attention_probs, row_attention
 
 TEXT_BONUS = 1e4  # vision-aware: every text entry outranks every visual one
 

@@ -3,7 +3,7 @@
 The reducer is the same pure function as every other method: ``ctx.importance`` ``[N]`` is the attention each
 visual token of the segment receives from the scoring rows (the last prompt tokens) at the layer before a stage,
 head-averaged; the top ``k`` stay. Where the stages are and how many tokens each keeps is a pure schedule
-(:func:`stage_layers`, :func:`stage_quota`); the hooks that run it live in :mod:`vlm_accel.llm_stages`.
+(:func:`stage_layers`, :func:`stage_quota`); the hooks that run it live in :mod:`vlm_accel.llm.stages`.
 
 Budget: like a pre-LLM method, the budget is what the LLM keeps of each image / crop / frame *after the last
 stage* (so ``visual_tokens_kept`` is comparable); the layers before it see more. ``Stats.visual_tokens_per_layer``

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import frames_match
+from ..tower.frame_cache import frames_match
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class StreamSession:
     @torch.no_grad()
     def add_frame(self, image, t: float | None = None) -> None:
         """Take one frame (PIL image, ``[H, W, 3]`` uint8 array or path) seen at time ``t`` seconds (default: +1 s)."""
-        from ..loading import load_image
+        from ..media import load_image
 
         self._check_open()
         t = self._clock + 1.0 if t is None else float(t)
@@ -162,7 +162,7 @@ class StreamSession:
     def _allocate(self) -> None:
         """The controller's split: frames identical to their predecessor folded, then (only while there are more
         frames than tokens) the oldest evicted, then every frame cut to its share of the bound by information."""
-        from ..controller import allocate, information
+        from ..control.controller import allocate, information
         from ..methods import Context
         from ..methods.diversity import divprune
 
@@ -247,7 +247,7 @@ class StreamSession:
             frame += 1
         if frame != len(self.entries):
             raise RuntimeError("the chat template did not place one image token per frame")
-        from ..loading import check_context
+        from ..media import check_context
 
         check_context(model, len(pieces))
         input_ids = torch.tensor([pieces], device=model.device)
@@ -314,7 +314,7 @@ class StreamSession:
 def _target_bound(model, session) -> int:
     """Held visual tokens a total target allows (``tokens``; ``memory_gb``: KV + activations of the question's
     prefill; ``latency_ms``: the calibrated prefill)."""
-    from ..controller import activation_bytes, kv_bytes_per_entry, largest
+    from ..control.controller import activation_bytes, kv_bytes_per_entry, largest
 
     b, lm = session.budget, session.adapter.language_model
     bound = b.tokens if b.tokens is not None else 1 << 30

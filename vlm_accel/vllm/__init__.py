@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..budget import Budget
+from ..control.budget import Budget
 
 #: pruned architecture name -> ``module:class`` of the variant (each extends vLLM's class of the same name)
 ARCHITECTURES = {

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..loading import check_context
+from ..media import check_context
 from .render import COLOR_NAMES, QTYPES, SHAPES, Scene, describe, heldout, normalize_answer, questions, render_scene
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def load_default(path: str | os.PathLike | None = None, dtype: torch.dtype = tor
 
 def load_image(image_or_path):
     """An RGB ``PIL.Image`` from a PIL image, a path or an ``[H, W, 3]`` uint8 array; ``ValueError`` if unusable."""
-    from ..loading import load_image as _load
+    from ..media import load_image as _load
 
     return _load(image_or_path)
 

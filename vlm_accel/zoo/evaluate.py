@@ -71,7 +71,7 @@ def answer_clips(model, processor, clips, questions_: list[str], max_new_tokens:
 
 def evaluate_clips(model, processor, n: int = 300, seed: int = 0, batch: int = 8, frames: int = 8) -> dict:
     """Exact-match accuracy on ``heldout_clips(n, seed)`` (8 uniformly sampled frames), per question type."""
-    from ..video.synthetic import heldout_clips
+    from .clips import heldout_clips
 
     if not has_video_input(model, processor):
         raise ValueError(f"{type(model).__name__} has no video input; evaluate a llava_onevision model (--model DIR)")

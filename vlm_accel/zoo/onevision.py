@@ -64,7 +64,7 @@ FRAME_TOKENS = 64  # 8×8 pooled tokens per frame
 
 def vocabulary() -> list[str]:
     """The image model's vocabulary (same ids) + the clip words + ``<video>``."""
-    from .build import vocabulary as image_vocabulary
+    from training.build import vocabulary as image_vocabulary
 
     words = image_vocabulary()
     return words + [w for w in VIDEO_WORDS if w not in words] + ["<video>"]
@@ -101,7 +101,7 @@ def build_tokenizer():
 def build_image_processor():
     from transformers import LlavaOnevisionImageProcessorPil
 
-    from .build import IMAGENET_MEAN, IMAGENET_STD
+    from training.build import IMAGENET_MEAN, IMAGENET_STD
 
     return LlavaOnevisionImageProcessorPil(
         size={"height": 224, "width": 224},
@@ -124,7 +124,7 @@ class FrameVideoProcessor:
     model_input_names = ["pixel_values_videos"]
 
     def __init__(self, size: int = 224, image_mean=None, image_std=None):
-        from .build import IMAGENET_MEAN, IMAGENET_STD
+        from training.build import IMAGENET_MEAN, IMAGENET_STD
 
         self.size = {"height": size, "width": size}
         self.image_mean = list(image_mean or IMAGENET_MEAN)
@@ -162,7 +162,7 @@ class FrameVideoProcessor:
 def build_video_processor():
     """Stock ``LlavaOnevisionVideoProcessor`` (224×224 squash, ImageNet statistics) when torchvision is installed,
     else :class:`FrameVideoProcessor` (the same arithmetic)."""
-    from .build import IMAGENET_MEAN, IMAGENET_STD
+    from training.build import IMAGENET_MEAN, IMAGENET_STD
 
     try:
         import torchvision  # noqa: F401
@@ -270,7 +270,7 @@ def from_image_model(src: str | os.PathLike | None = None):
     if is_onevision(src):
         raise ValueError(
             f"{src} already holds a OneVision model; from_image_model takes the trained LLaVA image model's directory "
-            "(python -m vlm_accel.zoo.train, or the zoo README's account of where the image weights are kept)"
+            "(python -m training.train, or the zoo README's account of where the image weights are kept)"
         )
     llava = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32, local_files_only=True)
     processor = build_processor()
@@ -301,9 +301,7 @@ def from_image_model(src: str | os.PathLike | None = None):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--src", required=True, help="the trained LLaVA image model's directory (python -m vlm_accel.zoo.train)"
-    )
+    ap.add_argument("--src", required=True, help="the trained LLaVA image model's directory (python -m training.train)")
     ap.add_argument("--out", default="/work/zoo-video-ckpt/init")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)

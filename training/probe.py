@@ -5,7 +5,7 @@ measure, per LM layer and head, the attention mass from the answer position onto
 the other object's patches. A model that looks objects up by shape name puts its mass on the asked object; one that
 does not splits it by saliency, whichever object is asked (what the step-2000 weights did: 0.50 / 0.50).
 
-    python -m vlm_accel.zoo.probe [--model DIR] [--n 60]
+    python -m training.probe [--model DIR] [--n 60]
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import logging
 
 import torch
 
-from . import DEFAULT_DIR
-from .render import render_scene
+from vlm_accel.zoo import DEFAULT_DIR
+from vlm_accel.zoo.render import render_scene
 
-log = logging.getLogger("vlm_accel.zoo.probe")
+log = logging.getLogger("training.probe")
 
 
 @torch.no_grad()

@@ -61,7 +61,7 @@ class Budget:
         tokens: a total target: at most this many visual tokens per prompt, however many images, crops or frames it
             has, split among them by their information (``session.plan`` shows the split).
         latency_ms: a total target: the prefill (time to first token) of a request within this many milliseconds,
-            through the model's calibrated cost model (:mod:`vlm_accel.calibration`).
+            through the model's calibrated cost model (:mod:`vlm_accel.control.calibration`).
         memory_gb: a total target: the request's KV cache plus its prefill activations under this many GB
             (``session.stats.kv_bytes`` never exceeds it); cuts visual tokens so the prompt fits and bounds the cache
             while decoding.

@@ -131,7 +131,7 @@ class Plan:
 
 
 class Controller:
-    """Turns a :class:`~vlm_accel.budget.Budget`'s targets into per-row totals and per-segment quotas.
+    """Turns a :class:`~vlm_accel.control.budget.Budget`'s targets into per-row totals and per-segment quotas.
 
     ``model`` is the accelerated VLM (for the cost model's calibration and the KV bytes of its config)."""
 

@@ -5,7 +5,7 @@ Every frame is compared patch by patch (the tower's ``patch_size`` cells of the 
 absolute difference) with the key frame, the last frame the tower encoded in full:
 
 - no patch changed by more than ``threshold``: the frame reuses the key frame's features bit for bit (as
-  :class:`~vlm_accel.video.cache.FrameCache` does for a whole frame);
+  :class:`~vlm_accel.tower.frame_cache.FrameCache` does for a whole frame);
 - at most ``max_changed`` of the patches changed (and ``threshold > 0``): a *partial* frame. In every tower layer
   only the changed tokens (and the CLS token, whose value depends on every patch) are computed: their queries attend
   to the key frame's cached keys / values at the unchanged positions and to their own at the changed ones; the
@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..adapters.base import call_arguments
-from ..encoder_merge import layer_parts
-from .cache import Frame, FrameCache, FrameStats
+from ..adapters.base import Frame, call_arguments
+from .frame_cache import FrameCache, FrameStats
+from .merge import layer_parts
 
 logger = logging.getLogger(__name__)
 

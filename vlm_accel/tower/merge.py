@@ -29,28 +29,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import kernels
-from .methods.base import Method, Option, Reduction
+from .. import kernels
+from ..adapters.base import TowerSpec
+from ..methods.base import Method, Option, Reduction
 
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "decreasing", "steep", "cubic", "front")
 _POWER = {"decreasing": 1, "steep": 2, "cubic": 3}
-
-
-@dataclass
-class TowerSpec:
-    """What the adapter tells about a vision tower.
-
-    Attributes:
-        layers: the tower's transformer layers, in order (each called as ``layer(hidden [B, T, C], mask, ...)``).
-        attentions: per layer, its attention module (``k_proj`` and ``num_heads`` / ``head_dim`` read from it).
-        prefix: tokens at the front of every view that never merge (CLS), ``0`` for towers without one.
-    """
-
-    layers: list[nn.Module]
-    attentions: list[nn.Module]
-    prefix: int
 
 
 # --- the schedule and one merge step: pure functions of tensors ---------------------------------------------------

@@ -5,7 +5,7 @@ prompt; right before the vision tower runs, :meth:`TowerSteering.before_tower` r
 placeholders and text tokens per row), asks the controller for the most tokens per view whose predicted
 encoder time plus language-model prefill meets the target (:meth:`Controller.tower_keep`), and sets the tower merge's
 budget for this request: the configured merge schedule when it can meet the target, else the fastest one
-(``front``). The encoder's cost per view comes from :class:`~vlm_accel.calibration.TowerCost`, measured by
+(``front``). The encoder's cost per view comes from :class:`~vlm_accel.control.calibration.TowerCost`, measured by
 :meth:`TowerSteering.probe` on first use and cached.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from .budget import Budget
-from .calibration import tower_calibrated
-from .controller import TowerChoice
+from ..control.budget import Budget
+from ..control.calibration import tower_calibrated
+from ..control.controller import TowerChoice
 
 FASTEST = "front"  # the schedule a target falls back to: halving at every layer (costs accuracy, see the README)
 
@@ -24,9 +24,9 @@ class TowerSteering:
     """Chooses the tower merge of every request under a latency target.
 
     Args:
-        tower: the session's :class:`~vlm_accel.encoder_merge.TowerMerge` (its ``budget`` / ``schedule`` are set
+        tower: the session's :class:`~vlm_accel.tower.merge.TowerMerge` (its ``budget`` / ``schedule`` are set
             per request).
-        controller: the session's :class:`~vlm_accel.controller.Controller`.
+        controller: the session's :class:`~vlm_accel.control.controller.Controller`.
         model: the accelerated VLM (its config: image token, patch size, channels; calibration key).
         adapter: the family adapter (``tower``, ``inner``, ``language_model``).
     """
@@ -98,7 +98,7 @@ class TowerSteering:
     def probe(self, keep: float, size: tuple[int, int], schedule: str) -> None:
         """Run the vision tower once on one random view of ``size`` pixels, with ``keep`` of its tokens leaving it
         under ``schedule``, and the projector on those tokens (the calibration of
-        :class:`~vlm_accel.calibration.TowerCost`: what ``get_image_features`` spends per view)."""
+        :class:`~vlm_accel.control.calibration.TowerCost`: what ``get_image_features`` spends per view)."""
         channels = getattr(self.model.config.vision_config, "num_channels", 3)
         p = next(self.adapter.tower.parameters())
         gen = torch.Generator().manual_seed(0)

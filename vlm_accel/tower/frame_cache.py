@@ -3,7 +3,7 @@ encoded frame reuses that frame's features instead of running the vision tower a
 
 Works at frame granularity (the unit every supported tower encodes independently: a Qwen temporal patch, a
 LLaVA-OneVision frame). A reused frame gets the reference frame's features bit for bit. Per patch (the unchanged
-patches of a frame reused, only the changed ones run through the tower): :class:`vlm_accel.video.patch_cache.
+patches of a frame reused, only the changed ones run through the tower): :class:`vlm_accel.tower.patch_cache.
 PatchCache`, a subclass, for the LLaVA-family towers.
 """
 
@@ -29,14 +29,6 @@ def frames_match(a: torch.Tensor, b: torch.Tensor, threshold: float) -> bool:
     if threshold == 0.0:
         return torch.equal(a, b)
     return float((a.float() - b.float()).abs().mean()) <= threshold
-
-
-@dataclass
-class Frame:
-    """One independently encoded unit of a video: its pixels and what the adapter needs to encode it alone."""
-
-    pixels: torch.Tensor
-    meta: object = None
 
 
 @dataclass

@@ -18,8 +18,8 @@ projector + 4-layer Llama + ``image_newline``. Steps (each resumable; rerunning 
 4. ``export``: fp16 safetensors + processor files (``--out vlm_accel/zoo/default_video`` or a scratch dir).
 
     python -m vlm_accel.zoo.onevision --out /work/zoo-video-ckpt/init
-    nohup nice -n 10 python -m vlm_accel.zoo.train_video cache --root /work/zoo-video-ckpt >> LOG 2>&1 &
-    nohup nice -n 10 python -m vlm_accel.zoo.train_video train --root /work/zoo-video-ckpt >> LOG 2>&1 &
+    nohup nice -n 10 python -m training.train_video cache --root /work/zoo-video-ckpt >> LOG 2>&1 &
+    nohup nice -n 10 python -m training.train_video train --root /work/zoo-video-ckpt >> LOG 2>&1 &
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..video.synthetic import COLOR_NAMES, SHAPES, Track, clip_questions, heldout_clips, render_clip, sampled
-from .render import heldout, questions, render_scene
+from vlm_accel.zoo.clips import COLOR_NAMES, SHAPES, Track, clip_questions, heldout_clips, render_clip, sampled
+from vlm_accel.zoo.render import heldout, questions, render_scene
+
 from .train import attention_target_loss, segment_mask
 
-log = logging.getLogger("vlm_accel.zoo.train_video")
+log = logging.getLogger("training.train_video")
 ROOT = os.environ.get("VLM_ACCEL_VIDEO_ROOT", "/work/zoo-video-ckpt")
 CLIP_SHARD = 200
 IMAGE_SHARD = 500
@@ -87,7 +88,7 @@ class Tower:
     def __init__(self, init: str):
         from transformers import LlavaOnevisionForConditionalGeneration
 
-        from .onevision import load_processor
+        from vlm_accel.zoo.onevision import load_processor
 
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
         self.tower = model.model.vision_tower.eval()
@@ -456,12 +457,12 @@ def reduce_clip(tokens: torch.Tensor, method: str, budget: float, scope: str, se
     or on the clip at once (``"clip"``), with the session's segments (:func:`vlm_accel.api.budget_segments`: clip
     methods always take the whole clip) and quotas (:meth:`vlm_accel.Budget.visual_quota`). The kept tokens keep
     their positions."""
-    from ..adapters import ImageInfo
-    from ..adapters.base import frame_segments
-    from ..api import budget_segments
-    from ..budget import Budget
-    from ..methods import Context, get
-    from ..methods.batch import reduce_segments
+    from vlm_accel.adapters import ImageInfo
+    from vlm_accel.adapters.base import frame_segments
+    from vlm_accel.api import budget_segments
+    from vlm_accel.control.budget import Budget
+    from vlm_accel.methods import Context, get
+    from vlm_accel.methods.batch import reduce_segments
 
     m, n = get(method), tokens.shape[0]
     info = ImageInfo(n, frame_segments(FRAMES, (8, 8), tokens.device), frames=FRAMES)
@@ -520,7 +521,7 @@ def follow_merge(m: torch.Tensor, keep: torch.Tensor, w: torch.Tensor) -> torch.
 def train(args) -> None:
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from .onevision import load_processor
+    from vlm_accel.zoo.onevision import load_processor
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -603,7 +604,8 @@ def train(args) -> None:
             b = len(ci) + j
             qs = image_turns(objs, rng, args.max_q, args.n_exists, args.vertical)
             if rng.random() < args.describe_p:
-                from .render import describe
+                from vlm_accel.zoo.render import describe
+
                 from .train import _SceneView
 
                 qs.insert(
@@ -912,7 +914,7 @@ def export(args) -> None:
     """Write the checkpoint's weights (fp16 safetensors) + processor files to ``args.out``."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from .onevision import load_processor, save_processor
+    from vlm_accel.zoo.onevision import load_processor, save_processor
 
     init = os.path.join(args.root, "init")
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
@@ -933,7 +935,7 @@ def evaluate_checkpoints(args) -> None:
     ``ROOT/feats``; seed 1 and 300 clips: the set the README's third-session table uses)."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from .onevision import load_processor
+    from vlm_accel.zoo.onevision import load_processor
 
     torch.set_num_threads(args.threads)
     init = os.path.join(args.root, "init")
