@@ -80,4 +80,20 @@ def test_tower_method_from_the_command_line(capsys):
     assert cli.main(["ask", str(s["path"]), s["question"], "--budget", "0.33", "--method", "tome_vit"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == s["answer"]
     assert cli.main(["methods"]) == 0
-    assert "tome_vit     [in the vision tower]" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "inside the vision tower:\n  tome_vit " in listing
+
+
+def test_methods_lists_the_one_registry_by_stage(capsys):
+    """``vlm-accel methods`` prints every registered name under its stage, in pipeline order, from the registry."""
+    import vlm_accel
+    from vlm_accel.methods import STAGES
+
+    assert cli.main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    headers = [i for i, line in enumerate(lines) if not line.startswith(" ")]
+    assert [lines[i] for i in headers] == [f"{label}:" for label in STAGES.values()]
+    for (start, end), stage in zip(zip(headers, [*headers[1:], len(lines)], strict=True), STAGES, strict=True):
+        listed = [line.split()[0] for line in lines[start + 1 : end] if not line.startswith("    ")]
+        assert listed == vlm_accel.methods(stage)
+    assert vlm_accel.methods() == vlm_accel.methods("tower", "pre", "llm")  # every name accelerate(method=) takes

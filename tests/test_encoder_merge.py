@@ -128,7 +128,7 @@ def test_tower_output_equals_plain_tome(tower, layers, feature_layer, strategy, 
     with vlm_accel.accelerate(model, budget=budget, method="tome_vit", method_options={"schedule": schedule}) as s:
         with torch.no_grad():
             got = model.model.get_image_features(pixel_values=pv).pooler_output
-        infos = s._pending.infos["image"]
+        infos = s.capture.pending.infos["image"]
     prefix = 0 if tower == "siglip_vision_model" else 1
     dropped = 1 if strategy == "default" else 0
     t = grab["x"].shape[1]
@@ -181,20 +181,20 @@ def test_positions_generate_batch2(models, family, budget):
         ref = model(**inputs).logits
     with vlm_accel.accelerate(model, budget=budget, method="tome_vit") as s, torch.no_grad():
         gen = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-        s._pending = type(s._pending)()
+        s.capture.clear()
         model(**inputs)
         tr = s.trace
         kept = s.stats.visual_tokens_kept
-        s._pending = type(s._pending)()
+        s.capture.clear()
         feats = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes")}
         model.model.get_image_features(**feats)
-        both = [_alive_tokens(info) for info in s._pending.infos["image"]]
+        both = [_alive_tokens(info) for info in s.capture.pending.infos["image"]]
         alone = []
         for row in range(2):
-            s._pending = type(s._pending)()
+            s.capture.clear()
             model.model.get_image_features(**{k: v[row : row + 1] for k, v in feats.items()})
-            alone.append(_alive_tokens(s._pending.infos["image"][0]))
-        s._pending = type(s._pending)()
+            alone.append(_alive_tokens(s.capture.pending.infos["image"][0]))
+        s.capture.clear()
     assert gen.shape == (2, inputs["input_ids"].shape[1] + 3)
     for a, b in zip(both, alone, strict=True):
         assert torch.equal(a, b)

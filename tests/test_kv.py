@@ -78,8 +78,8 @@ def test_decode_equals_reference(models, family, press):
             return_dict_in_generate=True,
             suppress_tokens=[tiny.IMAGE_ID, tiny.VIDEO_ID],
         )
-        kept = dict(sess.kv.kept)
-        entries = [v.shape[1] for v in sess.kv.valid.values()]  # prompt entries kept per layer
+        kept = dict(sess.kv.compressor.kept)
+        entries = [v.shape[1] for v in sess.kv.compressor.valid.values()]  # prompt entries kept per layer
     valid = inputs["attention_mask"].bool()
     want = quota(valid.sum(1), 0.3)
     assert entries == [int(want.max())] * len(entries)  # the promised count per layer and head group
@@ -108,7 +108,7 @@ def test_sdpa_keeps_what_eager_keeps(models, family):
         inputs = tiny.inputs_for(model, family, "image", batch=2, seed=6)
         with vlm_accel.accelerate(model, budget=Budget(kv=0.25), kv_press="snapkv") as sess, torch.no_grad():
             model(**inputs)
-            chosen[attn] = dict(sess.kv.kept)
+            chosen[attn] = dict(sess.kv.compressor.kept)
     for i in chosen["eager"]:
         assert torch.equal(chosen["eager"][i], chosen["sdpa"][i])
 
@@ -120,13 +120,15 @@ def test_kv_max_bounds_long_generation(models, family):
     sizes = []
     with vlm_accel.accelerate(model, budget=Budget(visual=0.5, kv_max=24), method="divprune") as sess:
         hook = model.model.language_model.layers[-1].register_forward_hook(
-            lambda m, a, o: sizes.append(model._vlm_accel_session.kv.valid.get(0, torch.zeros(1, 0)).shape[1])
+            lambda m, a, o: sizes.append(
+                model._vlm_accel_session.kv.compressor.valid.get(0, torch.zeros(1, 0)).shape[1]
+            )
         )
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=40, min_new_tokens=40, do_sample=False)
         hook.remove()
         assert out.shape[1] == inputs["input_ids"].shape[1] + 40
-        assert sess._decode.delta > 0
+        assert sess.decoding.current.delta > 0
     assert max(sizes) <= 24
 
 
@@ -238,7 +240,7 @@ def test_press_matrix(models, press, family, kind, batch):
     budget = Budget(visual=0.5, kv=0.25, kv_max=40)
     with vlm_accel.accelerate(model, budget=budget, method="divprune", kv_press=press) as sess, torch.no_grad():
         gen = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        kept = {i: v.shape[1] for i, v in sess.kv.valid.items()}
+        kept = {i: v.shape[1] for i, v in sess.kv.compressor.valid.items()}
     assert gen.shape == (batch, inputs["input_ids"].shape[1] + 4)
     assert max(kept.values()) <= 40 and len(kept) == len(model.model.language_model.layers)
     with torch.no_grad():

@@ -74,7 +74,7 @@ def build(family: str, attn: str = "sdpa", dtype=torch.float32, seed: int = 0):
             **common,
         )
         cls = tf.LlavaOnevisionForConditionalGeneration
-    elif family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    elif family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"):
         vis = dict(depth=2, num_heads=4, patch_size=2, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
         if family == "qwen2_vl":
             vis.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
@@ -95,6 +95,19 @@ def build(family: str, attn: str = "sdpa", dtype=torch.float32, seed: int = 0):
             text = dict(_QWEN_TEXT, head_dim=16)
             text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True)
             cfg_cls, cls = tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration
+            if family == "qwen3_5":  # hybrid decoder: Gated DeltaNet (linear attention) + full attention
+                del vis["deepstack_visual_indexes"]
+                text.update(
+                    num_hidden_layers=4,
+                    layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+                    linear_conv_kernel_dim=4,
+                    linear_key_head_dim=16,
+                    linear_value_head_dim=16,
+                    linear_num_key_heads=2,
+                    linear_num_value_heads=4,
+                )
+                text["rope_parameters"] = dict(text["rope_parameters"], partial_rotary_factor=0.5)
+                cfg_cls, cls = tf.Qwen3_5Config, tf.Qwen3_5ForConditionalGeneration
         cfg = cfg_cls(
             vision_config=vis,
             text_config=text,
@@ -316,3 +329,86 @@ def stream_processor(family: str = "qwen2_vl"):
         apply_chat_template=lambda conv, **kw: fast.apply_chat_template(conv, tokenize=False, **kw),
         decode=fast.decode,
     )
+
+
+def skip_unsupported(model, method: str, kind: str = "image") -> None:
+    """Skip a matrix case whose method acts inside the vision tower on a family whose tower cannot merge (its adapter
+    refuses ``tower_spec`` with a ``ValueError``, which ``accelerate`` raises too), or on a video (a merge inside the
+    tower cannot follow the per-frame pooling after it: refused per request, tests/test_encoder_merge.py)."""
+    import pytest
+
+    from vlm_accel.adapters import adapter_for
+    from vlm_accel.methods import get
+
+    if get(method).stage != "tower":
+        return
+    if kind == "video":
+        pytest.skip(f"{method} merges images only")
+    try:
+        adapter_for(model).tower_spec()
+    except ValueError as e:
+        pytest.skip(f"{method}: {e}")
+
+
+# --- the 2026 families (issue #27): hybrid Qwen3.5, Gemma 3, InternVL -----------------------------------------------
+NEW_FAMILIES = ["qwen3_5", "gemma3", "internvl"]
+_BOI, _EOI = 104, 105
+
+
+def build_new(family: str, attn: str = "sdpa", seed: int = 0):
+    """A tiny random model of a 2026 family (its own config classes, transformers >= 5.25)."""
+    if family == "qwen3_5":
+        return build(family, attn=attn, seed=seed)
+    torch.manual_seed(seed)
+    text = dict(_LLAMA, num_key_value_heads=2)
+    if family == "gemma3":
+        cfg = tf.Gemma3Config(
+            text_config=dict(text, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
+            vision_config=dict(_VIT),
+            mm_tokens_per_image=16,
+            image_token_id=IMAGE_ID,
+            boi_token_id=_BOI,
+            eoi_token_id=_EOI,
+        )
+        cls = tf.Gemma3ForConditionalGeneration
+    elif family == "internvl":
+        vit = dict(_VIT, image_size=[56, 56], patch_size=[7, 7])
+        cfg = tf.InternVLConfig(
+            vision_config=vit,
+            text_config=dict(model_type="qwen2", **text),
+            image_token_id=IMAGE_ID,
+            downsample_ratio=0.5,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+        )
+        cls = tf.InternVLForConditionalGeneration
+    else:
+        raise ValueError(family)
+    cfg._attn_implementation = attn
+    cfg.text_config._attn_implementation = attn
+    cfg.vision_config._attn_implementation = attn
+    return cls(cfg).eval()
+
+
+def new_inputs(model, family: str, batch: int = 1, seed: int = 0) -> dict:
+    """Left-padded rows, one image each (InternVL: row 0's image in two tiles, the others in one)."""
+    if family == "qwen3_5":
+        return make_inputs(model, "qwen3_vl", batch=batch, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    rows, tiles = [], []
+    for r in range(batch):
+        text = torch.randint(3, 90, (4 + 3 * r,), generator=gen).tolist()
+        if family == "gemma3":
+            rows.append([1, *text[:2], _BOI, *[IMAGE_ID] * 16, _EOI, *text[2:]])
+        else:
+            n = 2 if r == 0 else 1
+            tiles.append(n)
+            rows.append([1, *text[:2], *([IMAGE_ID] * 16 + [7]) * n, *text[2:]])
+    width = max(map(len, rows))
+    ids = torch.tensor([[PAD_ID] * (width - len(r)) + r for r in rows])
+    out = {"input_ids": ids, "attention_mask": (ids != PAD_ID).long()}
+    n_images = sum(tiles) if tiles else batch
+    out["pixel_values"] = torch.randn(n_images, 3, 56, 56, generator=gen)
+    if family == "gemma3":
+        out["token_type_ids"] = (ids == IMAGE_ID).long()
+    return out

@@ -14,12 +14,14 @@ from .control.budget import Budget
 __version__ = "0.1.0"
 
 
-def methods() -> list[str]:
-    """Names of the registered token-reduction methods (``accelerate(..., method=name)``).
+def methods(*stages: str) -> list[str]:
+    """Names of the registered methods: by default every name ``accelerate(..., method=name)`` takes (stages
+    ``"tower"``, ``"pre"``, ``"llm"``); ``methods("kv")`` the KV presses (``kv_press=name``), ``methods("pre")`` one
+    stage. ``vlm_accel.registry.stage_of(name)`` tells a name's stage; ``vlm-accel methods`` lists them all.
 
     This function is what ``from vlm_accel import methods`` gives; the method registry itself (``register``, ``get``,
     ``Context``, ``Reduction`` ...) is :mod:`vlm_accel.registry`."""
-    return _methods.names()
+    return _methods.names(*stages)
 
 
 def stream(model, processor, budget=0.25, method: str = "auto", **kwargs):

@@ -54,9 +54,8 @@ def _positive_int(text: str) -> int:
 
 def _method(text: str) -> str:
     from .methods import names
-    from .tower.merge import ENCODER_METHODS
 
-    known = names() + sorted(ENCODER_METHODS)
+    known = names()
     for part in text.split("+"):  # tower, pre-LLM and in-LLM methods may be joined: tome_vit+visionzip, visionzip+fastv
         if part != "auto" and part not in known:
             raise argparse.ArgumentTypeError(f"unknown method {part!r}; choose auto or one of: {', '.join(known)}")
@@ -152,19 +151,16 @@ def _ask_video(a) -> int:
 
 
 def cmd_methods(a) -> int:
-    from .kv.presses import PRESSES
-    from .methods import get, names
-    from .tower.merge import ENCODER_METHODS
+    """Every registered name by pipeline stage, from the one registry (:mod:`vlm_accel.methods`)."""
+    from .methods import STAGES, get, names
 
-    tags = {"llm": "[in-LLM] ", "encoder": "[in the vision tower] "}
-    for n in names() + sorted(ENCODER_METHODS):
-        m = ENCODER_METHODS.get(n) or get(n)
-        print(f"{n:12s} {tags.get(m.stage, '')}{m.description}")  # noqa: T201
-        for k, o in m.options.items():
-            print(f"{'':14s}--option {k}=...  {o.doc} (default {o.default!r})")  # noqa: T201
-    print("KV presses (accelerate(..., kv_press=NAME) with Budget(kv=..., kv_max=...)):")  # noqa: T201
-    for n, cls in PRESSES.items():
-        print(f"{n:12s} {(cls.__doc__ or '').split(chr(10))[0]}")  # noqa: T201
+    for stage, label in STAGES.items():
+        print(f"{label}:")  # noqa: T201
+        for n in names(stage):
+            m = get(n, (stage,))
+            print(f"  {n:12s} {m.description}")  # noqa: T201
+            for k, o in m.options.items():
+                print(f"{'':16s}--option {k}=...  {o.doc} (default {o.default!r})")  # noqa: T201
     return 0
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter, ImageInfo, Segment
+from .generic import Gemma3Adapter, GenericAdapter, InternVLAdapter, missing
 from .llava import LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter
-from .qwen import Qwen2VLAdapter, Qwen3VLAdapter, Qwen25VLAdapter
+from .qwen import Qwen2VLAdapter, Qwen3VLAdapter, Qwen25VLAdapter, Qwen35Adapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter,
@@ -15,6 +16,9 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     Qwen2VLAdapter,
     Qwen25VLAdapter,
     Qwen3VLAdapter,
+    Qwen35Adapter,
+    Gemma3Adapter,
+    InternVLAdapter,
 )
 
 
@@ -30,10 +34,13 @@ def adapter_for(model) -> Adapter:
     for cls in ADAPTERS:
         if name in cls.model_classes:
             return cls(model)
+    lacks = missing(model)
+    if not lacks:
+        return GenericAdapter(model)
     raise TypeError(
-        f"{name} is not supported; vlm_accel supports {', '.join(supported())} "
-        "(load the model with its ...ForConditionalGeneration class)"
+        f"{name} is not supported: the generic adapter needs {'; '.join(lacks)}. Families with their own adapter: "
+        f"{', '.join(supported())} (load the model with its ...ForConditionalGeneration class)"
     )
 
 
-__all__ = ["Adapter", "ImageInfo", "Segment", "adapter_for", "supported", "ADAPTERS"]
+__all__ = ["ADAPTERS", "Adapter", "GenericAdapter", "ImageInfo", "Segment", "adapter_for", "supported"]

@@ -104,6 +104,28 @@ class Adapter:
             out["video"] = returned[1][..., 0]
         return out
 
+    @property
+    def layer_types(self) -> list[str]:
+        """Per decoder layer, its kind (``"full_attention"``, ``"sliding_attention"``, ``"linear_attention"`` ...)
+        from the text config, ``"full_attention"`` for every layer when the config does not say."""
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        n = len(self.language_model.layers)
+        types = getattr(text, "layer_types", None)
+        return list(types) if types is not None and len(types) == n else ["full_attention"] * n
+
+    def refuse_hybrid(self, what: str, kinds: tuple[str, ...] = ("linear_attention",)) -> None:
+        """``ValueError`` when the decoder has layers of ``kinds`` (linear attention: a recurrent state, no KV cache;
+        sliding attention: a windowed cache), which ``what`` cannot handle yet; names the layers that can."""
+        types = self.layer_types
+        odd = sorted({t for t in types if t in kinds})
+        if odd:
+            full = [i for i, t in enumerate(types) if t == "full_attention"]
+            raise ValueError(
+                f"{what} is not supported on {self.family}'s decoder yet: it has {' and '.join(odd)} layers (only "
+                f"layers {full} are full attention); pre-LLM methods work on it (e.g. 'divprune')"
+            )
+
     # --- importance evidence ----------------------------------------------------------------------------------
     def importance_layer(self, call: dict) -> nn.Module | None:
         """The vision-encoder layer whose CLS attention scores the tokens (its input is captured during the vision

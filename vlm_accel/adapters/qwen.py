@@ -77,3 +77,11 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
 class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
     model_classes = ("Qwen3VLForConditionalGeneration",)
+
+
+class Qwen35Adapter(Qwen2VLAdapter):
+    """Qwen3.5: a Qwen3-VL-style tower (no deepstack) and a hybrid decoder — Gated DeltaNet (linear attention, a
+    recurrent state, no KV cache) and full-attention layers (``text_config.layer_types``)."""
+
+    family = "qwen3_5"
+    model_classes = ("Qwen3_5ForConditionalGeneration",)

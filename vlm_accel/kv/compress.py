@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..llm.attention import project_queries
-from ..llm.layout import cache_arg
+from ..llm.decode import Decode, Decoding
+from ..llm.layout import cache_arg, cache_of
 from .presses import Press, PressInput, get_press, quota, select
 
 
@@ -205,10 +206,14 @@ class KVPress:
     def __init__(self, model, press="snapkv", kv=0.25, kv_max: int | None = None):
         lm = _decoder(model)
         self.model, self.lm = model, lm
-        self.compressor = KVCompressor(press, lm.layers, kv=kv, kv_max=kv_max)
+        self.decoding = Decoding()  # the same decode translation as an accelerated session's
+        self.compressor = KVCompressor(press, lm.layers, kv=kv, kv_max=kv_max, on_valid=self._evicted)
         self._orig = lm.forward
-        self._delta = 0
         lm.forward = self._forward
+
+    def _evicted(self, layer: int, valid: torch.Tensor, evicted: int) -> None:
+        if layer == 0 and self.compressor.decoding:
+            self.decoding.evicted(valid, evicted)
 
     def _forward(self, *args, **kwargs):
         cache = cache_arg(kwargs)
@@ -223,28 +228,19 @@ class KVPress:
             bsz, n = (embeds.shape[:2]) if embeds is not None else ids.shape
             dev = (embeds if embeds is not None else ids).device
             comp.begin_prefill(lambda i: (torch.ones(bsz, n, dtype=torch.bool, device=dev), None))
-            self._delta = 0
+            self.decoding.current = None
             out = self._orig(*args, **kwargs)
-            comp.end_prefill(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
+            comp.end_prefill(cache_of(out))
             held = comp.valid.get(0)
-            self._delta = n - held.shape[1] if held is not None else 0
+            if held is not None:
+                self.decoding.current = Decode(held, n - held.shape[1])
             return out
-        if comp.begin_decode(cache):
-            kw = dict(kwargs)
-            new = kwargs.get("inputs_embeds")
-            q = (new if new is not None else kwargs["input_ids"]).shape[1]
-            if torch.is_tensor(mask) and mask.dim() == 2:
-                kw["attention_mask"] = mask.new_ones(mask.shape[0], past + q)
-            if kw.get("position_ids") is None:
-                kw["position_ids"] = (torch.arange(q, device=cache.layers[0].keys.device) + past + self._delta)[None]
-            before = past
+        st = self.decoding.current
+        if comp.begin_decode(cache) and st is not None:
             try:
-                out = self._orig(*args, **kw)
+                return self._orig(*args, **st.translate(kwargs, past))
             finally:
                 comp.end_forward()
-            after = cache.get_seq_length()
-            self._delta += before + q - after
-            return out
         return self._orig(*args, **kwargs)
 
     def restore(self) -> None:

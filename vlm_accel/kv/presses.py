@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import methods
 from ..kernels import max_min_select
 from ..llm.attention import attention_probs, row_attention
+from ..methods import register
 
 TEXT_BONUS = 1e4  # vision-aware: every text entry outranks every visual one
 
@@ -213,16 +215,21 @@ def _descending(top: int, k: int, heads: int, like: torch.Tensor) -> torch.Tenso
     return (top - torch.arange(k, dtype=like.dtype, device=like.device)).expand(heads, k).contiguous()
 
 
-PRESSES = {p.name: p for p in (SnapKVPress, H2OPress, StreamingPress, VisionAwarePress)}
+for _press in (SnapKVPress, H2OPress, StreamingPress, VisionAwarePress):  # the one registry, stage "kv"
+    register(_press.name, stage="kv", description=(_press.__doc__ or "").split("\n")[0])(_press)
+
+#: The registered presses by name (a view of the registry's ``"kv"`` stage at import).
+PRESSES = {n: methods.get(n, ("kv",)).fn for n in methods.names("kv")}
 
 
 def get_press(name_or_press) -> Press:
-    """A press instance from a name (``"snapkv"``, ``"h2o"``, ``"streaming"``, ``"vision"``) or a :class:`Press`."""
+    """A press instance from a registered name (``"snapkv"``, ``"h2o"``, ``"streaming"``, ``"vision"``) or a
+    :class:`Press`."""
     if isinstance(name_or_press, Press):
         return name_or_press
-    if name_or_press not in PRESSES:
-        raise ValueError(f"unknown KV press {name_or_press!r}; available: {sorted(PRESSES)} or a Press instance")
-    return PRESSES[name_or_press]()
+    if not isinstance(name_or_press, str) or name_or_press not in methods.names("kv"):
+        raise ValueError(f"unknown KV press {name_or_press!r}; available: {methods.names('kv')} or a Press instance")
+    return methods.get(name_or_press, ("kv",)).fn()
 
 
 def select(scores: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

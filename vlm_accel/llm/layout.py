@@ -7,6 +7,8 @@ original order and rows are left-padded to the longest, so the last slot of ever
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -132,3 +134,90 @@ def cache_arg(kwargs: dict):
     """The KV cache a language-model call was given (``cache``, or ``past_key_values`` as transformers named it
     before), or ``None``: the one place that knows both names."""
     return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def prepared_mask(mask):
+    """The 4-D mask out of ``generate``'s per-layer-type dict (the full-attention one: the longest keys)."""
+    if isinstance(mask, dict):
+        return mask.get("full_attention", next((m for m in mask.values() if m is not None), None))
+    return mask
+
+
+def padding_mask(mask, length: int) -> torch.Tensor | None:
+    """The ``[B, length]`` 0/1 key mask of a prefill, from a 2-D mask or from the 4-D / per-layer-type dict masks
+    ``generate`` prepares for static caches (the last query row sees every earlier key that is not padding).
+    ``None`` stays ``None``."""
+    if mask is None or (torch.is_tensor(mask) and mask.dim() == 2):
+        return mask
+    mask = prepared_mask(mask)
+    if mask is None:
+        return None
+    if not torch.is_tensor(mask) or mask.dim() != 4:
+        raise ValueError(f"vlm_accel: unsupported attention_mask {type(mask).__name__}; pass a 2-D [B, L] mask")
+    row = mask[:, 0, -1, :length]
+    return (row if row.dtype == torch.bool else row == 0).long()
+
+
+def fit_to(mask: torch.Tensor, prepared) -> torch.Tensor:
+    """A reduced 2-D mask, zero-padded to the key length of the 4-D / dict mask ``generate`` prepared for a static
+    cache (the LM builds its own mask from it; static caches need it as long as the cache)."""
+    prepared = prepared_mask(prepared)
+    if not torch.is_tensor(prepared) or prepared.dim() != 4 or prepared.shape[-1] <= mask.shape[1]:
+        return mask
+    return torch.nn.functional.pad(mask, (0, prepared.shape[-1] - mask.shape[1]))
+
+
+def cache_of(out):
+    """The cache a model output carries (``cache`` or ``past_key_values``), or ``None``."""
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
+def labels_follow(orig, trace):
+    """The model's loss function, for a forward with ``labels`` ``[B, L]``: when the logits are reduced (``[B, L',
+    V]``), the labels are gathered at the kept positions of ``trace()`` (the session's last
+    :class:`~vlm_accel.api.Trace`; padding → -100), so the loss is next-token prediction over the kept sequence."""
+
+    @functools.wraps(orig)
+    def loss_function(*args, **kwargs):
+        logits = kwargs["logits"] if "logits" in kwargs else args[0]
+        labels = kwargs["labels"] if "labels" in kwargs else args[1]
+        tr = trace()
+        if labels is not None and labels.shape[1] != logits.shape[1]:
+            if tr is None or tuple(tr.output_index.shape) != tuple(logits.shape[:2]):
+                raise ValueError(
+                    "vlm_accel: labels cover the full sequence but the logits are reduced and no matching "
+                    "reduction was recorded; pass labels to the same forward call as the images"
+                )
+            dev = labels.device
+            labels = labels.gather(1, tr.output_index.to(dev)).masked_fill(~tr.output_valid.to(dev), -100)
+            if "labels" in kwargs:
+                kwargs["labels"] = labels
+            else:
+                args = (args[0], labels, *args[2:])
+        return orig(*args, **kwargs)
+
+    return loss_function
+
+
+def gather_masks(prepared, index: torch.Tensor, valid: torch.Tensor):
+    """The model's own prefill masks for the kept slots, or ``None`` when it passed none of its own.
+
+    Families that build 4-D masks before the language model (Gemma 3's bidirectional image block, sliding windows)
+    pass them (a tensor ``[B, 1, L, L]`` or a dict per layer type); the kept slots ``index`` ``[B, L']`` keep exactly
+    the pattern they had among themselves (rows and columns gathered). Padding slots (``valid`` False) see only
+    themselves. Masks prepared for a static cache (keys longer than the prompt) return ``None`` (the 2-D path)."""
+    if isinstance(prepared, dict):
+        out = {k: gather_masks(m, index, valid) for k, m in prepared.items()}
+        return None if any(v is None for k, v in out.items() if prepared[k] is not None) else out
+    if not torch.is_tensor(prepared) or prepared.dim() != 4 or prepared.shape[-1] != prepared.shape[-2]:
+        return None
+    bsz, n = index.shape
+    m = prepared.expand(bsz, *prepared.shape[1:])
+    heads = m.shape[1]
+    rows = index[:, None, :, None].expand(bsz, heads, n, m.shape[-1])
+    m = m.gather(2, rows)
+    m = m.gather(3, index[:, None, None, :].expand(bsz, heads, n, n))
+    pad = (~valid)[:, None, :, None] | (~valid)[:, None, None, :]
+    eye = torch.eye(n, dtype=torch.bool, device=m.device)[None, None]
+    m = _fill(m, pad)
+    return _allow(m, pad & eye)

@@ -66,14 +66,17 @@ class Option:
 
 @dataclass
 class Method:
-    """A registered reducer: ``fn(x [N, D], k, ctx) -> Reduction``.
+    """A registered method of one pipeline stage.
 
-    ``needs`` names the evidence the adapter must collect (``"importance"``; ``"clip"`` = give me a whole video
-    clip as one segment, not frame by frame); ``exact=False`` lets a method keep fewer tokens than its quota (the
-    tower merge ``tome_vit``, whose layers decide the count); ``description`` is one line for listings. ``stage`` is
-    ``"pre"`` for methods that act between the vision encoder and the LLM, ``"llm"`` for methods that act inside the
-    LLM (their ``ctx.importance`` is the attention the tokens receive in the LLM); ``options`` are what
-    ``method_options=`` may set.
+    ``stage`` says where it acts: ``"tower"`` inside the vision tower (``fn`` is never called: the tower merge runs
+    it, :mod:`vlm_accel.tower.merge`), ``"pre"`` between the vision tower and the LLM (``fn(x [N, D], k, ctx) ->
+    Reduction``), ``"llm"`` inside the LLM (the same reducer, with ``ctx.importance`` the attention the tokens receive
+    in the LLM; run by :mod:`vlm_accel.llm.stages`), ``"kv"`` a KV-cache press (``fn`` is the press class, run by
+    :mod:`vlm_accel.kv.compress`; chosen with ``accelerate(kv_press=name)``). ``needs`` names the evidence the
+    adapter must collect (``"importance"``; ``"query"``; ``"clip"`` = a whole video clip as one segment, not frame by
+    frame; ``"full_grid"`` = every token of a segment's grid, so it cannot follow a merge inside the tower);
+    ``exact=False`` lets a method keep fewer tokens than its quota (``tome_vit``, whose layers decide the count);
+    ``description`` is one line for listings; ``options`` are what ``method_options=`` may set.
     """
 
     name: str
@@ -111,6 +114,16 @@ class Method:
 
 _REGISTRY: dict[str, Method] = {}
 
+#: The pipeline's stages, in order, with what a listing calls them.
+STAGES = {
+    "tower": "inside the vision tower",
+    "pre": "between the vision tower and the LLM",
+    "llm": "inside the LLM",
+    "kv": "KV-cache press (accelerate(..., kv_press=NAME) with Budget(kv=..., kv_max=...))",
+}
+#: The stages whose methods ``accelerate(method=...)`` takes (KV presses go to ``kv_press=``).
+METHOD_STAGES = ("tower", "pre", "llm")
+
 
 def register(
     name: str,
@@ -121,13 +134,14 @@ def register(
     stage: str = "pre",
     options: dict[str, Option] | None = None,
 ):
-    """Decorator: register ``fn(x [N, D], k, ctx) -> Reduction`` under ``name``."""
+    """Decorator: register ``fn`` under ``name`` for ``stage`` (a reducer ``fn(x [N, D], k, ctx) -> Reduction``;
+    for ``stage="kv"`` a press class)."""
 
     def deco(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
-        if stage not in ("pre", "llm"):
-            raise ValueError(f"stage must be 'pre' or 'llm', got {stage!r}")
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {list(STAGES)}, got {stage!r}")
         doc = description or (fn.__doc__ or "").strip().split("\n")[0]
         _REGISTRY[name] = Method(name, fn, frozenset(needs), doc, exact, stage, dict(options or {}))
         return fn
@@ -135,16 +149,30 @@ def register(
     return deco
 
 
-def get(name: str) -> Method:
+def get(name: str, stages: tuple[str, ...] = METHOD_STAGES) -> Method:
+    """The method registered as ``name`` in one of ``stages``; ``TypeError`` / ``ValueError`` naming the valid ones."""
+    valid = names(*stages)
     if not isinstance(name, str):
-        raise TypeError(f"method must be a string, one of {sorted(_REGISTRY)}; got {type(name).__name__}")
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; registered methods: {sorted(_REGISTRY)} (or 'auto')")
+        raise TypeError(f"method must be a string, one of {valid}; got {type(name).__name__}")
+    if name not in valid:
+        what = "KV press" if stages == ("kv",) else "method"
+        raise ValueError(f"unknown {what} {name!r}; registered: {valid}" + (" (or 'auto')" if what == "method" else ""))
     return _REGISTRY[name]
 
 
-def names() -> list[str]:
-    return list(_REGISTRY)
+def names(*stages: str) -> list[str]:
+    """Registered names, in registration order, of ``stages`` (default: every stage ``accelerate(method=...)``
+    takes: tower, pre-LLM, in-LLM)."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages: {list(STAGES)}")
+    stages = stages or METHOD_STAGES
+    return [n for n, m in _REGISTRY.items() if m.stage in stages]
+
+
+def stage_of(name: str) -> str:
+    """The stage of a registered name (any stage)."""
+    return get(name, tuple(STAGES)).stage
 
 
 def cosine_sim(x: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ def pool_assignment(h: int, w: int, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return rank[cell.view(-1)], centre
 
 
-@register("pool", description="spatial average pooling to the quota")
+@register("pool", needs=("full_grid",), description="spatial average pooling to the quota")
 def pool(x: torch.Tensor, k: int, ctx: Context) -> Reduction:
     """Average-pool the token grid into ``k`` cells; each cell is represented at its centre token's position.
 

@@ -40,7 +40,7 @@ def temporal_runs(x: torch.Tensor, frames: int, tau: float = STATIC_SIMILARITY, 
 
 @register(
     "temporal",
-    needs=("clip",),
+    needs=("clip", "full_grid"),
     description="merge tokens static across frames (least changing first), then ToMe-merge to the quota (video)",
 )
 def temporal(x: torch.Tensor, k: int, ctx: Context) -> Reduction:

@@ -11,6 +11,8 @@ budget for this request: the configured merge schedule when it can meet the targ
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..control.budget import Budget
@@ -50,6 +52,18 @@ class TowerSteering:
         token = getattr(self.model.config, "image_token_id", None)
         if torch.is_tensor(ids) and ids.dim() == 2 and token is not None and bool((ids == token).any()):
             self._prompt = (ids, kwargs.get("attention_mask"))
+
+    def noting_prompt(self, orig):
+        """``orig`` (the model's ``forward`` / ``generate``) noting its prompt when a request starts, for the merge
+        chosen right before its tower runs."""
+
+        @functools.wraps(orig)
+        def call(*args, **kwargs):
+            if not torch.compiler.is_compiling():
+                self.note_prompt(kwargs)
+            return orig(*args, **kwargs)
+
+        return call
 
     def before_tower(self, call: dict) -> TowerChoice | None:
         """``call``: the ``get_image_features`` arguments, before the tower runs: set the merge of this request and
