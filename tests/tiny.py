@@ -351,7 +351,7 @@ def skip_unsupported(model, method: str, kind: str = "image") -> None:
 
 
 # --- the 2026 families (issue #27): hybrid Qwen3.5, Gemma 3, InternVL -----------------------------------------------
-NEW_FAMILIES = ["qwen3_5", "gemma3", "internvl"]
+NEW_FAMILIES = ["qwen3_5", "gemma3", "internvl", "smolvlm", "llava_onevision1_5"]
 _BOI, _EOI = 104, 105
 
 
@@ -382,6 +382,25 @@ def build_new(family: str, attn: str = "sdpa", seed: int = 0):
             vision_feature_select_strategy="default",
         )
         cls = tf.InternVLForConditionalGeneration
+    elif family == "smolvlm":
+        cfg = tf.SmolVLMConfig(
+            vision_config=dict(_VIT),
+            text_config=dict(model_type="llama", **text),
+            image_token_id=IMAGE_ID,
+            scale_factor=2,
+        )
+        cls = tf.SmolVLMForConditionalGeneration
+    elif family == "llava_onevision1_5":
+        vis = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=2, spatial_merge_size=2)
+        cfg = tf.LlavaOnevision15Config(
+            vision_config=dict(vis, out_hidden_size=64, in_channels=3),
+            text_config=dict(text, head_dim=16),
+            image_token_id=IMAGE_ID,
+            video_token_id=VIDEO_ID,
+            vision_start_token_id=VSTART_ID,
+            vision_end_token_id=VEND_ID,
+        )
+        cls = tf.LlavaOnevision15ForConditionalGeneration
     else:
         raise ValueError(family)
     cfg._attn_implementation = attn
@@ -391,7 +410,8 @@ def build_new(family: str, attn: str = "sdpa", seed: int = 0):
 
 
 def new_inputs(model, family: str, batch: int = 1, seed: int = 0) -> dict:
-    """Left-padded rows, one image each (InternVL: row 0's image in two tiles, the others in one)."""
+    """Left-padded rows, one image each (InternVL: row 0's image in two tiles, the others in one; SmolVLM: two tiles
+    per row)."""
     if family == "qwen3_5":
         return make_inputs(model, "qwen3_vl", batch=batch, seed=seed)
     gen = torch.Generator().manual_seed(seed)
@@ -400,6 +420,10 @@ def new_inputs(model, family: str, batch: int = 1, seed: int = 0) -> dict:
         text = torch.randint(3, 90, (4 + 3 * r,), generator=gen).tolist()
         if family == "gemma3":
             rows.append([1, *text[:2], _BOI, *[IMAGE_ID] * 16, _EOI, *text[2:]])
+        elif family == "llava_onevision1_5":
+            rows.append([1, *text[:2], VSTART_ID, *[IMAGE_ID] * 16, VEND_ID, *text[2:]])
+        elif family == "smolvlm":
+            rows.append([1, *text[:2], *([IMAGE_ID] * 16 + [7]) * 2, *text[2:]])
         else:
             n = 2 if r == 0 else 1
             tiles.append(n)
@@ -408,7 +432,13 @@ def new_inputs(model, family: str, batch: int = 1, seed: int = 0) -> dict:
     ids = torch.tensor([[PAD_ID] * (width - len(r)) + r for r in rows])
     out = {"input_ids": ids, "attention_mask": (ids != PAD_ID).long()}
     n_images = sum(tiles) if tiles else batch
-    out["pixel_values"] = torch.randn(n_images, 3, 56, 56, generator=gen)
+    if family == "smolvlm":
+        out["pixel_values"] = torch.randn(batch, 2, 3, 56, 56, generator=gen)
+    elif family == "llava_onevision1_5":  # 8 x 8 patches of 2 px, merged 2 x 2: 16 tokens per image
+        out["pixel_values"] = torch.randn(batch * 64, 3 * 2 * 2, generator=gen)
+        out["image_grid_thw"] = torch.tensor([[1, 8, 8]] * batch)
+    else:
+        out["pixel_values"] = torch.randn(n_images, 3, 56, 56, generator=gen)
     if family == "gemma3":
         out["token_type_ids"] = (ids == IMAGE_ID).long()
     return out

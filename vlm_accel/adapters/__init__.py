@@ -5,7 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter, ImageInfo, Segment
-from .generic import Gemma3Adapter, GenericAdapter, InternVLAdapter, missing
+from .generic import (
+    Gemma3Adapter,
+    GenericAdapter,
+    InternVLAdapter,
+    LlavaOnevision15Adapter,
+    SmolVLMAdapter,
+    missing,
+)
 from .llava import LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter
 from .qwen import Qwen2VLAdapter, Qwen3VLAdapter, Qwen25VLAdapter, Qwen35Adapter
 
@@ -19,6 +26,8 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     Qwen35Adapter,
     Gemma3Adapter,
     InternVLAdapter,
+    LlavaOnevision15Adapter,
+    SmolVLMAdapter,
 )
 
 

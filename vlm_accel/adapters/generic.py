@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Adapter, ImageInfo, Segment
+from .base import Adapter, ImageInfo, Segment, frame_segments
 
 logger = logging.getLogger(__name__)
 _NOTICED: set[str] = set()
@@ -32,9 +32,8 @@ def missing(model: nn.Module) -> list[str]:
     for name in ("get_image_features", "get_placeholder_mask"):
         if not callable(getattr(inner, name, None)):
             out.append(f"model.model.{name}")
-    lm = getattr(inner, "language_model", None)
-    if not isinstance(getattr(lm, "layers", None), nn.ModuleList):
-        out.append("model.model.language_model.layers (a decoder)")
+    if _decoder(inner) is None:
+        out.append("model.model.language_model.layers (a decoder; or .text_model)")
     if hasattr(inner, "get_rope_index") or hasattr(inner, "compute_3d_position_ids"):
         out.append("1-D positions (this model uses multimodal RoPE, which needs a family adapter)")
     return out
@@ -60,11 +59,24 @@ class GenericAdapter(Adapter):
                 name,
             )
 
+    @property
+    def language_model(self) -> nn.Module:
+        return _decoder(self.inner)
+
     def describe(self, features, call, cls_attn):
         return [_one_segment(f) for f in features]
 
     def describe_video(self, features, call, cls_attn):
         return [_one_segment(f) for f in features]
+
+
+def _decoder(inner: nn.Module) -> nn.Module | None:
+    """The inner model's language model: ``language_model`` (most families) or ``text_model`` (SmolVLM)."""
+    for name in ("language_model", "text_model"):
+        lm = getattr(inner, name, None)
+        if isinstance(getattr(lm, "layers", None), nn.ModuleList):
+            return lm
+    return None
 
 
 def _one_segment(f: torch.Tensor) -> ImageInfo:
@@ -91,3 +103,43 @@ class InternVLAdapter(GenericAdapter):
     family = "internvl"
     model_classes = ("InternVLForConditionalGeneration",)
     tested = True
+
+
+class SmolVLMAdapter(GenericAdapter):
+    """SmolVLM / Idefics3-style: image splitting into tiles + pixel shuffle; one feature row per tile (each tile its
+    own quota); row / tile marker tokens are text and stay. The decoder is the inner model's ``text_model``."""
+
+    family = "smolvlm"
+    model_classes = ("SmolVLMForConditionalGeneration",)
+    tested = True
+
+
+class LlavaOnevision15Adapter(GenericAdapter):
+    """LLaVA-OneVision-1.5: its own tower (merged 2 x 2 patches, one grid per image from ``image_grid_thw``) and a
+    Qwen3 decoder with 1-D positions; videos per frame (``video_grid_thw``)."""
+
+    family = "llava_onevision1_5"
+    model_classes = ("LlavaOnevision15ForConditionalGeneration",)
+    tested = True
+    has_video = False  # the frame cache needs per-frame encoding hooks, not written for this tower yet
+
+    def describe(self, features, call, cls_attn):
+        return _grid_infos(self, features, call["image_grid_thw"], frames=False)
+
+    def describe_video(self, features, call, cls_attn):
+        return _grid_infos(self, features, call["video_grid_thw"], frames=True)
+
+
+def _grid_infos(adapter: Adapter, features, grids: torch.Tensor, frames: bool) -> list[ImageInfo]:
+    """Per input ``(t, h, w)`` in patches, merged ``spatial_merge_size`` x ``spatial_merge_size``: its grid, and a
+    segment per frame for videos."""
+    m = adapter.model.config.vision_config.spatial_merge_size
+    infos = []
+    for f, (t, h, w) in zip(features, grids.tolist(), strict=True):
+        grid = (h // m, w // m)
+        if frames and t > 1 and t * grid[0] * grid[1] == f.shape[0]:
+            infos.append(ImageInfo(f.shape[0], frame_segments(t, grid, f.device), frames=t))
+            continue
+        ok = t * grid[0] * grid[1] == f.shape[0] and t == 1
+        infos.append(ImageInfo(f.shape[0], [Segment(torch.arange(f.shape[0], device=f.device), grid if ok else None)]))
+    return infos
