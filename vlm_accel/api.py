@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -657,6 +658,16 @@ def accelerate(
     """
     budget = Budget.of(budget)
     adapter = adapter_for(model)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int (the seed of stochastic methods), got {type(seed).__name__} {seed!r}")
+    if frame_cache is not None:
+        if isinstance(frame_cache, bool) or not isinstance(frame_cache, (int, float)):
+            raise TypeError(
+                f"frame_cache must be a number >= 0 (mean absolute pixel difference; 0.0: exact repeats) or None, "
+                f"got {type(frame_cache).__name__} {frame_cache!r}"
+            )
+        if not math.isfinite(frame_cache) or frame_cache < 0:
+            raise ValueError(f"frame_cache must be a finite number >= 0 (0.0: exact repeats only), got {frame_cache}")
     if frame_cache_patches and frame_cache is None:
         raise ValueError("frame_cache_patches=True refines the frame cache: pass frame_cache= (e.g. 0.0) too")
     config = resolve(adapter, budget, method, method_options)

@@ -102,11 +102,18 @@ def cmd_ask(a) -> int:
             "--budget 1 keeps ONE visual token per image / frame (an integer is a token count); "
             "pass --budget 1.0 to keep all of them"
         )
+    if a.budget is None and (a.method != "auto" or a.option):
+        raise ValueError(
+            f"--method / --option choose how to reduce, but without --budget nothing is reduced: add --budget "
+            f"(e.g. --budget 0.25) to run {a.method!r}"
+        )
+    if Path(a.image).is_dir():
+        raise ValueError(f"{a.image} is a directory, not an image or a video file")
     if Path(a.image).suffix.lower() in VIDEO_SUFFIXES:
         return _ask_video(a)
     image = load_image(a.image)  # clear ValueError before loading any model
     model, processor = load_model(a.model)
-    if a.budget is not None and not (isinstance(a.budget, float) and a.budget == 1.0):
+    if a.budget is not None:  # 1.0 too: bit-identical, and the method and its options are checked
         options = dict(a.option) or None
         with vlm_accel.accelerate(model, budget=a.budget, method=a.method, method_options=options) as sess:
             answer = zoo.ask(model, processor, image, a.question, max_new_tokens=a.max_new_tokens)
@@ -129,7 +136,7 @@ def _ask_video(a) -> int:
     model, processor = load_model(a.model)
     budget = 1.0 if a.budget is None else a.budget
     if zoo.has_video_input(model, processor):
-        if budget == 1.0 and isinstance(budget, float):
+        if a.budget is None:
             answer = zoo.ask(model, processor, clip, a.question, a.max_new_tokens, num_frames=a.frames)
         else:
             options = dict(a.option) or None
@@ -273,7 +280,7 @@ def main(argv=None) -> int:
     try:
         with _quiet_transformers(a.verbose):
             return a.fn(a) or 0
-    except (ValueError, TypeError, FileNotFoundError) as e:  # user errors: one line, no traceback
+    except (ValueError, TypeError, OSError, RuntimeError) as e:  # one line, no traceback (-v logs it)
         logger.debug("traceback", exc_info=True)
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"vlm-accel: error: {message}", file=sys.stderr)  # noqa: T201

@@ -29,6 +29,8 @@ def load_image(image_or_path):
             f"an image must be a PIL image, a file path or an [H, W, 3] uint8 array, not {type(image_or_path).__name__}"
         )
     p = Path(image_or_path)
+    if p.is_dir():
+        raise ValueError(f"{p} is a directory, not an image file")
     if not p.is_file():
         raise ValueError(f"image not found: {p}")
     try:

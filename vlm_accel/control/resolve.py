@@ -148,7 +148,10 @@ def resolve(adapter: Adapter, budget: Budget, method, method_options: dict | Non
     alone = name.strip() == getattr(tower, "name", None)
     share = tower_share(budget, tower, alone)
     if tower is not None:
-        adapter.tower_spec()  # ValueError for towers it cannot merge inside
+        depth = len(adapter.tower_spec().layers)  # ValueError for towers it cannot merge inside
+        start = (options if alone else tower.resolve(None)).get("start", 0)
+        if start >= depth:
+            raise ValueError(f"tome_vit: start={start} but the vision tower has {depth} layers (valid: 0..{depth - 1})")
         if (budget.tokens is not None or budget.memory_gb is not None) and pre.stage == "tower":
             raise ValueError(
                 f"Budget tokens / memory_gb targets steer a pre-LLM method; {name!r} has none: use e.g. "

@@ -100,6 +100,12 @@ class LLMStages:
         its visual positions. ``replay``: the input is the last prefill's plus tokens appended at the end (``generate``
         without cache): reuse its stages instead of scoring again."""
         bsz, n0 = valid.shape
+        rows, shortest = self.options.get("rows", 1), int(valid.sum(1).min())
+        if rows > shortest:
+            raise ValueError(
+                f"{self.method.name}: rows={rows} scoring rows, but the shortest prompt of this batch has {shortest} "
+                f"tokens; pass method_options={{'rows': n}} with n <= {shortest} (FastV's default: 1)"
+            )
         idx = torch.arange(n0, device=valid.device).expand(bsz, n0)
         stages = None
         if replay and self.last is not None:

@@ -89,6 +89,11 @@ class Method:
 
     def resolve(self, given: dict | None) -> dict:
         """Defaults updated by ``given``; unknown names or bad values -> ``ValueError`` naming the valid ones."""
+        if given is not None and not isinstance(given, dict):
+            raise TypeError(
+                f"method_options must be a dict of option names to values, e.g. {{'layer': 2}}; got "
+                f"{type(given).__name__} {given!r} (options of {self.name!r}: {sorted(self.options) or 'none'})"
+            )
         given = dict(given or {})
         unknown = sorted(set(given) - set(self.options))
         if unknown:

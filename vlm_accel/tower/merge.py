@@ -183,6 +183,11 @@ class TowerMerge:
                 "(e.g. method='visionzip')"
             )
         feat = self.adapter.tower_feature_layer(call)  # index of the first layer whose output becomes a feature
+        if self.start > feat:
+            raise ValueError(
+                f"tome_vit: start={self.start} is past the layer whose output becomes the features ({feat}); "
+                f"pass method_options={{'start': n}} with 0 <= n <= {feat}"
+            )
         points = list(range(min(self.start, feat), feat)) or [feat]
         full = call.get("output_hidden_states") is True
         self.run = _Run(
