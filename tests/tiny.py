@@ -351,7 +351,7 @@ def skip_unsupported(model, method: str, kind: str = "image") -> None:
 
 
 # --- the 2026 families (issue #27): hybrid Qwen3.5, Gemma 3, InternVL -----------------------------------------------
-NEW_FAMILIES = ["qwen3_5", "gemma3", "internvl", "smolvlm", "llava_onevision1_5"]
+NEW_FAMILIES = ["qwen3_5", "gemma3", "internvl", "smolvlm", "llava_onevision1_5", "glm4v"]
 _BOI, _EOI = 104, 105
 
 
@@ -401,6 +401,18 @@ def build_new(family: str, attn: str = "sdpa", seed: int = 0):
             vision_end_token_id=VEND_ID,
         )
         cls = tf.LlavaOnevision15ForConditionalGeneration
+    elif family == "glm4v":  # GLM-4.6V: M-RoPE from its own get_rope_index
+        vis = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=2, spatial_merge_size=2)
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5}
+        cfg = tf.Glm46VConfig(
+            vision_config=dict(vis, temporal_patch_size=2, out_hidden_size=64, image_size=16),
+            text_config=dict(text, rope_parameters=rope),
+            image_token_id=IMAGE_ID,
+            video_token_id=VIDEO_ID,
+            image_start_token_id=VSTART_ID,
+            image_end_token_id=VEND_ID,
+        )
+        cls = tf.Glm46VForConditionalGeneration
     else:
         raise ValueError(family)
     cfg._attn_implementation = attn
@@ -420,7 +432,7 @@ def new_inputs(model, family: str, batch: int = 1, seed: int = 0) -> dict:
         text = torch.randint(3, 90, (4 + 3 * r,), generator=gen).tolist()
         if family == "gemma3":
             rows.append([1, *text[:2], _BOI, *[IMAGE_ID] * 16, _EOI, *text[2:]])
-        elif family == "llava_onevision1_5":
+        elif family in ("llava_onevision1_5", "glm4v"):
             rows.append([1, *text[:2], VSTART_ID, *[IMAGE_ID] * 16, VEND_ID, *text[2:]])
         elif family == "smolvlm":
             rows.append([1, *text[:2], *([IMAGE_ID] * 16 + [7]) * 2, *text[2:]])
@@ -434,9 +446,12 @@ def new_inputs(model, family: str, batch: int = 1, seed: int = 0) -> dict:
     n_images = sum(tiles) if tiles else batch
     if family == "smolvlm":
         out["pixel_values"] = torch.randn(batch, 2, 3, 56, 56, generator=gen)
-    elif family == "llava_onevision1_5":  # 8 x 8 patches of 2 px, merged 2 x 2: 16 tokens per image
-        out["pixel_values"] = torch.randn(batch * 64, 3 * 2 * 2, generator=gen)
+    elif family in ("llava_onevision1_5", "glm4v"):  # 8 x 8 patches of 2 px, merged 2 x 2: 16 tokens per image
+        temporal = 2 if family == "glm4v" else 1
+        out["pixel_values"] = torch.randn(batch * 64, 3 * 2 * 2 * temporal, generator=gen)
         out["image_grid_thw"] = torch.tensor([[1, 8, 8]] * batch)
+        if family == "glm4v":
+            out["mm_token_type_ids"] = (ids == IMAGE_ID).long()
     else:
         out["pixel_values"] = torch.randn(n_images, 3, 56, 56, generator=gen)
     if family == "gemma3":

@@ -14,7 +14,7 @@ from .generic import (
     missing,
 )
 from .llava import LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter
-from .qwen import Qwen2VLAdapter, Qwen3VLAdapter, Qwen25VLAdapter, Qwen35Adapter
+from .qwen import Glm4vAdapter, Qwen2VLAdapter, Qwen3VLAdapter, Qwen25VLAdapter, Qwen35Adapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter,
@@ -24,6 +24,7 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     Qwen25VLAdapter,
     Qwen3VLAdapter,
     Qwen35Adapter,
+    Glm4vAdapter,
     Gemma3Adapter,
     InternVLAdapter,
     LlavaOnevision15Adapter,

@@ -85,3 +85,18 @@ class Qwen35Adapter(Qwen2VLAdapter):
 
     family = "qwen3_5"
     model_classes = ("Qwen3_5ForConditionalGeneration",)
+
+
+class Glm4vAdapter(Qwen2VLAdapter):
+    """GLM-4.1V / GLM-4.6V: a Qwen-style tower (merged 2 x 2 patches, ``image_grid_thw``) and M-RoPE positions from
+    the model's own ``get_rope_index``; between ``<|begin_of_image|>`` / ``<|end_of_image|>`` text tokens."""
+
+    family = "glm4v"
+    model_classes = ("Glm4vForConditionalGeneration", "Glm46VForConditionalGeneration")
+    has_video = False  # the frame cache's per-frame encoding is written for the Qwen towers only
+
+    def tower_spec(self):
+        raise ValueError(
+            f"tome_vit cannot merge inside {self.family}'s vision tower (merged 2 x 2 units, per-image packed "
+            "sequences, 2-D rotary positions); use a pre-LLM method (e.g. 'divprune') or an in-LLM one ('fastv')"
+        )
