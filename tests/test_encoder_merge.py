@@ -309,3 +309,16 @@ def test_layer_tokens_record_the_schedule(models):
     share = 2 * 64 / (4 * 32 + 2 * 64)  # tiny CLIP: hidden 32, MLP 64
     want = sum((1 - share) * t + share * m for t, m in zip(planned, last.mlp_tokens, strict=True)) / layers
     assert last.mean_layer_tokens == pytest.approx(want)
+
+
+def test_grad_mode_changes_nothing_under_eager_attention(models):
+    """tome_vit under autograd equals no_grad bit for bit with the tower's eager attention. Under SDPA the additive
+    proportional-attention mask sends autograd-enabled calls to another CPU kernel (the unpatched tower passes no
+    mask, so it does not see this): ~1e-5 in the features, ~1e-4 in the logits (README, tome_vit)."""
+    model = models("llava", attn="eager")
+    inputs = tiny.make_inputs(model, "llava", batch=2, seed=3)
+    with vlm_accel.accelerate(model, budget=0.25, method="tome_vit"):
+        with_grad = model(**inputs).logits.detach()
+        with torch.no_grad():
+            without = model(**inputs).logits
+    assert torch.equal(with_grad, without)
