@@ -206,3 +206,23 @@ def test_answer_image_refuses_float_arrays_and_overlong_questions(demo):
     s = zoo.samples()[0]
     with pytest.raises(ValueError, match="context is 1024 positions"):
         demo.answer_image(s["path"], "Is there a red circle? " * 400)
+
+
+def test_bad_uploads_show_the_demos_message(tmp_path):
+    """A text file named .png and a 0-byte .png: the demo's own message, not Gradio's generic error (#28.5); a
+    fractional frame count is refused, not truncated."""
+    gr = pytest.importorskip("gradio")
+    from gradio.data_classes import ImageData
+
+    from vlm_accel.demo import checked_image
+
+    image = checked_image(gr)(type="pil")
+    for name, data in (("notes.png", b"just text"), ("empty.png", b"")):
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(gr.Error, match=f"{name}: not a readable image file"):
+            image.preprocess(ImageData(path=str(path), orig_name=name))
+    good = image.preprocess(ImageData(path=str(zoo.samples("image")[0]["path"]), orig_name="sample.png"))
+    assert good.size[0] > 0
+    with pytest.raises(ValueError, match="frames must be a whole number"):
+        Demo(None, None).answer_video("clip.mp4", "q", frames=2.5)

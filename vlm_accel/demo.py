@@ -102,6 +102,8 @@ class Demo:
 
         if path is None:
             raise ValueError("no video: upload a video file first")
+        if isinstance(frames, bool) or not float(frames).is_integer() or frames < 1:
+            raise ValueError(f"frames must be a whole number >= 1, got {frames!r}")
         if has_video_input(self.model, self.processor):
             return self._answer_video_input(path, question, budget, method, int(frames))
         gallery = []
@@ -242,6 +244,22 @@ def dim_dropped(image: Image.Image, kept: torch.Tensor, grid: tuple[int, int], f
 SAMPLE_VIDEO = Path(__file__).resolve().parent.parent / "demo" / "samples" / "scenes.mp4"
 
 
+def checked_image(gr):
+    """``gr.Image`` whose upload is checked by the demo: a file that is not an image (a text file named ``.png``, 0
+    bytes) shows the demo's message instead of Gradio's generic error (Gradio opens it with PIL before any handler)."""
+
+    class CheckedImage(gr.Image):
+        def preprocess(self, payload):
+            try:
+                return super().preprocess(payload)
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+                name = getattr(payload, "orig_name", None) or "the upload"
+                logger.info("demo: unreadable image %s: %s", name, e)
+                raise gr.Error(f"{name}: not a readable image file", print_exception=False) from None
+
+    return CheckedImage
+
+
 def _user_errors(fn, gr):
     """``fn`` with user errors (bad file, unsupported format, too long a question) shown as a message in the page."""
 
@@ -286,7 +304,7 @@ def build_app(demo: Demo):
         with gr.Tab("Image", elem_id="tab-image"):
             with gr.Row():
                 with gr.Column():
-                    image = gr.Image(type="pil", label="image", elem_id="image-input")
+                    image = checked_image(gr)(type="pil", label="image", elem_id="image-input")
                     question = gr.Textbox(label="question", value="What color is the circle?", elem_id="question")
                     budget = gr.Slider(
                         0.02, 1.0, value=0.33, step=0.01, label="budget (fraction of visual tokens)", elem_id="budget"
