@@ -216,7 +216,7 @@ def test_bad_uploads_show_the_demos_message(tmp_path):
 
     from vlm_accel.demo import checked_image
 
-    image = checked_image(gr)(type="pil")
+    image = checked_image(gr, type="pil")
     for name, data in (("notes.png", b"just text"), ("empty.png", b"")):
         path = tmp_path / name
         path.write_bytes(data)

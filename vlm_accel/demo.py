@@ -244,20 +244,23 @@ def dim_dropped(image: Image.Image, kept: torch.Tensor, grid: tuple[int, int], f
 SAMPLE_VIDEO = Path(__file__).resolve().parent.parent / "demo" / "samples" / "scenes.mp4"
 
 
-def checked_image(gr):
-    """``gr.Image`` whose upload is checked by the demo: a file that is not an image (a text file named ``.png``, 0
-    bytes) shows the demo's message instead of Gradio's generic error (Gradio opens it with PIL before any handler)."""
+def checked_image(gr, **kwargs):
+    """A ``gr.Image(**kwargs)`` whose upload is checked by the demo: a file that is not an image (a text file named
+    ``.png``, 0 bytes) shows the demo's message instead of Gradio's generic error (Gradio opens it with PIL before any
+    handler). The check wraps the instance's ``preprocess`` (a subclass would make Gradio write a ``.pyi`` stub)."""
+    image = gr.Image(**kwargs)
+    preprocess = image.preprocess
 
-    class CheckedImage(gr.Image):
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
-                name = getattr(payload, "orig_name", None) or "the upload"
-                logger.info("demo: unreadable image %s: %s", name, e)
-                raise gr.Error(f"{name}: not a readable image file", print_exception=False) from None
+    def checked(payload):
+        try:
+            return preprocess(payload)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+            name = getattr(payload, "orig_name", None) or "the upload"
+            logger.info("demo: unreadable image %s: %s", name, e)
+            raise gr.Error(f"{name}: not a readable image file", print_exception=False) from None
 
-    return CheckedImage
+    image.preprocess = checked
+    return image
 
 
 def _user_errors(fn, gr):
@@ -304,7 +307,7 @@ def build_app(demo: Demo):
         with gr.Tab("Image", elem_id="tab-image"):
             with gr.Row():
                 with gr.Column():
-                    image = checked_image(gr)(type="pil", label="image", elem_id="image-input")
+                    image = checked_image(gr, type="pil", label="image", elem_id="image-input")
                     question = gr.Textbox(label="question", value="What color is the circle?", elem_id="question")
                     budget = gr.Slider(
                         0.02, 1.0, value=0.33, step=0.01, label="budget (fraction of visual tokens)", elem_id="budget"
