@@ -261,3 +261,18 @@ def test_video_tab_and_a_bad_file_in_a_real_browser(server, browser, tmp_path):
     body = browser.find_element("tag name", "body").text
     assert "Traceback" not in body
     assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
+
+
+def test_a_bad_upload_shows_the_demos_message(server, browser, tmp_path):
+    """A text file named .png: the demo's own message in the page (#28.5), not Gradio's generic error."""
+    url, log = server
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image")
+    browser.get(url)
+    _wait(browser, lambda d: _css(d, "#ask") and _css(d, "#image-input input[type=file]"), "the image tab")
+    _upload(browser, "image-input", bad)
+    _set_text(browser, "question", "What color is the circle?")
+    _css(browser, "#ask")[0].click()
+    _wait(browser, lambda d: "not a readable image file" in d.find_element("tag name", "body").text, "the message")
+    browser.save_screenshot(str(ARTIFACTS / "bad-upload.png"))
+    assert "upstream Gradio app has raised an exception" not in browser.find_element("tag name", "body").text
