@@ -68,3 +68,12 @@ def test_cli_errors_are_one_line(capsys, argv, match):
     assert len(err) == 1 and err[0].startswith("vlm-accel: error:"), captured.err
     assert pytest.importorskip("re").search(match, err[0]), err[0]
     assert "Traceback" not in captured.out + captured.err
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(num_frames=2.5), dict(num_frames=0), dict(max_new_tokens="8"), dict(num_frames=True)]
+)
+def test_ask_checks_its_counts(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"{name} must be a whole number >= 1"):
+        zoo.ask(None, None, SAMPLE, "What color is the circle?", **kwargs)

@@ -177,6 +177,9 @@ def ask(model, processor, media, question: str, max_new_tokens: int = 8, num_fra
     """
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question must be a non-empty string")
+    for name, value in (("max_new_tokens", max_new_tokens), ("num_frames", num_frames)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
     kind, content = load_media(media, num_frames)
     if kind == "video" and not has_video_input(model, processor):
         import numpy as np
