@@ -323,6 +323,8 @@ def test_a_tower_choice_belongs_to_its_request(tmp_path, monkeypatch):
     _tower_costs(model, tmp_path, monkeypatch)
     inputs = _default_like_inputs(processor)
     with vlm_accel.accelerate(model, Budget(latency_ms=100.0), method="tome_vit") as sess, torch.no_grad():
+        sess.encode_images(pixel_values=inputs["pixel_values"])  # the warm-up request corrects nothing
+        assert sess.controller.tower_scale == 1.0
         (feats,) = sess.encode_images(pixel_values=inputs["pixel_values"])
         assert feats.shape[0] < 256  # the tower merged for that call
         scale = sess.controller.tower_scale
@@ -384,9 +386,17 @@ def test_tower_scale_follows_measured_time():
 
     c = Controller(Budget(latency_ms=100.0), None, None)
     tower = calibration.TowerCost("k", (1.0, 0.5), (100.0, 60.0), "cubic")
-    # measured twice the prediction (2 views x 60 ms): halfway there
-    c.observe_tower(TowerChoice(50, 2, 0.5, tower, "why", 120.0), 240.0)
-    assert c.tower_scale == pytest.approx(1.5)
+    choice = TowerChoice(50, 2, 0.5, tower, "why", 120.0)
+    c.observe_tower(choice, 2400.0)  # the first request: a warm-up, ten times slower, not counted
+    assert c.tower_scale == 1.0
+    c.observe_tower(choice, 240.0)  # measured twice the prediction (2 views x 60 ms)
+    assert c.tower_scale == pytest.approx(2.0)
+    c.observe_tower(choice, 120.0)
+    c.observe_tower(choice, 1200.0)  # an outlier moves the median of 2, 1, 10 to 2, not to 4.3 as a mean would
+    assert c.tower_scale == pytest.approx(2.0)
+    for _ in range(7):
+        c.observe_tower(choice, 120.0)  # the machine as calibrated again: the window forgets the old ratios
+    assert c.tower_scale == pytest.approx(1.0)
     assert tower.view_ms(0.75) == pytest.approx(80.0) and tower.view_ms(0.01) == 60.0
 
 

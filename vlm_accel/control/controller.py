@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -142,6 +143,8 @@ class Controller:
         self._cost: CostModel | None = None
         self.plan: Plan | None = None
         self.tower_scale = 1.0  # measured / calibrated tower time of the steered requests so far (see observe_tower)
+        self._tower_ratios: list[float] = []  # measured / predicted of the recent steered requests (warm-up excluded)
+        self._tower_seen = 0
 
     @property
     def cost(self) -> CostModel:
@@ -290,15 +293,19 @@ class Controller:
         return TowerChoice(k, views, k / per_view, tower, reason, tower_ms + llm_ms)
 
     def observe_tower(self, t: TowerChoice, encode_ms: float) -> None:
-        """After the tower chosen by ``t`` ran in ``encode_ms``: move :attr:`tower_scale` halfway to measured /
-        predicted (bounded to 1/4..4), so the next request's choice follows this machine's current speed."""
+        """After the tower chosen by ``t`` ran in ``encode_ms``: :attr:`tower_scale` becomes the median of measured /
+        predicted over the last :data:`SCALE_WINDOW` steered requests (bounded to 1/4..4), so the next request's
+        choice follows this machine's current speed. The first request of a session is a warm-up (kernels chosen,
+        caches filled: often several times slower) and is not counted; one outlier cannot move the median far."""
         if encode_ms <= 0:
             return
         predicted = t.views * t.cost.view_ms(t.keep)
-        if predicted > 0:
-            self.tower_scale = min(4.0, max(0.25, 0.5 * self.tower_scale + 0.5 * encode_ms / predicted))
+        self._tower_seen += 1
+        if predicted <= 0 or self._tower_seen == 1:
+            return
+        self._tower_ratios = [*self._tower_ratios, encode_ms / predicted][-SCALE_WINDOW:]
+        self.tower_scale = min(4.0, max(0.25, statistics.median(self._tower_ratios)))
 
-    # --- one prefill ----------------------------------------------------------------------------------------
     def quotas(
         self, inputs, segments_of, stage, encode_ms: float, attn, masks, tower: TowerChoice | None = None
     ) -> dict[int, list[int]]:
@@ -356,6 +363,10 @@ class Controller:
         count quota, when the budget also has one)."""
         limits = sizes if caps is None else [min(s, c) for s, c in zip(sizes, caps, strict=True)]
         return allocate(total, limits, weights)
+
+
+#: How many recent steered requests the tower scale is the median of.
+SCALE_WINDOW = 7
 
 
 class TowerChoice(NamedTuple):
