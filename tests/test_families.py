@@ -112,12 +112,13 @@ def test_oracle(family):
 
 @pytest.mark.parametrize("family", tiny.NEW_FAMILIES)
 def test_kv_budget(family):
-    """KV eviction / quantization where the decoder is all full attention; a clear refusal where it is not."""
+    """KV quantization everywhere (a hybrid decoder's linear layers keep their recurrent state, counted in
+    ``kv_bytes``); eviction where every layer is full attention, a clear refusal where it is not."""
     model = model_of(family)
     inputs = tiny.new_inputs(model, family, batch=2, seed=2)
     for budget in (Budget(visual=0.5, kv=0.5), Budget(kv_bits=4)):
         types = set(adapter_for(model).layer_types)
-        blocked = "linear_attention" in types or (budget.kv != 1.0 and "sliding_attention" in types)
+        blocked = budget.kv != 1.0 and bool(types & {"linear_attention", "sliding_attention"})
         if blocked:
             with pytest.raises(ValueError, match="not supported on"):
                 vlm_accel.accelerate(model, budget=budget)
@@ -125,6 +126,12 @@ def test_kv_budget(family):
         with vlm_accel.accelerate(model, budget=budget) as sess, torch.no_grad():
             gen = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
         assert gen.shape[1] == inputs["input_ids"].shape[1] + 3 and sess.stats.kv_bytes > 0
+        if budget.kv_bits < 16 and "linear_attention" in types:
+            with torch.no_grad():
+                out = model(**inputs, use_cache=True)
+            layers = out.past_key_values.layers
+            linear = [i for i, t in enumerate(adapter_for(model).layer_types) if t == "linear_attention"]
+            assert all(type(layers[i]).__name__ == "LinearAttentionLayer" for i in linear)
 
 
 def test_generic_adapter_and_what_it_needs(caplog):

@@ -190,7 +190,8 @@ class Session:
         self.stages = None
         if cfg.llm is not None and (steered or not is_full(cfg.llm_budget)):
             self.stages = LLMStages(cfg.llm, self.options, lm, self._patch)
-        kv = KVStage(b, self.kv_press, lm.layers, self._kv_evicted)
+        hybrid = self.model.config if "linear_attention" in self.adapter.layer_types else None
+        kv = KVStage(b, self.kv_press, lm.layers, self._kv_evicted, hybrid)
         self.kv = kv if kv.active else None
         # nothing to do at all (budget 1.0): compiled decoding steps go straight through, so they guard on nothing
         self._inert = b.is_full and not self._stateful and self.tower is None

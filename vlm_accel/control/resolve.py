@@ -171,8 +171,6 @@ def resolve(adapter: Adapter, budget: Budget, method, method_options: dict | Non
     evicts = budget.kv != 1.0 or isinstance(budget.kv, int) or budget.kv_max is not None
     if evicts or budget.memory_gb is not None or budget.kv_important:
         adapter.refuse_hybrid("KV eviction (Budget kv / kv_max / memory_gb)", ("linear_attention", "sliding_attention"))
-    if budget.kv_bits < 16:
-        adapter.refuse_hybrid("KV quantization (Budget kv_bits)")
     tower_options = None
     if tower is not None:
         tower_options = options if alone else tower.resolve(None)

@@ -751,15 +751,16 @@ class MixedPrecisionKVLayer(QuantizedKVLayer):
 
 
 # ---------------------------------------------------------------------------------------------------------- caches
-def _decoder_layers(config) -> int | None:
+def _decoder_layers(config) -> list[str] | None:
+    """Per decoder layer its type, for a cache built up front; ``None`` without a config (layers added lazily)."""
     if config is None:
         return None
     text = config.get_text_config(decoder=True)
-    types = getattr(text, "layer_types", None) or []
-    bad = sorted(set(types) - {"full_attention"})
+    types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    bad = sorted(set(types) - {"full_attention", "linear_attention"})
     if bad:
         raise ValueError(f"quantized KV caches support full-attention layers only; this model also has {bad}")
-    return text.num_hidden_layers
+    return list(types)
 
 
 class QuantizedKVCache(Cache):
@@ -783,16 +784,19 @@ class QuantizedKVCache(Cache):
 
     def _init(self, factory, config):
         factory()  # validates the arguments now, not at the first forward
-        n = _decoder_layers(config)
-        if n is None:
+        types = _decoder_layers(config)
+        if types is None:
             super().__init__(layer_class_to_replicate=factory)
-        else:
-            super().__init__(layers=[factory() for _ in range(n)])
+        else:  # hybrid decoders: linear-attention layers keep their recurrent state as it is
+            from transformers.cache_utils import LinearAttentionLayer
+
+            super().__init__(layers=[LinearAttentionLayer() if t == "linear_attention" else factory() for t in types])
 
     def flush(self) -> None:
         """Quantize now what the next decoding step would (see :meth:`QuantizedKVLayer.flush`)."""
         for layer in self.layers:
-            layer.flush()
+            if hasattr(layer, "flush"):
+                layer.flush()
 
 
 class MixedPrecisionKVCache(QuantizedKVCache):
@@ -829,6 +833,9 @@ def _layer_nbytes(layer) -> int:
     if hasattr(layer, "nbytes") and callable(layer.nbytes):
         return layer.nbytes()
     held = [getattr(layer, "keys", None), getattr(layer, "values", None)]
+    for states in ("conv_states", "recurrent_states"):  # a linear-attention layer's state (hybrid decoders)
+        value = getattr(layer, states, None)
+        held += list(value.values()) if isinstance(value, dict) else [value]
     return _nb(*[t for t in held if torch.is_tensor(t)])
 
 

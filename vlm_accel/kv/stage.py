@@ -33,10 +33,13 @@ class KVStage:
         press: the press (name or :class:`~vlm_accel.kv.presses.Press`) that ranks entries for eviction.
         layers: the decoder layers.
         on_evicted: ``callback(layer, valid [B, n], evicted)`` after every eviction while decoding.
+        hybrid_config: the model config of a decoder with linear-attention layers (their recurrent state passes
+            through a quantized cache untouched), else ``None``.
     """
 
-    def __init__(self, budget: Budget, press, layers: nn.ModuleList, on_evicted):
+    def __init__(self, budget: Budget, press, layers: nn.ModuleList, on_evicted, hybrid_config=None):
         self.budget = budget
+        self.hybrid_config = hybrid_config  # a hybrid decoder's config: its quantized cache is built layer by type
         self.compressor: KVCompressor | None = None
         if evicts(budget):
             self.compressor = KVCompressor(
@@ -105,7 +108,7 @@ class KVStage:
         if cache is not None and (type(cache) is not DynamicCache or cache.get_seq_length()):
             return kw
         b = self.budget
-        q = dict(group_size=KV_GROUP, residual=KV_RESIDUAL)
+        q = dict(group_size=KV_GROUP, residual=KV_RESIDUAL, config=self.hybrid_config)
         if b.kv_important:
             new = MixedPrecisionKVCache(bits=b.kv_bits, high_bits=8, **q)
         else:
