@@ -24,8 +24,9 @@ def model_of(family):
 
 
 def _refused(family, method) -> bool:
+    """A merge inside the vision tower: only the LLaVA-family towers (tests/test_encoder_merge.py)."""
     spec = get(method)
-    return (spec.stage == "llm" and family == "qwen3_5") or (spec.stage == "tower")
+    return spec.stage == "tower"
 
 
 @pytest.mark.parametrize("family", tiny.NEW_FAMILIES)
@@ -166,3 +167,45 @@ def test_generic_adapter_and_what_it_needs(caplog):
 
     with pytest.raises(TypeError, match="needs model.model.get_placeholder_mask; .*language_model.layers"):
         adapter_for(NoMask())
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+def test_in_llm_stages_on_a_hybrid_decoder(method):
+    """Qwen3.5: stages are scored at full-attention layers (a stage at layer s is scored by layer s - 1); the pruned
+    prefill equals the stock decoder layers run by hand — every layer on the full row before a stage, the kept
+    tokens at their original positions after it (linear-attention layers simply see the shorter sequence)."""
+    from vlm_accel.methods.inllm import stage_layers
+
+    model = model_of("qwen3_5")
+    lm = model.model.language_model
+    types = adapter_for(model).layer_types
+    inputs = tiny.new_inputs(model, "qwen3_5", batch=1, seed=4)
+    full = {}
+    hook = lm.register_forward_pre_hook(lambda mod, a, kw: full.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    with vlm_accel.accelerate(model, budget=0.25, method=method) as sess, torch.no_grad():
+        out = model(**inputs).logits
+        stages = sess.trace.stages
+        gen = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert gen.shape[1] == inputs["input_ids"].shape[1] + 3
+    starts = [s for s, *_ in stages]
+    assert starts == stage_layers(method, {}, len(types), adapter_for(model).scoring_layers)
+    assert all(types[s - 1] == "full_attention" for s in starts)
+    h, pos = full["inputs_embeds"], full["position_ids"]
+    cur = torch.arange(h.shape[1])
+    with torch.no_grad():
+        for i, layer in enumerate(lm.layers):
+            if i in starts:
+                kept = stages[starts.index(i)][1][0]
+                h = h[:, torch.searchsorted(cur, kept)]
+                cur = kept
+            p = pos[..., cur]
+            cos, sin = lm.rotary_emb(h, p[1:] if p.shape[0] == 4 else p)
+            n = cur.numel()
+            causal = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]
+            mask = None if types[i] == "linear_attention" else causal
+            h = layer(h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=p)
+        ref = model.lm_head(lm.norm(h))
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)

@@ -189,7 +189,7 @@ class Session:
         steered = b.has_target and cfg.steered[0] == "in-LLM"
         self.stages = None
         if cfg.llm is not None and (steered or not is_full(cfg.llm_budget)):
-            self.stages = LLMStages(cfg.llm, self.options, lm, self._patch)
+            self.stages = LLMStages(cfg.llm, self.options, lm, self._patch, self.adapter.scoring_layers)
         hybrid = self.model.config if "linear_attention" in self.adapter.layer_types else None
         kv = KVStage(b, self.kv_press, lm.layers, self._kv_evicted, hybrid)
         self.kv = kv if kv.active else None

@@ -114,6 +114,15 @@ class Adapter:
         types = getattr(text, "layer_types", None)
         return list(types) if types is not None and len(types) == n else ["full_attention"] * n
 
+    @property
+    def scoring_layers(self) -> list[int] | None:
+        """Decoder layers whose attention can score tokens (``None``: every layer); hybrid decoders: the full- and
+        sliding-attention ones (a linear-attention layer has a recurrent state, no attention rows)."""
+        types = self.layer_types
+        if "linear_attention" not in types:
+            return None
+        return [i for i, t in enumerate(types) if t != "linear_attention"]
+
     def refuse_hybrid(self, what: str, kinds: tuple[str, ...] = ("linear_attention",)) -> None:
         """``ValueError`` when the decoder has layers of ``kinds`` (linear attention: a recurrent state, no KV cache;
         sliding attention: a windowed cache), which ``what`` cannot handle yet; names the layers that can."""

@@ -160,8 +160,7 @@ def resolve(adapter: Adapter, budget: Budget, method, method_options: dict | Non
     if llm is not None:
         from ..methods.inllm import stage_layers
 
-        adapter.refuse_hybrid(f"the in-LLM method {llm.name!r}")
-        stage_layers(llm.name, options, len(adapter.language_model.layers))
+        stage_layers(llm.name, options, len(adapter.language_model.layers), adapter.scoring_layers)
     if pre is None and llm is not None:  # an in-LLM method alone: a total target steers its stages
         steered = ("in-LLM", llm_budget)
     elif pre is not None and pre.stage == "tower":  # a tower merge alone: latency_ms steers the tower only

@@ -70,11 +70,13 @@ class LLMStages:
     """The stages of an in-LLM method on one language model. ``remove()`` takes the forward pre-hooks off;
     instance attribute patches go through the session's ``patch`` (undone by ``Session.restore``)."""
 
-    def __init__(self, method: Method, options: dict, lm: nn.Module, patch):
+    def __init__(self, method: Method, options: dict, lm: nn.Module, patch, scoring: list[int] | None = None):
         self.method = method
         self.options = options
         self.layers = lm.layers
-        self.starts = stage_layers(method.name, options, len(self.layers))
+        self.starts = stage_layers(method.name, options, len(self.layers), scoring)
+        # hybrid decoders: layers without attention (linear attention: a recurrent state) get a 2-D padding mask
+        self.recurrent = set() if scoring is None else set(range(len(self.layers))) - set(scoring)
         sched = options.get("schedule")
         self.ratios = [float(r) for _, r in sched] if sched is not None else None
         self.run: _Run | None = None  # the run the current forward belongs to
@@ -204,8 +206,12 @@ class LLMStages:
                 run.stages.append((i, *run.layout))
             idx, valid = run.layout
             kw = dict(kwargs)
-            width = _static_width(cache, i, kwargs.get("attention_mask"))
-            kw["attention_mask"] = gather_mask(kwargs.get("attention_mask"), idx, valid, width=width)
+            mask = kwargs.get("attention_mask")
+            if i in self.recurrent:  # a [B, L] padding mask (or None) for the recurrent state
+                kw["attention_mask"] = None if mask is None and bool(valid.all()) else _padding(mask, idx, valid)
+            else:
+                width = _static_width(cache, i, mask)
+                kw["attention_mask"] = gather_mask(mask, idx, valid, width=width)
             if kwargs.get("position_embeddings") is not None:
                 kw["position_embeddings"] = tuple(take(p, idx) for p in kwargs["position_embeddings"])
             if torch.is_tensor(kwargs.get("position_ids")):
@@ -216,7 +222,7 @@ class LLMStages:
 
     def _decode_kwargs(self, run: _Run, i: int, kwargs: dict, cache, q: int) -> dict:
         lay = run.layout_of(i)
-        if lay is None:
+        if lay is None or i in self.recurrent:  # a recurrent state holds no entries to mask
             return kwargs
         valid = run.cache_valid.get(i, lay[1])  # KV eviction may have shortened this layer's prompt entries
         layer_cache = cache.layers[i] if cache is not None and hasattr(cache, "layers") else None
@@ -241,6 +247,13 @@ class LLMStages:
             return orig(hidden_states, new_vpm, take(full, idx)[new_vpm])
 
         return deepstack
+
+
+def _padding(mask, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, n]`` 0/1 padding mask of the kept slots for a recurrent (linear-attention) layer."""
+    if torch.is_tensor(mask) and mask.dim() == 2:
+        return mask.gather(1, idx) * valid.to(mask.dtype)
+    return valid.long()
 
 
 def _relative(cur_idx: torch.Tensor, stage_idx: torch.Tensor, stage_valid: torch.Tensor):

@@ -91,29 +91,39 @@ register(
 )(top_attended)
 
 
-def stage_layers(name: str, options: dict, n_layers: int) -> list[int]:
+def stage_layers(name: str, options: dict, n_layers: int, scorable: list[int] | None = None) -> list[int]:
     """The layers before which each stage prunes (``1 <= layer < n_layers``).
 
-    ``ValueError`` when an explicit layer does not fit the model."""
+    ``scorable``: the layers whose attention can score (full attention; ``None``: all). A stage at layer ``s`` is
+    scored by layer ``s - 1``, so on a hybrid decoder a default stage moves to the next layer after a full-attention
+    one. ``ValueError`` when an explicit layer does not fit the model."""
     if n_layers < 2:
         raise ValueError(f"{name}: the language model has {n_layers} layer(s); in-LLM pruning needs at least 2")
-    if name == "fastv":
-        k = options.get("layer")
-        if k is None:
-            return [min(2, n_layers - 1)]
-        layers = [k]
+    ok = [s for s in range(1, n_layers) if scorable is None or s - 1 in scorable]
+    if not ok:
+        raise ValueError(f"{name}: no layer of this language model can score (no full-attention layer but the last)")
+    explicit = None
+    if name == "fastv" and options.get("layer") is not None:
+        explicit = [options["layer"]]
     elif options.get("schedule") is not None:
-        layers = [int(a) for a, _ in options["schedule"]]
+        explicit = [int(a) for a, _ in options["schedule"]]
     elif options.get("layers") is not None:
-        layers = list(options["layers"])
-    else:
-        return sorted({min(n_layers - 1, max(1, round(n_layers * f))) for f in (0.25, 0.5, 0.75)})
-    if layers[-1] >= n_layers:
+        explicit = list(options["layers"])
+    if explicit is None:
+        wanted = [2] if name == "fastv" else [round(n_layers * f) for f in (0.25, 0.5, 0.75)]
+        return sorted({next((s for s in ok if s >= min(max(1, w), n_layers - 1)), ok[-1]) for w in wanted})
+    if explicit[-1] >= n_layers:
         raise ValueError(
-            f"{name}: stage layer {layers[-1]} does not fit a language model of {n_layers} layers "
+            f"{name}: stage layer {explicit[-1]} does not fit a language model of {n_layers} layers "
             f"(valid: 1..{n_layers - 1})"
         )
-    return layers
+    bad = [s for s in explicit if s not in ok]
+    if bad:
+        raise ValueError(
+            f"{name}: stage layer(s) {bad} follow a layer without attention to score with (linear attention); "
+            f"valid stage layers: {ok}"
+        )
+    return explicit
 
 
 def stage_quota(n: int, final: int, stage: int, stages: int, ratios: list[float] | None = None) -> int:
