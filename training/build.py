@@ -15,64 +15,11 @@ import os
 import numpy as np
 import torch
 
-from vlm_accel.zoo.render import _Q, COLOR_NAMES, SHAPES
+from vlm_accel.zoo.onevision import IMAGENET_MEAN, IMAGENET_STD
+from vlm_accel.zoo.render import COLOR_NAMES, EXTRA_WORDS, SHAPES, SPECIAL, vocabulary  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
-EXTRA_WORDS = [
-    "user",
-    "assistant",
-    ":",
-    "?",
-    ".",
-    ",",
-    "describe",
-    "the",
-    "image",
-    "yes",
-    "no",
-    "left",
-    "right",
-    "none",
-    "grey",
-    "square",
-    "colour",
-    "objects",
-    "picture",
-    "and",
-    "of",
-    "a",
-    "an",
-    "is",
-    "there",
-    "in",
-    "what",
-    "which",
-    "how",
-    "many",
-    "shape",
-    "shapes",
-    "color",
-    "on",
-    "or",
-    "side",
-    "do",
-    "you",
-    "see",
-    "this",
-    "shown",
-    "object",
-    "are",
-    "it",
-    "answer",
-    "word",
-    "one",
-    "single",
-    "with",
-    "be",
-    "brief",
-]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: "
@@ -86,24 +33,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 IMAGE_SIZE = 224
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-
-
-def vocabulary() -> list[str]:
-    """Special tokens first, then every word the task uses (lower case), digits 0-9."""
-    import re
-
-    words: list[str] = []
-    texts = [t for ts in _Q.values() for t in ts]
-    for t in texts:
-        words += re.findall(r"\w+|[^\w\s]", t.lower().replace("{c}", "").replace("{s}", ""))
-    words += list(SHAPES) + list(COLOR_NAMES) + EXTRA_WORDS + [str(i) for i in range(10)]
-    seen: list[str] = []
-    for w in words:
-        if w not in seen and w not in SPECIAL:
-            seen.append(w)
-    return SPECIAL + seen
 
 
 def build_tokenizer():

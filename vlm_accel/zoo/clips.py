@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .render import COLOR_NAMES, COLORS, SHAPES, _background  # the embedded model's vocabulary
+from .render import COLOR_NAMES, COLORS, SHAPES, background, draw_shape  # the model's vocabulary, the one painter
 
 QTYPES = ("move", "appear", "disappear", "count", "change", "order")
 KINDS = ("move", "appear", "disappear", "change", "order")
@@ -204,21 +204,7 @@ def _place(rng: random.Random, w: int, h: int, tracks: list[Track], shape: str, 
 
 def _draw(draw: ImageDraw.ImageDraw, t: Track, frame: int, w: int, h: int, fill) -> None:
     cx, cy = t.pos(frame)
-    cx, cy = cx * w, cy * h
-    half = t.size * min(w, h) / 2
-    if t.shape == "circle":
-        draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=fill)
-    elif t.shape == "rectangle":
-        hw, hh = (half, half * t.ar) if t.ar <= 1 else (half / t.ar, half)
-        draw.rectangle([cx - hw, cy - hh, cx + hw, cy + hh], fill=fill)
-    else:
-        r = half * 1.1
-        cy += half * 0.15
-        pts = [
-            (cx + r * math.cos(t.angle + k * 2 * math.pi / 3), cy + r * math.sin(t.angle + k * 2 * math.pi / 3))
-            for k in range(3)
-        ]
-        draw.polygon(pts, fill=fill)
+    draw_shape(draw, t.shape, cx * w, cy * h, t.size * min(w, h) / 2, fill, t.ar, t.angle)
 
 
 def _scenario(rng: random.Random, kind: str, w: int, h: int, T: int) -> list[Track] | None:
@@ -310,7 +296,7 @@ def render_clip(seed: int, split: str = "train", kind: str | None = None, index=
             break
     else:
         raise RuntimeError(f"could not lay out a {kind} clip for seed {seed}")
-    bg = _background(rng, w, h)
+    bg = background(rng, w, h)
     blur = rng.uniform(0.3, 0.8) if rng.random() < 0.2 else 0.0
     fps = rng.choice([8, 10, 12, 15])
     index = np.arange(T) if index is None else np.asarray(index)
@@ -489,16 +475,11 @@ def write_heldout_clips(out_dir: str | Path, n: int = 60, seed: int = 0) -> Path
 
 
 # ------------------------------------------------------------------------------------------- legacy (pre-#15)
+_LEGACY_TRIANGLE = ((0.0, -1.0), (-1.0, 1.0), (1.0, 1.0))  # upright, apex at the top of the 2r box
+
+
 def _draw_legacy(img: Image.Image, shape: str, color: str, cx: float, cy: float, r: float) -> None:
-    d = ImageDraw.Draw(img)
-    box = [cx - r, cy - r, cx + r, cy + r]
-    fill = COLORS[color]
-    if shape == "circle":
-        d.ellipse(box, fill=fill)
-    elif shape == "rectangle":
-        d.rectangle(box, fill=fill)
-    else:
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, COLORS[color], tri=_LEGACY_TRIANGLE)
 
 
 def shape_clip(seed: int, frames: int = 8, size: int = 224) -> dict:
@@ -517,7 +498,7 @@ def shape_clip(seed: int, frames: int = 8, size: int = 224) -> dict:
         xs = np.linspace(0.2, 0.8, frames) * size
         xs = xs if direction == "right" else xs[::-1]
         for x in xs:
-            img = Image.new("RGB", (size, size), bg)
+            img = background(None, size, size, color=bg)
             _draw_legacy(img, shape, color, float(x), cy, r)
             out.append(np.asarray(img))
         question, answer = f"Which way does the {color} {shape} move?", direction
@@ -525,7 +506,7 @@ def shape_clip(seed: int, frames: int = 8, size: int = 224) -> dict:
         other_shape, other_color = rng.choice(SHAPES), rng.choice([c for c in COLORS if c != color])
         x_static, x_new = (0.3 * size, 0.7 * size) if rng.random() < 0.5 else (0.7 * size, 0.3 * size)
         for t in range(frames):
-            img = Image.new("RGB", (size, size), bg)
+            img = background(None, size, size, color=bg)
             _draw_legacy(img, other_shape, other_color, x_static, cy, r)
             if t >= frames // 2:
                 _draw_legacy(img, shape, color, x_new, size - cy, r)

@@ -59,12 +59,14 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 PINPOINTS = [[224, 224]]
+IMAGENET_MEAN = [0.485, 0.456, 0.406]  # the DINOv2 tower's normalisation
+IMAGENET_STD = [0.229, 0.224, 0.225]
 FRAME_TOKENS = 64  # 8×8 pooled tokens per frame
 
 
 def vocabulary() -> list[str]:
     """The image model's vocabulary (same ids) + the clip words + ``<video>``."""
-    from training.build import vocabulary as image_vocabulary
+    from .render import vocabulary as image_vocabulary
 
     words = image_vocabulary()
     return words + [w for w in VIDEO_WORDS if w not in words] + ["<video>"]
@@ -101,8 +103,6 @@ def build_tokenizer():
 def build_image_processor():
     from transformers import LlavaOnevisionImageProcessorPil
 
-    from training.build import IMAGENET_MEAN, IMAGENET_STD
-
     return LlavaOnevisionImageProcessorPil(
         size={"height": 224, "width": 224},
         image_grid_pinpoints=PINPOINTS,
@@ -124,8 +124,6 @@ class FrameVideoProcessor:
     model_input_names = ["pixel_values_videos"]
 
     def __init__(self, size: int = 224, image_mean=None, image_std=None):
-        from training.build import IMAGENET_MEAN, IMAGENET_STD
-
         self.size = {"height": size, "width": size}
         self.image_mean = list(image_mean or IMAGENET_MEAN)
         self.image_std = list(image_std or IMAGENET_STD)
@@ -162,8 +160,6 @@ class FrameVideoProcessor:
 def build_video_processor():
     """Stock ``LlavaOnevisionVideoProcessor`` (224×224 squash, ImageNet statistics) when torchvision is installed,
     else :class:`FrameVideoProcessor` (the same arithmetic)."""
-    from training.build import IMAGENET_MEAN, IMAGENET_STD
-
     try:
         import torchvision  # noqa: F401
         from transformers import LlavaOnevisionVideoProcessor

@@ -90,7 +90,12 @@ class Scene:
     meta: dict = field(default_factory=dict)
 
 
-def _background(rng: random.Random, w: int, h: int) -> Image.Image:
+def background(rng: random.Random | None, w: int, h: int, color: tuple[int, int, int] | None = None) -> Image.Image:
+    """The one background painter of the renderers (scenes and clips): a light plain, noisy, gradient or faintly
+    striped ``w``×``h`` image drawn from ``rng``; or, with ``color``, that plain colour (no random draws)."""
+    if color is not None:
+        return Image.new("RGB", (w, h), tuple(int(c) for c in color))
+    assert rng is not None
     base = np.array([rng.randint(205, 255) for _ in range(3)], dtype=np.float32)
     kind = rng.random()
     if kind < 0.45:  # plain
@@ -114,24 +119,54 @@ def _background(rng: random.Random, w: int, h: int) -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def _triangle_points(cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+_background = background  # the name clips and older callers used
+
+
+def triangle_points(
+    cx: float, cy: float, half: float, angle: float = 0.0, tri: tuple | None = None
+) -> list[tuple[float, float]]:
+    """A triangle's corners (pixels) for a shape of half-size ``half`` centred at ``(cx, cy)``.
+
+    Default: equilateral, circumradius ``1.1·half`` about a centre ``0.15·half`` below ``(cx, cy)``, rotated by
+    ``angle``. ``tri``: three corner offsets in units of ``half`` (any proportions and orientation), instead."""
+    if tri is not None:
+        return [(cx + half * u, cy + half * v) for u, v in tri]
+    r = half * 1.1
+    cy += half * 0.15
     return [
         (cx + r * math.cos(angle + k * 2 * math.pi / 3), cy + r * math.sin(angle + k * 2 * math.pi / 3))
         for k in range(3)
     ]
 
 
-def _draw(draw: ImageDraw.ImageDraw, o: Obj, w: int, h: int, fill, rng: random.Random) -> None:
-    cx, cy = o.cx * w, o.cy * h
-    half = o.size * min(w, h) / 2
-    if o.shape == "circle":
-        draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=fill)
-    elif o.shape == "rectangle":
-        ar = o.meta_ar  # type: ignore[attr-defined]
+def draw_shape(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    cx: float,
+    cy: float,
+    half: float,
+    fill,
+    ar: float = 1.0,
+    angle: float = 0.0,
+    tri: tuple | None = None,
+    squash: float = 1.0,
+    outline=None,
+    width: int = 1,
+) -> None:
+    """The one shape painter of the renderers: a circle, a rectangle of aspect ``ar`` (height / width, within a
+    ``2·half`` box) or a triangle (:func:`triangle_points`), centred at ``(cx, cy)`` pixels, ``half`` = half the
+    bounding size. ``squash`` ≠ 1 draws the circle slightly elliptic (height / width; ``ar`` is the rectangle's
+    only); ``outline`` / ``width``: an edge in another colour."""
+    if shape == "circle":
+        hw, hh = (half, half) if squash == 1.0 else ((half, half * squash) if squash <= 1 else (half / squash, half))
+        draw.ellipse([cx - hw, cy - hh, cx + hw, cy + hh], fill=fill, outline=outline, width=width)
+    elif shape == "rectangle":
         hw, hh = (half, half * ar) if ar <= 1 else (half / ar, half)
-        draw.rectangle([cx - hw, cy - hh, cx + hw, cy + hh], fill=fill)
+        draw.rectangle([cx - hw, cy - hh, cx + hw, cy + hh], fill=fill, outline=outline, width=width)
+    elif shape == "triangle":
+        draw.polygon(triangle_points(cx, cy, half, angle, tri), fill=fill, outline=outline, width=width)
     else:
-        draw.polygon(_triangle_points(cx, cy + half * 0.15, half * 1.1, o.meta_angle), fill=fill)  # type: ignore
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
 def render_scene(seed: int, split: str = "train", n_objects: int | None = None) -> Scene:
@@ -169,15 +204,15 @@ def render_scene(seed: int, split: str = "train", n_objects: int | None = None) 
         o.meta_angle = rng.uniform(0, 2 * math.pi)  # type: ignore[attr-defined]
         objs.append(o)
         boxes.append(box)
-    img = _background(rng, w, h)
+    img = background(rng, w, h)
     draw = ImageDraw.Draw(img)
     label = Image.new("L", (w, h), 0)
     ldraw = ImageDraw.Draw(label)
     for i, o in enumerate(objs):
         base = COLORS[o.color]
         fill = tuple(int(min(255, max(0, c + rng.randint(-14, 14)))) for c in base)
-        _draw(draw, o, w, h, fill, rng)
-        _draw(ldraw, o, w, h, i + 1, rng)
+        for d, f in ((draw, fill), (ldraw, i + 1)):
+            draw_shape(d, o.shape, o.cx * w, o.cy * h, o.size * min(w, h) / 2, f, o.meta_ar, o.meta_angle)  # type: ignore[attr-defined]
     if rng.random() < 0.2:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
     # patch labels on the 224×224 resized view: majority object per patch if it covers >= 12 % of the patch
@@ -336,3 +371,76 @@ def heldout(n: int = 500, seed: int = 0, types: tuple[str, ...] = QTYPES) -> Ite
             "type": t,
             "scene": f"heldout-{scene_id}",
         }
+
+
+# ---------------------------------------------------------------- the words the default model knows (run time)
+SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+EXTRA_WORDS = [
+    "user",
+    "assistant",
+    ":",
+    "?",
+    ".",
+    ",",
+    "describe",
+    "the",
+    "image",
+    "yes",
+    "no",
+    "left",
+    "right",
+    "none",
+    "grey",
+    "square",
+    "colour",
+    "objects",
+    "picture",
+    "and",
+    "of",
+    "a",
+    "an",
+    "is",
+    "there",
+    "in",
+    "what",
+    "which",
+    "how",
+    "many",
+    "shape",
+    "shapes",
+    "color",
+    "on",
+    "or",
+    "side",
+    "do",
+    "you",
+    "see",
+    "this",
+    "shown",
+    "object",
+    "are",
+    "it",
+    "answer",
+    "word",
+    "one",
+    "single",
+    "with",
+    "be",
+    "brief",
+]
+
+
+def vocabulary() -> list[str]:
+    """Special tokens first, then every word the task uses (lower case), digits 0-9."""
+    import re
+
+    words: list[str] = []
+    texts = [t for ts in _Q.values() for t in ts]
+    for t in texts:
+        words += re.findall(r"\w+|[^\w\s]", t.lower().replace("{c}", "").replace("{s}", ""))
+    words += list(SHAPES) + list(COLOR_NAMES) + EXTRA_WORDS + [str(i) for i in range(10)]
+    seen: list[str] = []
+    for w in words:
+        if w not in seen and w not in SPECIAL:
+            seen.append(w)
+    return SPECIAL + seen
