@@ -113,6 +113,12 @@ def test_one_registry_lists_every_name_accelerate_takes():
 def test_training_lives_outside_the_package():
     names = {p.stem for p in PKG.rglob("*.py")}
     assert not names & {"train", "train_video", "build", "probe"}
+    for path in PKG.rglob("*.py"):  # an installed package has no training/ beside it
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                assert (node.module or "").split(".")[0] != "training", f"{path} imports {node.module}"
+            elif isinstance(node, ast.Import):
+                assert all(a.name.split(".")[0] != "training" for a in node.names), path
     repo = PKG.parent
     if (repo / "training").is_dir():  # a source checkout (not an installed wheel)
         assert (repo / "training" / "README.md").exists()
