@@ -77,3 +77,14 @@ def test_ask_checks_its_counts(kwargs):
     name = next(iter(kwargs))
     with pytest.raises(ValueError, match=f"{name} must be a whole number >= 1"):
         zoo.ask(None, None, SAMPLE, "What color is the circle?", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [(dict(frame_cache="0"), TypeError), (dict(frame_cache=math.inf), ValueError), (dict(max_tokens=True), ValueError)],
+)
+def test_stream_checks_its_arguments(kwargs, error):
+    model, processor = zoo.load_default()
+    with pytest.raises(error, match=next(iter(kwargs))):
+        vlm_accel.stream(model, processor, **kwargs)
+    assert not hasattr(model, "_vlm_accel_session")

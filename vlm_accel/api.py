@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from .llm.static_cache import SlotState
 from .methods.inllm import mean_tokens
 from .prellm.selection import Replay, Selection, apply_merges, budget_segments  # noqa: F401
 from .tower.capture import Pending, TowerCapture, expand_infos
+from .tower.frame_cache import check_threshold
 from .tower.merge import TowerMerge
 from .tower.steering import TowerSteering
 
@@ -661,14 +661,7 @@ def accelerate(
     adapter = adapter_for(model)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int (the seed of stochastic methods), got {type(seed).__name__} {seed!r}")
-    if frame_cache is not None:
-        if isinstance(frame_cache, bool) or not isinstance(frame_cache, (int, float)):
-            raise TypeError(
-                f"frame_cache must be a number >= 0 (mean absolute pixel difference; 0.0: exact repeats) or None, "
-                f"got {type(frame_cache).__name__} {frame_cache!r}"
-            )
-        if not math.isfinite(frame_cache) or frame_cache < 0:
-            raise ValueError(f"frame_cache must be a finite number >= 0 (0.0: exact repeats only), got {frame_cache}")
+    check_threshold(frame_cache)
     if frame_cache_patches and frame_cache is None:
         raise ValueError("frame_cache_patches=True refines the frame cache: pass frame_cache= (e.g. 0.0) too")
     config = resolve(adapter, budget, method, method_options)

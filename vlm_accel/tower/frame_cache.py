@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,19 @@ import torch
 from ..adapters.base import call_arguments
 
 logger = logging.getLogger(__name__)
+
+
+def check_threshold(frame_cache) -> None:
+    """``TypeError`` / ``ValueError`` naming ``frame_cache`` unless it is ``None`` or a finite number >= 0."""
+    if frame_cache is None:
+        return
+    if isinstance(frame_cache, bool) or not isinstance(frame_cache, (int, float)):
+        raise TypeError(
+            f"frame_cache must be a number >= 0 (mean absolute pixel difference; 0.0: exact repeats) or None, "
+            f"got {type(frame_cache).__name__} {frame_cache!r}"
+        )
+    if not math.isfinite(frame_cache) or frame_cache < 0:
+        raise ValueError(f"frame_cache must be a finite number >= 0 (0.0: exact repeats only), got {frame_cache}")
 
 
 def frames_match(a: torch.Tensor, b: torch.Tensor, threshold: float) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..tower.frame_cache import frames_match
+from ..tower.frame_cache import check_threshold, frames_match
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +81,9 @@ class StreamSession:
         if type(model).__name__ not in _LLAVA + _MROPE:
             raise TypeError(f"streaming supports {', '.join(_LLAVA + _MROPE)}, not {type(model).__name__}")
         self.mrope = type(model).__name__ in _MROPE
-        if not isinstance(max_tokens, int) or max_tokens < 1:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+        check_threshold(frame_cache)
         self.model, self.processor = model, processor
         self.max_tokens = max_tokens
         self.frame_cache = frame_cache
