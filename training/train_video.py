@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm_accel.zoo.clips import COLOR_NAMES, SHAPES, Track, clip_questions, heldout_clips, render_clip, sampled
-from vlm_accel.zoo.render import heldout, questions, render_scene
+from vlm_accel.zoo.render import grid_labels, heldout, questions, render_scene
 
 from .train import attention_target_loss, segment_mask
 
@@ -51,21 +51,6 @@ POS_SCALE = 4.0  # the position read-out's logit margin at the frame's edge (see
 
 
 # ----------------------------------------------------------------------------------------------------------- cache
-def grid_labels(label_map: np.ndarray, n_objects: int, grid: int = 16, min_cover: float = 0.12) -> np.ndarray:
-    """``[grid, grid]`` int8 object index (-1 none) per cell of a 224×224 label map (``index + 1`` per pixel)."""
-    c = 224 // grid
-    lab = label_map.astype(np.int64).reshape(grid, c, grid, c).transpose(0, 2, 1, 3).reshape(grid, grid, c * c)
-    counts = np.stack([(lab == k).sum(-1) for k in range(n_objects + 1)], -1)
-    counts[..., 0] = 0
-    best = counts.argmax(-1)
-    patch = np.where(counts.max(-1) >= min_cover * c * c, best - 1, -1).astype(np.int8)
-    for i in range(n_objects):
-        if counts[..., i + 1].max() > 0 and not (patch == i).any():
-            r, cc = np.unravel_index(counts[..., i + 1].argmax(), (grid, grid))
-            patch[r, cc] = i
-    return patch
-
-
 def crop_labels(label_map: np.ndarray, n_objects: int) -> np.ndarray:
     """Labels of OneVision's aspect-preserving 224-px view (resized to fit, centred on a padded square)."""
     from PIL import Image

@@ -40,7 +40,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .render import COLOR_NAMES, COLORS, SHAPES, background, draw_shape  # the model's vocabulary, the one painter
+from .render import (
+    COLOR_NAMES,
+    COLORS,
+    SHAPES,
+    Balance,
+    background,
+    draw_shape,
+    grid_labels,
+)  # the model's vocabulary, the one painter
 
 QTYPES = ("move", "appear", "disappear", "count", "change", "order")
 KINDS = ("move", "appear", "disappear", "change", "order")
@@ -131,21 +139,11 @@ class Clip:
     def patch_labels(self, grid: int = GRID, min_cover: float = 0.12) -> np.ndarray:
         """``[T', grid, grid]`` int8: the track covering most of each cell of the frame squashed to 224×224
         (if it covers ≥ ``min_cover`` of the cell), else -1; every visible track owns at least its best cell."""
-        out = []
         n = len(self.tracks)
-        for lm in self.label_maps:
-            lab = np.array(Image.fromarray(lm).resize((224, 224), Image.NEAREST), dtype=np.int64)
-            c = 224 // grid
-            lab = lab.reshape(grid, c, grid, c).transpose(0, 2, 1, 3).reshape(grid, grid, c * c)
-            counts = np.stack([(lab == k).sum(-1) for k in range(n + 1)], -1)
-            counts[..., 0] = 0
-            best = counts.argmax(-1)
-            patch = np.where(counts.max(-1) >= min_cover * c * c, best - 1, -1).astype(np.int8)
-            for i in range(n):
-                if counts[..., i + 1].max() > 0 and not (patch == i).any():
-                    r, cc = np.unravel_index(counts[..., i + 1].argmax(), (grid, grid))
-                    patch[r, cc] = i
-            out.append(patch)
+        out = [
+            grid_labels(np.asarray(Image.fromarray(lm).resize((224, 224), Image.NEAREST)), n, grid, min_cover)
+            for lm in self.label_maps
+        ]
         return np.stack(out)
 
 
@@ -407,15 +405,9 @@ def heldout_clips(n: int = 300, seed: int = 0, types=QTYPES, frames: int | None 
     """``n`` held-out clip questions balanced over ``types``: ``{frames [k, H, W, 3], question, answer, type,
     clip}`` where ``frames`` are the ``frames`` uniformly sampled frames (all frames if None); deterministic."""
     rng = random.Random(f"heldout-clip-questions-{seed}")
-    want = {t: n // len(types) + (1 if i < n % len(types) else 0) for i, t in enumerate(types)}
-    got = dict.fromkeys(types, 0)
-    idx = 0
-    while sum(got.values()) < n:
-        cid = seed * 1_000_003 + idx
-        idx += 1
-        t = types[sum(got.values()) % len(types)]
-        while got[t] >= want[t]:
-            t = types[(types.index(t) + 1) % len(types)]
+    bal = Balance(n, types)
+    for cid in bal.ids(seed):
+        t = bal.next_type()
         if t == "change":  # half "yes" (a change clip), half "no" (any other kind)
             kind = "change" if rng.random() < 0.5 else rng.choice([k for k in KINDS if k != "change"])
         else:
@@ -429,7 +421,7 @@ def heldout_clips(n: int = 300, seed: int = 0, types=QTYPES, frames: int | None 
             continue
         q = rng.choice(cands)
         clip = render_clip(cid, "heldout", kind=kind, index=None if frames is None else sampled(T, frames))
-        got[t] += 1
+        bal.take(t)
         yield {
             "frames": clip.frames,
             "question": q["question"],

@@ -169,6 +169,21 @@ def draw_shape(
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
+def grid_labels(label_map: np.ndarray, n_objects: int, grid: int = 16, min_cover: float = 0.12) -> np.ndarray:
+    """``[grid, grid]`` int8 object index (-1 none) per cell of a 224×224 label map (``index + 1`` per pixel)."""
+    c = 224 // grid
+    lab = label_map.astype(np.int64).reshape(grid, c, grid, c).transpose(0, 2, 1, 3).reshape(grid, grid, c * c)
+    counts = np.stack([(lab == k).sum(-1) for k in range(n_objects + 1)], -1)
+    counts[..., 0] = 0
+    best = counts.argmax(-1)
+    patch = np.where(counts.max(-1) >= min_cover * c * c, best - 1, -1).astype(np.int8)
+    for i in range(n_objects):
+        if counts[..., i + 1].max() > 0 and not (patch == i).any():
+            r, cc = np.unravel_index(counts[..., i + 1].argmax(), (grid, grid))
+            patch[r, cc] = i
+    return patch
+
+
 def render_scene(seed: int, split: str = "train", n_objects: int | None = None) -> Scene:
     """Render scene number ``seed`` of ``split`` ("train" or "heldout"); deterministic.
 
@@ -343,27 +358,47 @@ def describe(scene: Scene) -> str:
     return " , ".join(o.name for o in objs) + " ."
 
 
+class Balance:
+    """``n`` held-out items balanced over ``types`` (the first ``n % len(types)`` types get one more), asked in
+    turn; an item id that cannot serve the type asked is skipped (shared by the scene and clip held-out sets)."""
+
+    def __init__(self, n: int, types) -> None:
+        self.n, self.types = n, tuple(types)
+        self.want = {t: n // len(types) + (1 if i < n % len(types) else 0) for i, t in enumerate(types)}
+        self.got = dict.fromkeys(types, 0)
+
+    def ids(self, seed: int) -> Iterator[int]:
+        """Item ids ``seed·1_000_003 + 0, 1, …`` until ``n`` items are taken."""
+        idx = 0
+        while sum(self.got.values()) < self.n:
+            yield seed * 1_000_003 + idx
+            idx += 1
+
+    def next_type(self) -> str:
+        t = self.types[sum(self.got.values()) % len(self.types)]
+        while self.got[t] >= self.want[t]:
+            t = self.types[(self.types.index(t) + 1) % len(self.types)]
+        return t
+
+    def take(self, t: str) -> None:
+        self.got[t] += 1
+
+
 def heldout(n: int = 500, seed: int = 0, types: tuple[str, ...] = QTYPES) -> Iterator[dict]:
     """Yield ``n`` held-out samples ``{image (PIL), question, answer, type, scene}``, balanced over ``types``.
 
     Scenes come from the "heldout" split (disjoint from training); deterministic for a given ``seed``.
     """
     rng = random.Random(f"heldout-questions-{seed}")
-    want = {t: n // len(types) + (1 if i < n % len(types) else 0) for i, t in enumerate(types)}
-    got = dict.fromkeys(types, 0)
-    idx = 0
-    while sum(got.values()) < n:
-        scene_id = seed * 1_000_003 + idx
-        idx += 1
-        t = types[sum(got.values()) % len(types)]
-        while got[t] >= want[t]:
-            t = types[(types.index(t) + 1) % len(types)]
+    bal = Balance(n, types)
+    for scene_id in bal.ids(seed):
+        t = bal.next_type()
         scene = render_scene(scene_id, "heldout", n_objects=1 if t == "shape" else None)
         cands = [q for q in questions(scene, rng) if q["type"] == t]
         if not cands:
             continue
         q = rng.choice(cands)
-        got[t] += 1
+        bal.take(t)
         yield {
             "image": scene.image,
             "question": q["question"],
