@@ -36,7 +36,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlm_accel.zoo.clips import COLOR_NAMES, SHAPES, Track, clip_questions, heldout_clips, render_clip, sampled
+from vlm_accel.zoo.clips import (
+    COLOR_NAMES,
+    EASE_REVERSED,
+    SHAPES,
+    Track,
+    clip_questions,
+    heldout_clips,
+    render_clip,
+    sampled,
+)
 from vlm_accel.zoo.render import grid_labels, heldout, questions, render_scene
 
 from .train import attention_target_loss, segment_mask
@@ -73,11 +82,13 @@ class Tower:
     def __init__(self, init: str):
         from transformers import LlavaOnevisionForConditionalGeneration
 
-        from vlm_accel.zoo.onevision import load_processor
+        from vlm_accel.zoo.onevision import FrameVideoProcessor, load_processor
 
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
         self.tower = model.model.vision_tower.eval()
         self.processor = load_processor(init)
+        # frames -> pixels by the same arithmetic whether or not torchvision (the stock video processor) is installed
+        self.video = FrameVideoProcessor()
 
     @torch.no_grad()
     def frames(self, pv: torch.Tensor) -> torch.Tensor:
@@ -107,10 +118,16 @@ def _save(obj, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def cache_clips(tower: Tower, root: str, split: str, n: int, shards=None) -> None:
+def is_varied(seed: int, vary_p: float) -> bool:
+    """Whether training clip ``seed`` comes from the varied split (issue #32) at a share ``vary_p``."""
+    return vary_p > 0 and random.Random(f"vary-{seed}").random() < vary_p
+
+
+def cache_clips(tower: Tower, root: str, split: str, n: int, shards=None, vary_p: float = 0.0) -> None:
     """Shards ``clips_{split}_{k}.pt``: feats ``[n, 8, 256, 384]`` fp16, labels ``[n, 8, 16, 16]`` int8, clips
-    (``{seed, kind, T, index, tracks}``) of clip seeds ``k·200 …``."""
-    vp = tower.processor.video_processor
+    (``{seed, kind, T, index, tracks, vary}``) of clip seeds ``k·200 …``; a share ``vary_p`` of them drawn from
+    the varied split (:func:`is_varied`)."""
+    vp = tower.video
     for k in shards if shards is not None else range(math.ceil(n / CLIP_SHARD)):
         path = os.path.join(root, "feats", f"clips_{split}_{k:04d}.pt")
         if os.path.exists(path):
@@ -118,9 +135,10 @@ def cache_clips(tower: Tower, root: str, split: str, n: int, shards=None) -> Non
         t0 = time.time()
         feats, labels, metas = [], [], []
         for seed in range(k * CLIP_SHARD, min(n, (k + 1) * CLIP_SHARD)):
-            layout = render_clip(seed, split, index=[0])
+            vary = is_varied(seed, vary_p)
+            layout = render_clip(seed, split, index=[0], vary=vary)
             idx = sampled(layout.num_frames, FRAMES)
-            clip = render_clip(seed, split, index=idx)
+            clip = render_clip(seed, split, index=idx, vary=vary)
             feats.append(tower.frames(vp.frames(clip.frames)))
             labels.append(torch.from_numpy(clip.patch_labels()))
             metas.append(
@@ -130,23 +148,41 @@ def cache_clips(tower: Tower, root: str, split: str, n: int, shards=None) -> Non
                     "T": clip.num_frames,
                     "index": idx.tolist(),
                     "tracks": [t.to_dict() for t in clip.tracks],
+                    "vary": vary,
                 }
             )
         _save({"feats": torch.stack(feats), "labels": torch.stack(labels), "clips": metas}, path)
         log.info("wrote %s (%.0f s)", path, time.time() - t0)
 
 
-def cache_eval_clips(tower: Tower, root: str, n: int, seed: int = 0) -> None:
-    path = os.path.join(root, "feats", f"clips_eval_s{seed}_n{n}.pt")
+EVAL_SETS = {  # held-out clip sets: file prefix -> (what, key prefix in the accuracy dicts)
+    "clips": "the training renderer's held-out clips (clips.heldout_clips)",
+    "clips2": "the second renderer's clips (render2.heldout_clips2; never trained on)",
+    "clipsv": "the varied split's held-out clips (clips.heldout_clips(vary=True))",
+}
+
+
+def eval_clip_items(kind: str, n: int, seed: int):
+    if kind == "clips2":
+        from vlm_accel.zoo.render2 import heldout_clips2
+
+        return heldout_clips2(n, seed)
+    return heldout_clips(n, seed, vary=kind == "clipsv")
+
+
+def cache_eval_clips(tower: Tower, root: str, n: int, seed: int = 0, kind: str = "clips") -> str:
+    """Features of ``n`` held-out clips of one of :data:`EVAL_SETS` (``ROOT/feats/{kind}_eval_s{seed}_n{n}.pt``)."""
+    path = os.path.join(root, "feats", f"{kind}_eval_s{seed}_n{n}.pt")
     if os.path.exists(path):
-        return
-    vp = tower.processor.video_processor
+        return path
+    vp = tower.video
     feats, items = [], []
-    for it in heldout_clips(n, seed):
+    for it in eval_clip_items(kind, n, seed):
         feats.append(tower.frames(vp.frames(it["frames"])))
         items.append({k: it[k] for k in ("question", "answer", "type", "clip")})
     _save({"feats": torch.stack(feats), "items": items}, path)
     log.info("wrote %s", path)
+    return path
 
 
 def _image_feats(tower: Tower, images) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,10 +228,10 @@ def cache_images(tower: Tower, root: str, split: str, n: int, shards=None) -> No
         log.info("wrote %s (%.0f s)", path, time.time() - t0)
 
 
-def cache_eval_images(tower: Tower, root: str, n: int, seed: int = 0) -> None:
+def cache_eval_images(tower: Tower, root: str, n: int, seed: int = 0) -> str:
     path = os.path.join(root, "feats", f"images_eval_s{seed}_n{n}.pt")
     if os.path.exists(path):
-        return
+        return path
     items = list(heldout(n, seed))
     feats, sizes = [], []
     for i in range(0, n, 16):
@@ -205,6 +241,7 @@ def cache_eval_images(tower: Tower, root: str, n: int, seed: int = 0) -> None:
     meta = [{k: it[k] for k in ("question", "answer", "type", "scene")} for it in items]
     _save({"feats": torch.cat(feats), "sizes": torch.cat(sizes), "items": meta}, path)
     log.info("wrote %s", path)
+    return path
 
 
 def cache(args) -> None:
@@ -212,11 +249,14 @@ def cache(args) -> None:
     os.makedirs(os.path.join(args.root, "feats"), exist_ok=True)
     tower = Tower(os.path.join(args.root, "init"))
     cache_eval_clips(tower, args.root, args.eval_clips)
+    for kind in args.eval_sets.split(","):
+        if kind and kind != "clips":
+            cache_eval_clips(tower, args.root, args.eval_clips, kind=kind)
     cache_eval_images(tower, args.root, args.eval_images)
     n_img, n_clip = math.ceil(args.images / IMAGE_SHARD), math.ceil(args.clips / CLIP_SHARD)
     for r in range(max(n_clip, n_img)):  # interleaved, so training can start after the first shard of each
         if r < n_clip:
-            cache_clips(tower, args.root, "train", args.clips, shards=[r])
+            cache_clips(tower, args.root, "train", args.clips, shards=[r], vary_p=args.vary_p)
         if r < n_img:
             cache_images(tower, args.root, "train", args.images, shards=[r])
     log.info("cache complete")
@@ -274,6 +314,8 @@ def reverse_track(t: Track, T: int) -> Track:
     r.t_in, r.t_out = max(0, T - t.t_out), T - t.t_in
     if t.t_change is not None:
         r.color, r.color2, r.t_change = t.color2, t.color, T - t.t_change
+        r.shade, r.shade2 = t.shade2, t.shade
+    r.ease = EASE_REVERSED[t.ease]  # the time profile played backwards (the sideways bow is symmetric)
     return r
 
 
@@ -436,12 +478,82 @@ def image_token_labels(model, labels: torch.Tensor, size: torch.Tensor) -> torch
     return packed[0][:, 0].round().long()
 
 
+AUGMENT = ("subset", "merge", "local", "mixed")  # method-agnostic layouts (the default of --reduce-methods)
+
+
+def _groups_layout(m: int, k: int, mode: str, order: torch.Tensor, g: torch.Generator):
+    """One segment of ``m`` tokens reduced to ``k`` by a method-agnostic rule: ``(keep [k], weights [k, m])``.
+
+    ``subset``: ``k`` random tokens; ``merge``: ``k`` random groups (each token joins a random one of ``k`` random
+    representatives; the representative's slot holds the group's mean); ``local``: ``k`` runs of consecutive tokens
+    along ``order`` (a random scan: rows, columns or, across frames, time), cut at random, each at the slot of a
+    random member; ``mixed``: a random share of the ``k`` kept alone, the rest of the tokens merged into the others.
+    Nothing here looks at the tokens' values, so no evaluated method's choice is imitated."""
+    k = max(1, min(k, m))
+    if mode == "subset" or k == m:
+        keep = torch.randperm(m, generator=g)[:k]
+        return keep, F.one_hot(keep, m).float()
+    if mode == "local":
+        cuts = torch.randperm(m - 1, generator=g)[: k - 1].sort().values + 1
+        bounds = [0] + cuts.tolist() + [m]
+        keep, w = [], torch.zeros(k, m)
+        for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            members = order[a:b]
+            keep.append(int(members[torch.randint(0, b - a, (1,), generator=g)]))
+            w[j, members] = 1.0 / (b - a)
+        return torch.tensor(keep), w
+    perm = torch.randperm(m, generator=g)
+    alone = 0 if mode == "merge" else int(round(k * (0.3 + 0.5 * torch.rand(1, generator=g).item())))
+    alone = min(alone, k - 1)
+    reps, rest = perm[:k], perm[k:]
+    w = F.one_hot(reps, m).float()
+    if len(rest):
+        join = alone + torch.randint(0, k - alone, (len(rest),), generator=g)  # the groups that take members
+        w[join, rest] = 1.0
+    return reps, w / w.sum(1, keepdim=True)
+
+
+def augment_clip(n_frames: int, cells: int, budget: float, scope: str, mode: str, seed: int):
+    """A method-agnostic reduced layout of a clip of ``n_frames × cells`` tokens (``cells`` = 8×8 per frame) at
+    ``budget`` of its tokens, per frame (``scope`` ``"frame"``) or over the clip (``"clip"``): ``(keep [K], weights
+    [K, N])`` sorted by slot, as :func:`reduce_clip` returns (kept or merged tokens at their original positions)."""
+    g = torch.Generator().manual_seed(seed)
+    side = int(round(cells**0.5))
+    n = n_frames * cells
+    grid = torch.arange(n).reshape(n_frames, side, side)
+    if scope == "frame":
+        segs = [grid[f] for f in range(n_frames)]
+    else:
+        segs = [grid]
+    keep, rows = [], []
+    for seg in segs:
+        idx = seg.reshape(-1)
+        m = idx.numel()
+        scan = torch.randint(0, 3 if seg.dim() == 3 else 2, (1,), generator=g).item()
+        if scan == 0:  # rows
+            order = torch.arange(m)
+        elif scan == 1:  # columns
+            order = torch.arange(m).reshape(seg.shape).transpose(-1, -2).reshape(-1)
+        else:  # time first: a cell across frames, then the next cell
+            order = torch.arange(m).reshape(seg.shape[0], -1).T.reshape(-1)
+        kk, w = _groups_layout(m, max(1, round(budget * m)), mode, order, g)
+        keep.append(idx[kk])
+        full = torch.zeros(len(kk), n)
+        full[:, idx] = w
+        rows.append(full)
+    keep, w = torch.cat(keep), torch.cat(rows)
+    o = keep.argsort()
+    return keep[o], w[o]
+
+
 def reduce_clip(tokens: torch.Tensor, method: str, budget: float, scope: str, seed: int):
     """What the plugin hands the LLM for one clip at ``budget`` of its tokens: ``tokens`` ``[FRAMES * 64, H]`` (the
     pooled frames, no newline) -> ``(keep [K], weights [K, N])`` — ``method`` on every frame (``scope`` ``"frame"``)
     or on the clip at once (``"clip"``), with the session's segments (:func:`vlm_accel.api.budget_segments`: clip
     methods always take the whole clip) and quotas (:meth:`vlm_accel.Budget.visual_quota`). The kept tokens keep
-    their positions."""
+    their positions. ``method`` in :data:`AUGMENT`: a method-agnostic layout (:func:`augment_clip`) instead."""
+    if method in AUGMENT:
+        return augment_clip(FRAMES, tokens.shape[0] // FRAMES, budget, scope, method, seed)
     from vlm_accel.adapters import ImageInfo
     from vlm_accel.adapters.base import frame_segments
     from vlm_accel.api import budget_segments
@@ -503,6 +615,19 @@ def follow_merge(m: torch.Tensor, keep: torch.Tensor, w: torch.Tensor) -> torch.
     return out
 
 
+def parse_budgets(text: str) -> list:
+    """``"0.5,0.25,0.1"`` (a choice among them) or ``"0.06:0.6"`` (log-uniform in that range)."""
+    if ":" in text:
+        lo, hi = (float(x) for x in text.split(":"))
+        return [(lo, hi)]
+    return [float(b) for b in text.split(",") if b]
+
+
+def draw_budget(rng: random.Random, budgets: list) -> float:
+    b = rng.choice(budgets)
+    return math.exp(rng.uniform(math.log(b[0]), math.log(b[1]))) if isinstance(b, tuple) else b
+
+
 def train(args) -> None:
     from transformers import LlavaOnevisionForConditionalGeneration
 
@@ -548,7 +673,7 @@ def train(args) -> None:
     kind_w = dict(kv.split("=") for kv in args.kind_w.split(",")) if args.kind_w else {}
     kind_w = {k: float(v) for k, v in kind_w.items()}
     methods = [m for m in args.reduce_methods.split(",") if m]
-    budgets = [float(b) for b in args.reduce_budgets.split(",") if b]
+    budgets = parse_budgets(args.reduce_budgets)
     last_save, t_log = time.time(), time.time()
     while step < args.steps:
         rng = random.Random(f"{args.seed}-{step}")
@@ -564,7 +689,7 @@ def train(args) -> None:
         cf, cl, c8, cm = zip(*clips, strict=True)
         # reduced layouts: some clips reach the LLM as the plugin hands them over at a reduced budget
         reduce = {
-            b: (rng.choice(methods), rng.choice(budgets), rng.choice(("frame", "clip")))
+            b: (rng.choice(methods), draw_budget(rng, budgets), rng.choice(("frame", "clip")))
             for b in range(len(ci))
             if args.reduce_p > 0 and rng.random() < args.reduce_p  # (0: the original recipe's random stream)
         }
@@ -817,7 +942,7 @@ def _aux_loss(W, vraw, iraw, clip_labels, clip_metas, img_labels, img_objs, col_
 
 def _load_eval(root: str) -> dict:
     out = {}
-    for kind in ("clips", "images"):
+    for kind in (*EVAL_SETS, "images"):
         paths = sorted(glob.glob(os.path.join(root, "feats", f"{kind}_eval_*.pt")))
         if paths:
             out[kind] = torch.load(paths[0], weights_only=False)
@@ -870,14 +995,18 @@ def evaluate_cached(model, tok, ev: dict, n_images: int = 200, reduce: tuple | N
                 first = tok(it["answer"], add_special_tokens=False)["input_ids"][0]
                 hits.setdefault(key_fn(it), []).append(int(pr == first))
 
-    if "clips" in ev:
-        f = ev["clips"]["feats"]
-        run(
-            lambda a, b: list(video_embeds(model, f[a:b].float())[0]),
-            ev["clips"]["items"],
-            cfg.video_token_index,
-            lambda it: it["type"],
-        )
+    groups: dict[str, list[str]] = {}  # summary name -> its per-type keys
+    for kind in EVAL_SETS:
+        if kind in ev:
+            f = ev[kind]["feats"]
+            pre = "" if kind == "clips" else f"{kind}_"
+            run(
+                lambda a, b, f=f: list(video_embeds(model, f[a:b].float())[0]),
+                ev[kind]["items"],
+                cfg.video_token_index,
+                lambda it, pre=pre: pre + it["type"],
+            )
+            groups[kind] = [pre + t for t in {it["type"] for it in ev[kind]["items"]}]
     if "images" in ev and reduce is None:
         d = ev["images"]
         items = d["items"][:n_images]
@@ -885,12 +1014,13 @@ def evaluate_cached(model, tok, ev: dict, n_images: int = 200, reduce: tuple | N
             lambda a, b: image_embeds(model, d["feats"][a:b].float(), d["sizes"][a:b])[0],
             items,
             cfg.image_token_index,
-            lambda it: "image",
+            lambda it: "img_" + it["type"],
         )
+        groups["images"] = ["img_" + t for t in {it["type"] for it in items}]
     acc = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
-    clip_keys = [k for k in hits if k != "image"]
-    if clip_keys:
-        acc["clips"] = sum(sum(hits[k]) for k in clip_keys) / sum(len(hits[k]) for k in clip_keys)
+    for name, keys in groups.items():
+        keys = [k for k in keys if k in hits]
+        acc[name] = sum(sum(hits[k]) for k in keys) / max(sum(len(hits[k]) for k in keys), 1)
     return acc
 
 
@@ -916,25 +1046,41 @@ def export(args) -> None:
 
 
 def evaluate_checkpoints(args) -> None:
-    """Teacher-forced accuracy of checkpoints on ``--clips`` held-out clips of ``--seed`` (cached once under
-    ``ROOT/feats``; seed 1 and 300 clips: the set the README's third-session table uses)."""
+    """Teacher-forced accuracy of checkpoints, per question type, on ``--clips`` held-out clips of ``--seed`` from
+    each set of ``--sets`` (:data:`EVAL_SETS`: ``clips`` the training renderer, ``clips2`` the second renderer,
+    ``clipsv`` the varied split) and ``--images`` held-out images (seed 0); features cached once under
+    ``ROOT/feats`` (seed 1 and 300 clips: the set the README's third-session table uses). A checkpoint argument may
+    also be an exported model directory (e.g. ``vlm_accel/zoo/default``)."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from vlm_accel.zoo.onevision import load_processor
 
     torch.set_num_threads(args.threads)
     init = os.path.join(args.root, "init")
-    path = os.path.join(args.root, "feats", f"clips_eval_s{args.seed}_n{args.clips}.pt")
-    if not os.path.exists(path):
-        cache_eval_clips(Tower(init), args.root, args.clips, seed=args.seed)
-    ev = {"clips": torch.load(path, weights_only=False)}
+    tower = None
+    ev = {}
+    for kind in args.sets.split(","):
+        path = os.path.join(args.root, "feats", f"{kind}_eval_s{args.seed}_n{args.clips}.pt")
+        if not os.path.exists(path):
+            tower = tower or Tower(init)
+            cache_eval_clips(tower, args.root, args.clips, seed=args.seed, kind=kind)
+        ev[kind] = torch.load(path, weights_only=False)
+    if args.images:
+        path = os.path.join(args.root, "feats", f"images_eval_s0_n{args.images}.pt")
+        if not os.path.exists(path):
+            cache_eval_images(tower or Tower(init), args.root, args.images)
+        ev["images"] = torch.load(path, weights_only=False)
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
     tok = load_processor(init).tokenizer
     for ck in args.ckpt:
-        state = torch.load(ck, weights_only=False)
+        if os.path.isdir(ck):
+            m = LlavaOnevisionForConditionalGeneration.from_pretrained(ck, dtype=torch.float32)
+            state = {"model": m.state_dict(), "step": -1}
+        else:
+            state = torch.load(ck, weights_only=False)
         model.load_state_dict(state["model"], strict=False)
         for red in [None] + [(m, float(b), sc) for m, b, sc in args.reduce or []]:
-            acc = evaluate_cached(model, tok, ev, reduce=red)
+            acc = evaluate_cached(model, tok, ev, n_images=args.images, reduce=red)
             what = "full" if red is None else "{}@{}/{}".format(*red)
             log.info("%s step %d %s: %s", ck, state["step"], what, " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
 
@@ -949,6 +1095,8 @@ def main() -> None:
     c.add_argument("--eval-clips", type=int, default=300)
     c.add_argument("--eval-images", type=int, default=250)
     c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--vary-p", type=float, default=0.0, help="share of training clips from the varied split")
+    c.add_argument("--eval-sets", default="clips", help="held-out clip sets to cache: clips, clips2, clipsv")
     t = sp.add_parser("train")
     t.add_argument("--root", default=ROOT)
     t.add_argument("--steps", type=int, default=3450)
@@ -971,8 +1119,15 @@ def main() -> None:
     t.add_argument("--temporal-head", type=int, nargs=2, default=(0, 3), help="its layer and head")
     t.add_argument("--temporal-rows", type=int, default=32, help="video tokens supervised per clip and step")
     t.add_argument("--reduce-p", type=float, default=0.0, help="share of clips seen in a reduced layout (0: off)")
-    t.add_argument("--reduce-methods", default="temporal,tome,random", help="plugin methods that reduce them")
-    t.add_argument("--reduce-budgets", default="0.5,0.25,0.1", help="their budgets (fractions of the tokens)")
+    t.add_argument(
+        "--reduce-methods",
+        default=",".join(AUGMENT),
+        help="how they are reduced: method-agnostic layouts (subset, merge, local, mixed: the default; no evaluated "
+        "method's output) or plugin method names (the shipped step-4550 fine-tune used temporal,tome,random)",
+    )
+    t.add_argument(
+        "--reduce-budgets", default="0.06:0.6", help="budgets: 'lo:hi' log-uniform, or a list like 0.5,0.25,0.1"
+    )
     t.add_argument("--vertical", type=int, default=2, help="training-only up / down questions per image")
     t.add_argument("--max-q", type=int, default=10)
     t.add_argument("--n-exists", type=int, default=2)
@@ -992,6 +1147,8 @@ def main() -> None:
     v.add_argument("--root", default=ROOT)
     v.add_argument("--clips", type=int, default=300)
     v.add_argument("--seed", type=int, default=1)
+    v.add_argument("--sets", default="clips,clips2", help="held-out clip sets: clips, clips2, clipsv")
+    v.add_argument("--images", type=int, default=250, help="held-out images (0: none)")
     v.add_argument("--threads", type=int, default=1)
     v.add_argument(
         "--reduce", nargs=3, action="append", metavar=("METHOD", "BUDGET", "SCOPE"), help="also: reduced clips"

@@ -48,6 +48,7 @@ from .render import (
     background,
     draw_shape,
     grid_labels,
+    shade,
 )  # the model's vocabulary, the one painter
 
 QTYPES = ("move", "appear", "disappear", "count", "change", "order")
@@ -63,6 +64,15 @@ QUESTION = {
     "change": "Does the {s} change color?",
     "order": "Which appears first, the {c1} {s1} or the {c2} {s2}?",
 }
+
+
+EASE = {  # time profiles of a motion; "in" played backwards is "out" (see EASE_REVERSED)
+    "linear": lambda a: a,
+    "smooth": lambda a: a * a * (3 - 2 * a),
+    "in": lambda a: a * a,
+    "out": lambda a: 1 - (1 - a) * (1 - a),
+}
+EASE_REVERSED = {"linear": "linear", "smooth": "smooth", "in": "out", "out": "in"}
 
 
 @dataclass
@@ -86,6 +96,15 @@ class Track:
     ar: float = 1.0  # rectangle aspect
     angle: float = 0.0  # triangle rotation
     jitter: tuple[int, int, int] = (0, 0, 0)
+    # the varied split's extras (defaults: the default split's drawing)
+    tri: tuple | None = None  # triangle corners in units of half the size (any proportions / orientation)
+    squash: float = 1.0  # a circle's height / width
+    ease: str = "linear"  # the motion's time profile: linear, smooth, in, out
+    wobble: float = 0.0  # the path's sideways bow (fraction of the frame, at mid-motion)
+    shade: tuple[int, int, int] | None = None  # fill of the first colour (None: colour + jitter)
+    shade2: tuple[int, int, int] | None = None  # fill of the second colour
+    outline: float = 0.0  # edge darkness (0: none)
+    edge: int = 1  # edge width
 
     @property
     def name(self) -> str:
@@ -102,7 +121,13 @@ class Track:
             return self.x0, self.y0
         span = max(self.move_to - self.move_from, 1)
         a = min(max((t - self.move_from) / span, 0.0), 1.0)
-        return self.x0 + a * (self.x1 - self.x0), self.y0 + a * (self.y1 - self.y0)
+        if self.ease != "linear":
+            a = EASE[self.ease](a)
+        x, y = self.x0 + a * (self.x1 - self.x0), self.y0 + a * (self.y1 - self.y0)
+        if self.wobble:
+            bow = self.wobble * math.sin(math.pi * a)
+            x, y = (x, y + bow) if abs(self.x1 - self.x0) >= abs(self.y1 - self.y0) else (x + bow, y)
+        return x, y
 
     @property
     def direction(self) -> str | None:
@@ -162,11 +187,23 @@ def _event_range(num_frames: int) -> tuple[int, int]:
     return lo, hi
 
 
+def _varied_event_range(num_frames: int) -> tuple[int, int]:
+    """The varied split's event frames: after sampled frame 1, at or before sampled frame 6."""
+    s = sampled(num_frames)
+    lo, hi = int(s[1]) + 1, int(s[6])
+    return (lo, hi) if lo <= hi else _event_range(num_frames)
+
+
 def _box(t: Track, w: int, h: int, pad: float = 0.03) -> tuple[float, float, float, float]:
     """Fractional box swept by the track over the clip (with a margin)."""
     sw, sh = t.size * min(w, h) / w / 2, t.size * min(w, h) / h / 2
     xs = [t.x0] + ([t.x1] if t.x1 is not None else [])
     ys = [t.y0] + ([t.y1] if t.y1 is not None else [])
+    if t.wobble and t.x1 is not None and t.y1 is not None:  # the bow is across the motion
+        if abs(t.x1 - t.x0) >= abs(t.y1 - t.y0):
+            ys = ys + [t.y0 + t.wobble]
+        else:
+            xs = xs + [t.x0 + t.wobble]
     return min(xs) - sw - pad, min(ys) - sh - pad, max(xs) + sw + pad, max(ys) + sh + pad
 
 
@@ -174,16 +211,80 @@ def _overlaps(a, b) -> bool:
     return not (a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1])
 
 
-def _place(rng: random.Random, w: int, h: int, tracks: list[Track], shape: str, color: str, move: str | None = None):
-    """A new track (static, or moving in direction ``move``) whose swept box overlaps no other; None if no room."""
+@dataclass
+class Vary:
+    """The varied split's clip-level ranges (issue #32: everything the question forms leave free), drawn per clip."""
+
+    size: tuple[float, float] = (0.08, 0.36)  # shape size, fraction of the short side
+    dist: tuple[float, float] = (0.15, 0.6)  # a move's length
+    occlude: float = 0.0  # how much of a shape's box another may cover (0: no overlap)
+
+    @classmethod
+    def draw(cls, rng: random.Random) -> Vary:
+        lo = rng.uniform(0.07, 0.14)
+        return cls((lo, rng.uniform(max(lo + 0.06, 0.2), 0.38)), (0.15, 0.6), 0.3 if rng.random() < 0.35 else 0.0)
+
+
+def _triangle(rng: random.Random) -> tuple:
+    """Corners of a triangle of any proportions and orientation, in units of half its size (fits the box)."""
+    a0 = rng.uniform(0, 2 * math.pi)
+    gaps = [rng.uniform(1.3, 2.6) for _ in range(2)]
+    gaps.append(2 * math.pi - sum(gaps))
+    if gaps[2] < 1.0:
+        gaps = [2 * math.pi / 3] * 3
+    angles = [a0, a0 + gaps[0], a0 + gaps[0] + gaps[1]]
+    pts = [
+        (r * math.cos(a), r * math.sin(a))
+        for a, r in zip(angles, [rng.uniform(0.75, 1.15) for _ in range(3)], strict=True)
+    ]
+    cx, cy = sum(p[0] for p in pts) / 3, sum(p[1] for p in pts) / 3
+    pts = [(x - cx, y - cy) for x, y in pts]
+    m = max(max(abs(x), abs(y)) for x, y in pts)
+    return tuple((round(x / m, 4), round(y / m, 4)) for x, y in pts)
+
+
+def _covered(a, b) -> float:
+    """Share of box ``a``'s area inside box ``b``."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return ix * iy / max((a[2] - a[0]) * (a[3] - a[1]), 1e-9)
+
+
+def _fits(t: Track, tracks: list[Track], w: int, h: int, v: Vary | None) -> bool:
+    b = _box(t, w, h)
+    if v is None or not v.occlude:
+        return all(not _overlaps(b, _box(o, w, h)) for o in tracks)
+    own = _box(t, w, h, pad=0.0)  # partial occlusion: each shape keeps most of its box uncovered
+    return all(
+        _covered(own, _box(o, w, h, 0.0)) <= v.occlude and _covered(_box(o, w, h, 0.0), b) <= v.occlude for o in tracks
+    )
+
+
+def _place(
+    rng: random.Random,
+    w: int,
+    h: int,
+    tracks: list[Track],
+    shape: str,
+    color: str,
+    move: str | None = None,
+    v: Vary | None = None,
+):
+    """A new track (static, or moving in direction ``move``) whose swept box overlaps no other (``v``: the varied
+    split's ranges, partial overlaps allowed); None if no room."""
     for _ in range(200):
-        size = rng.uniform(0.14, 0.3)
+        size = rng.uniform(0.14, 0.3) if v is None else rng.uniform(*v.size)
         sw, sh = size * min(w, h) / w / 2, size * min(w, h) / h / 2
-        t = Track(shape, color, 0.0, 0.0, size, ar=rng.uniform(0.6, 1.6), angle=rng.uniform(0, 2 * math.pi))
+        if v is None:
+            t = Track(shape, color, 0.0, 0.0, size, ar=rng.uniform(0.6, 1.6), angle=rng.uniform(0, 2 * math.pi))
+        else:
+            t = Track(shape, color, 0.0, 0.0, size, ar=math.exp(rng.uniform(-1.05, 1.05)), angle=0.0)
+            t.tri = _triangle(rng) if shape == "triangle" else None
+            t.squash = rng.uniform(0.85, 1.18) if shape == "circle" and rng.random() < 0.5 else 1.0
         if move is None:
             t.x0, t.y0 = rng.uniform(sw + 0.02, 1 - sw - 0.02), rng.uniform(sh + 0.02, 1 - sh - 0.02)
         else:
-            dist = rng.uniform(0.25, 0.55)
+            dist = rng.uniform(0.25, 0.55) if v is None else rng.uniform(*v.dist)
             horiz = move in ("left", "right")
             half = sw if horiz else sh
             if dist > 1 - 2 * half - 0.04:
@@ -194,20 +295,34 @@ def _place(rng: random.Random, w: int, h: int, tracks: list[Track], shape: str, 
                 start, end = end, start
             other = rng.uniform((sh if horiz else sw) + 0.02, 1 - (sh if horiz else sw) - 0.02)
             t.x0, t.y0, t.x1, t.y1 = (start, other, end, other) if horiz else (other, start, other, end)
-        b = _box(t, w, h)
-        if all(not _overlaps(b, _box(o, w, h)) for o in tracks):
+            if v is not None:
+                t.ease = rng.choice(list(EASE))
+                room = min(other - (sh if horiz else sw), 1 - other - (sh if horiz else sw)) - 0.02
+                t.wobble = rng.uniform(-1, 1) * min(0.06, max(room, 0.0)) if rng.random() < 0.4 else 0.0
+        if _fits(t, tracks, w, h, v):
             return t
     return None
 
 
-def _draw(draw: ImageDraw.ImageDraw, t: Track, frame: int, w: int, h: int, fill) -> None:
+def _draw(draw: ImageDraw.ImageDraw, t: Track, frame: int, w: int, h: int, fill, scale: int = 1) -> None:
     cx, cy = t.pos(frame)
-    draw_shape(draw, t.shape, cx * w, cy * h, t.size * min(w, h) / 2, fill, t.ar, t.angle)
+    half = t.size * min(w, h) / 2
+    if t.tri is None and t.squash == 1.0 and not t.outline and scale == 1:  # the default split
+        draw_shape(draw, t.shape, cx * w, cy * h, half, fill, t.ar, t.angle)
+        return
+    edge = None
+    if t.outline:
+        edge = fill if isinstance(fill, int) else tuple(int(c * (1 - t.outline)) for c in fill)
+    k = scale
+    draw_shape(draw, t.shape, cx * w * k, cy * h * k, half * k, fill, t.ar, t.angle, t.tri, t.squash, edge, t.edge * k)
 
 
-def _scenario(rng: random.Random, kind: str, w: int, h: int, T: int) -> list[Track] | None:
-    lo, hi = _event_range(T)
+def _scenario(rng: random.Random, kind: str, w: int, h: int, T: int, v: Vary | None = None) -> list[Track] | None:
+    lo, hi = _event_range(T) if v is None else _varied_event_range(T)
     tracks: list[Track] = []
+
+    def n_others(default: list[int], varied: list[int]) -> int:
+        return rng.choice(default if v is None else varied)
 
     def add(shape=None, color=None, move=None, avoid_names=(), avoid_colors=(), avoid_shapes=()):
         for _ in range(30):
@@ -215,7 +330,7 @@ def _scenario(rng: random.Random, kind: str, w: int, h: int, T: int) -> list[Tra
             c = color or rng.choice([x for x in COLOR_NAMES if x not in avoid_colors])
             if f"{c} {s}" in avoid_names:
                 continue
-            t = _place(rng, w, h, tracks, s, c, move)
+            t = _place(rng, w, h, tracks, s, c, move, v)
             if t is not None:
                 t.jitter = tuple(rng.randint(-12, 12) for _ in range(3))
                 tracks.append(t)
@@ -226,31 +341,37 @@ def _scenario(rng: random.Random, kind: str, w: int, h: int, T: int) -> list[Tra
         mover = add(move=rng.choice(DIRECTIONS))
         if mover is None:
             return None
-        mover.move_from = rng.randint(0, math.floor(T / 3))
-        mover.move_to = rng.randint(math.ceil(2 * T / 3), T - 1)
-        for _ in range(rng.choice([0, 1, 1, 2])):
+        if v is None:
+            mover.move_from = rng.randint(0, math.floor(T / 3))
+            mover.move_to = rng.randint(math.ceil(2 * T / 3), T - 1)
+        else:  # any speed: from a quarter of the clip to all of it
+            mover.move_from = rng.randint(0, max(0, T // 2 - 1))
+            mover.move_to = rng.randint(min(T - 1, max(mover.move_from + T // 4, T // 2)), T - 1)
+        for _ in range(n_others([0, 1, 1, 2], [0, 1, 2, 3])):
             add(avoid_names=(mover.name,))
     elif kind == "appear":
-        for _ in range(rng.choice([1, 1, 2, 3])):
+        for _ in range(n_others([1, 1, 2, 3], [0, 1, 2, 3])):
             add()
         new = add(avoid_colors={t.color for t in tracks})
         if new is None:
             return None
         new.t_in = rng.randint(lo, hi)
     elif kind == "disappear":
-        for _ in range(rng.choice([2, 2, 3, 4])):
+        for _ in range(n_others([2, 2, 3, 4], [2, 3, 4, 5])):
             add()
         if len(tracks) < 2:
             return None
         rng.choice(tracks).t_out = rng.randint(lo, hi)
     elif kind == "change":
         changer = add()
-        for _ in range(rng.choice([0, 1, 1, 2])):
+        if changer is None:
+            return None
+        for _ in range(n_others([0, 1, 1, 2], [0, 1, 2, 3])):
             add(avoid_shapes=(changer.shape,))
         changer.color2 = rng.choice([c for c in COLOR_NAMES if c != changer.color])
         changer.t_change = rng.randint(lo, hi)
     elif kind == "order":
-        for _ in range(rng.choice([0, 1, 1, 2])):
+        for _ in range(n_others([0, 1, 1, 2], [0, 1, 2])):
             add()
         names = {t.name for t in tracks}
         a = add(avoid_names=names)
@@ -271,16 +392,23 @@ def _scenario(rng: random.Random, kind: str, w: int, h: int, T: int) -> list[Tra
     return tracks
 
 
-def render_clip(seed: int, split: str = "train", kind: str | None = None, index=None) -> Clip:
+def render_clip(seed: int, split: str = "train", kind: str | None = None, index=None, vary: bool = False) -> Clip:
     """Render clip ``seed`` of ``split`` ("train" / "heldout"); deterministic.
 
     Args:
         kind: force the event kind (default: drawn from the seed).
         index: which frames to render (default all ``T``; e.g. ``sampled(T)`` for the 8 a model sees — the
             clip's content does not depend on it).
+        vary: the varied split (issue #32; its own random stream, disjoint from the default one): 10–48 frames of
+            160–448 px, shapes of 7–38 % of the short side, any rectangle aspect, triangles of any proportions and
+            orientation, slightly elliptic circles, shades of each colour, outlines, more backgrounds and textures,
+            noise, blur, anti-aliasing, moves of any speed / length / time profile with a sideways bow, events
+            anywhere between sampled frames 1 and 6, 0–5 other shapes, partial occlusion.
     """
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if vary:
+        return _render_varied(seed, split, kind, index)
     rng = random.Random(f"clip-{split}-{seed}")
     T = rng.randint(16, 32)
     if rng.random() < 0.5:
@@ -288,12 +416,7 @@ def render_clip(seed: int, split: str = "train", kind: str | None = None, index=
     else:
         w, h = rng.randint(224, 384), rng.randint(224, 384)
     kind = kind or rng.choice(KINDS)
-    for _attempt in range(50):
-        tracks = _scenario(rng, kind, w, h, T)
-        if tracks is not None and 1 <= sum(t.present(T - 1) for t in tracks) <= 4:
-            break
-    else:
-        raise RuntimeError(f"could not lay out a {kind} clip for seed {seed}")
+    tracks = _layout(rng, kind, w, h, T, seed)
     bg = background(rng, w, h)
     blur = rng.uniform(0.3, 0.8) if rng.random() < 0.2 else 0.0
     fps = rng.choice([8, 10, 12, 15])
@@ -315,6 +438,59 @@ def render_clip(seed: int, split: str = "train", kind: str | None = None, index=
         frames.append(np.asarray(img))
         maps.append(np.asarray(lab))
     meta = {"seed": seed, "split": split, "num_frames": T, "size": (w, h), "fps": fps, "blur": blur}
+    return Clip(np.stack(frames), index, tracks, kind, meta, np.stack(maps))
+
+
+def _layout(rng: random.Random, kind: str, w: int, h: int, T: int, seed: int, v: Vary | None = None) -> list[Track]:
+    for _attempt in range(50):
+        tracks = _scenario(rng, kind, w, h, T, v)
+        if tracks is not None and 1 <= sum(t.present(T - 1) for t in tracks) <= 4:
+            return tracks
+    raise RuntimeError(f"could not lay out a {kind} clip for seed {seed}")
+
+
+def _render_varied(seed: int, split: str, kind: str | None, index) -> Clip:
+    rng = random.Random(f"clip-{split}-vary-{seed}")
+    T = rng.randint(10, 48)
+    w = rng.randint(160, 448)
+    h = w if rng.random() < 0.4 else min(448, max(160, int(w / rng.uniform(0.55, 1.8))))
+    kind = kind or rng.choice(KINDS)
+    tracks = _layout(rng, kind, w, h, T, seed, Vary.draw(rng))
+    outline = rng.random() < 0.25
+    for t in tracks:
+        t.shade = shade(rng, t.color)
+        t.shade2 = shade(rng, t.color2) if t.color2 else None
+        if outline:
+            t.outline, t.edge = rng.uniform(0.3, 0.75), rng.randint(1, 3)
+    bg = background(rng, w, h, vary=True)
+    blur = rng.uniform(0.3, 1.5) if rng.random() < 0.35 else 0.0
+    noise = rng.uniform(2, 7) if rng.random() < 0.4 else 0.0
+    aa = 2 if rng.random() < 0.3 else 1  # anti-aliased edges: drawn at twice the size, then reduced
+    fps = rng.choice([5, 6, 8, 10, 12, 15, 24, 30])
+    nseed = rng.getrandbits(32)
+    index = np.arange(T) if index is None else np.asarray(index)
+    frames, maps = [], []
+    for f in index.tolist():
+        img = bg.resize((w * aa, h * aa), Image.NEAREST) if aa > 1 else bg.copy()
+        lab = Image.new("L", (w, h), 0)
+        d, ld = ImageDraw.Draw(img), ImageDraw.Draw(lab)
+        for i, t in enumerate(tracks):
+            if t.present(f):
+                changed = t.t_change is not None and f >= t.t_change
+                _draw(d, t, f, w, h, t.shade2 if changed else t.shade, aa)
+                _draw(ld, t, f, w, h, i + 1)
+        if aa > 1:
+            img = img.resize((w, h), Image.BOX)
+        if blur:
+            img = img.filter(ImageFilter.GaussianBlur(blur))
+        arr = np.asarray(img)
+        if noise:  # per frame (a fresh draw each frame, as a camera's), seeded by the clip and the frame
+            nz = np.random.default_rng([nseed, f]).normal(0, noise, size=arr.shape)
+            arr = np.clip(arr + nz, 0, 255).astype(np.uint8)
+        frames.append(arr)
+        maps.append(np.asarray(lab))
+    meta = {"seed": seed, "split": split, "vary": True, "num_frames": T, "size": (w, h), "fps": fps, "blur": blur}
+    meta.update(noise=noise, aa=aa)
     return Clip(np.stack(frames), index, tracks, kind, meta, np.stack(maps))
 
 
@@ -401,9 +577,12 @@ def _extra_questions(tracks: list[Track], T: int, kind: str, asked: list[dict]) 
 _KIND_FOR = {"move": "move", "appear": "appear", "disappear": "disappear", "order": "order"}
 
 
-def heldout_clips(n: int = 300, seed: int = 0, types=QTYPES, frames: int | None = NUM_FRAMES) -> Iterator[dict]:
+def heldout_clips(
+    n: int = 300, seed: int = 0, types=QTYPES, frames: int | None = NUM_FRAMES, vary: bool = False
+) -> Iterator[dict]:
     """``n`` held-out clip questions balanced over ``types``: ``{frames [k, H, W, 3], question, answer, type,
-    clip}`` where ``frames`` are the ``frames`` uniformly sampled frames (all frames if None); deterministic."""
+    clip}`` where ``frames`` are the ``frames`` uniformly sampled frames (all frames if None); deterministic.
+    ``vary``: clips of the varied split (:func:`render_clip`), held out as well (a different stream)."""
     rng = random.Random(f"heldout-clip-questions-{seed}")
     bal = Balance(n, types)
     for cid in bal.ids(seed):
@@ -412,7 +591,7 @@ def heldout_clips(n: int = 300, seed: int = 0, types=QTYPES, frames: int | None 
             kind = "change" if rng.random() < 0.5 else rng.choice([k for k in KINDS if k != "change"])
         else:
             kind = _KIND_FOR.get(t) or rng.choice(KINDS)
-        layout = render_clip(cid, "heldout", kind=kind, index=[0])
+        layout = render_clip(cid, "heldout", kind=kind, index=[0], vary=vary)
         T = layout.num_frames
         cands = [q for q in clip_questions(layout, rng) if q["type"] == t]
         if t == "change" and kind == "change":
@@ -420,14 +599,14 @@ def heldout_clips(n: int = 300, seed: int = 0, types=QTYPES, frames: int | None 
         if not cands:
             continue
         q = rng.choice(cands)
-        clip = render_clip(cid, "heldout", kind=kind, index=None if frames is None else sampled(T, frames))
+        clip = render_clip(cid, "heldout", kind=kind, index=None if frames is None else sampled(T, frames), vary=vary)
         bal.take(t)
         yield {
             "frames": clip.frames,
             "question": q["question"],
             "answer": q["answer"],
             "type": t,
-            "clip": f"heldout-{cid}-{kind}",
+            "clip": f"heldout{'-vary' if vary else ''}-{cid}-{kind}",
             "fps": clip.meta["fps"],
         }
 

@@ -90,12 +90,19 @@ class Scene:
     meta: dict = field(default_factory=dict)
 
 
-def background(rng: random.Random | None, w: int, h: int, color: tuple[int, int, int] | None = None) -> Image.Image:
+def background(
+    rng: random.Random | None, w: int, h: int, color: tuple[int, int, int] | None = None, vary: bool = False
+) -> Image.Image:
     """The one background painter of the renderers (scenes and clips): a light plain, noisy, gradient or faintly
-    striped ``w``×``h`` image drawn from ``rng``; or, with ``color``, that plain colour (no random draws)."""
+    striped ``w``×``h`` image drawn from ``rng``; or, with ``color``, that plain colour (no random draws).
+
+    ``vary`` (training only, the varied split of issue #32): wider shades and more textures — tinted or darker
+    bases, stronger noise, 2-D gradients, stripes at any angle, checkers, blotches, dots."""
     if color is not None:
         return Image.new("RGB", (w, h), tuple(int(c) for c in color))
     assert rng is not None
+    if vary:
+        return _varied_background(rng, w, h)
     base = np.array([rng.randint(205, 255) for _ in range(3)], dtype=np.float32)
     kind = rng.random()
     if kind < 0.45:  # plain
@@ -120,6 +127,57 @@ def background(rng: random.Random | None, w: int, h: int, color: tuple[int, int,
 
 
 _background = background  # the name clips and older callers used
+
+
+def _varied_background(rng: random.Random, w: int, h: int) -> Image.Image:
+    lo = rng.choice([150, 175, 195, 205, 215])
+    base = np.array([rng.randint(lo, 255) for _ in range(3)], dtype=np.float32)
+    nrng = np.random.default_rng(rng.getrandbits(32))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    kind = rng.choice(["plain", "noise", "gradient", "stripes", "checker", "blotches", "dots"])
+    arr = np.broadcast_to(base, (h, w, 3)).astype(np.float32)
+    if kind == "noise":
+        arr = arr + nrng.normal(0, rng.uniform(3, 14), size=(h, w, 1 if rng.random() < 0.7 else 3))
+    elif kind == "gradient":  # bilinear between four corner colours
+        c = np.array([[rng.randint(lo, 255) for _ in range(3)] for _ in range(4)], dtype=np.float32)
+        u, v = (xx / max(w - 1, 1))[..., None], (yy / max(h - 1, 1))[..., None]
+        arr = (1 - u) * (1 - v) * c[0] + u * (1 - v) * c[1] + (1 - u) * v * c[2] + u * v * c[3]
+    elif kind == "stripes":
+        a = rng.uniform(0, math.pi)
+        period, thick = rng.uniform(8, 40), rng.uniform(0.1, 0.5)
+        m = ((xx * math.cos(a) + yy * math.sin(a)) % period) < thick * period
+        arr = arr - m[..., None] * rng.uniform(5, 22)
+    elif kind == "checker":
+        cell = rng.randint(8, 48)
+        m = ((xx // cell + yy // cell) % 2).astype(bool)
+        arr = arr - m[..., None] * rng.uniform(5, 20)
+    elif kind == "blotches":  # low-frequency noise: a coarse random grid, upsampled smoothly
+        g = nrng.normal(0, rng.uniform(6, 16), size=(rng.randint(3, 8), rng.randint(3, 8), 3)).astype(np.float32)
+        up = np.stack([np.asarray(Image.fromarray(g[..., k]).resize((w, h), Image.BICUBIC)) for k in range(3)], -1)
+        arr = arr + up
+    elif kind == "dots":
+        arr = arr.copy()
+        for _ in range(rng.randint(20, 120)):
+            x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(1, 3.5)
+            arr[(xx - x) ** 2 + (yy - y) ** 2 < r * r] -= rng.uniform(10, 35)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def shade(rng: random.Random, color: str, spread: float = 1.0) -> tuple[int, int, int]:
+    """A random shade of ``color`` (brightness and per-channel jitter) that is still nearest (L1) to it among
+    :data:`COLORS`, by a margin: the varied split's colours (``spread`` scales the variation)."""
+    base = np.array(COLORS[color], dtype=np.float32)
+    for _ in range(50):
+        rgb = np.clip(
+            base * rng.uniform(1 - 0.14 * spread, 1 + 0.1 * spread) + [rng.uniform(-18, 18) * spread for _ in range(3)],
+            0,
+            255,
+        )
+        d = {c: np.abs(np.array(v) - rgb).sum() for c, v in COLORS.items()}
+        others = min(v for c, v in d.items() if c != color)
+        if d[color] + 45 <= others:
+            return tuple(int(round(x)) for x in rgb)
+    return COLORS[color]
 
 
 def triangle_points(
