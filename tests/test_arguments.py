@@ -21,8 +21,8 @@ def llava():
     [
         (dict(method="fastv", method_options="layer=2"), TypeError, "method_options must be a dict"),
         (dict(frame_cache="0.1"), TypeError, "frame_cache must be a number"),
-        (dict(frame_cache=math.nan), ValueError, "frame_cache must be a finite number"),
-        (dict(frame_cache=-1.0), ValueError, "frame_cache must be a finite number"),
+        (dict(frame_cache=math.nan), ValueError, "frame_cache threshold must be a finite number"),
+        (dict(frame_cache=-1.0), ValueError, "frame_cache threshold must be a finite number"),
         (dict(seed="x"), TypeError, "seed must be an int"),
         (dict(seed=True), TypeError, "seed must be an int"),
         (dict(method="tome_vit", method_options={"start": 99}), ValueError, r"start=99 but the vision tower has 3"),

@@ -32,7 +32,7 @@ def check_threshold(frame_cache) -> None:
             f"got {type(frame_cache).__name__} {frame_cache!r}"
         )
     if not math.isfinite(frame_cache) or frame_cache < 0:
-        raise ValueError(f"frame_cache must be a finite number >= 0 (0.0: exact repeats only), got {frame_cache}")
+        raise ValueError(f"frame_cache threshold must be a finite number >= 0 (0.0: exact repeats), got {frame_cache}")
 
 
 def frames_match(a: torch.Tensor, b: torch.Tensor, threshold: float) -> bool:
