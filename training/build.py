@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-from vlm_accel.zoo.onevision import IMAGENET_MEAN, IMAGENET_STD
+from vlm_accel.zoo.onevision import IMAGENET_MEAN, IMAGENET_STD, word_tokenizer
 from vlm_accel.zoo.render import COLOR_NAMES, EXTRA_WORDS, SHAPES, SPECIAL, vocabulary  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -37,31 +37,7 @@ IMAGE_SIZE = 224
 
 def build_tokenizer():
     """Word-level ``PreTrainedTokenizerFast`` (lower-cased, punctuation split, ``<s>`` prepended)."""
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(vocabulary())}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        model_max_length=1024,
-        padding_side="left",
-    )
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return word_tokenizer(vocabulary(), ("<image>",), 1024, CHAT_TEMPLATE)
 
 
 def build_processor():

@@ -72,12 +72,14 @@ def vocabulary() -> list[str]:
     return words + [w for w in VIDEO_WORDS if w not in words] + ["<video>"]
 
 
-def build_tokenizer():
+def word_tokenizer(words: list[str], media: tuple[str, ...], model_max_length: int, chat_template: str):
+    """Word-level ``PreTrainedTokenizerFast`` over ``words`` (lower-cased, punctuation split, ``<s>`` prepended),
+    with ``media`` placeholder tokens (``"<image>"`` -> ``image_token``) as special tokens."""
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+    vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -91,13 +93,18 @@ def build_tokenizer():
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
-        model_max_length=2048,
+        extra_special_tokens={f"{m.strip('<>')}_token": m for m in media},
+        model_max_length=model_max_length,
         padding_side="left",
     )
-    fast.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
-    fast.chat_template = CHAT_TEMPLATE
+    fast.add_special_tokens({"additional_special_tokens": list(media)})
+    fast.chat_template = chat_template
     return fast
+
+
+def build_tokenizer():
+    """The clip model's tokenizer: the image model's words (same ids) + the clip words + ``<video>``."""
+    return word_tokenizer(vocabulary(), ("<image>", "<video>"), 2048, CHAT_TEMPLATE)
 
 
 def build_image_processor():
