@@ -563,9 +563,6 @@ class Session:
             encoded = self.selection.encode(out.pooler_output, pending.infos.pop("image"), deep)
             return encoded if detailed else [e.features for e in encoded]
 
-    def _segments(self, info):
-        return self.selection.segments(info)
-
 
 def _reduced_inputs(kwargs: dict, keep: torch.Tensor, merges: list, attn):
     """The language model's keyword arguments for the kept positions ``keep`` ``[B, L]``: per row, kept tokens in
